@@ -1,0 +1,323 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Errors callers branch on.
+var (
+	// ErrStreamNotFound: no stream of that name is live anywhere in the overlay.
+	ErrStreamNotFound = errors.New("stream not found")
+	// ErrStreamExists: a stream of that name is already live.
+	ErrStreamExists = errors.New("stream is already being published")
+	// ErrPublisherGone is the reason a stream ends when its publisher leaves.
+	ErrPublisherGone = errors.New("publisher left")
+	// ErrClosed: the hub is shutting down.
+	ErrClosed = errors.New("relay: hub closed")
+)
+
+// Config configures a Hub.
+type Config struct {
+	// Datacenter is this node's datacenter name, e.g. "a".
+	Datacenter string
+	Logger     *slog.Logger
+	// GOPMaxPackets bounds the GOP cache of each stream (default 4096).
+	GOPMaxPackets int
+	// Linger is how long a relayed stream stays subscribed upstream after its
+	// last local subscriber left, so that a viewer who reloads the page gets
+	// the stream at once (default 2s).
+	Linger time.Duration
+}
+
+// Hub holds the streams of one node. It is safe for concurrent use.
+type Hub struct {
+	cfg Config
+	log *slog.Logger
+
+	mu sync.Mutex // guards the following fields
+	streams map[string]*Stream // published here or relayed here
+	routes  map[string]*route  // streams announced by neighbours
+	links   map[string]link    // connected neighbours by datacenter name
+	closed  bool
+}
+
+// NewHub returns a hub with no streams.
+func NewHub(cfg Config) *Hub {
+	if cfg.GOPMaxPackets <= 0 {
+		cfg.GOPMaxPackets = 4096
+	}
+	if cfg.Linger <= 0 {
+		cfg.Linger = 2 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Hub{
+		cfg:     cfg,
+		log:     cfg.Logger.With("component", "relay", "dc", cfg.Datacenter),
+		streams: make(map[string]*Stream),
+		routes:  make(map[string]*route),
+		links:   make(map[string]link),
+	}
+}
+
+// Datacenter returns the hub's datacenter name.
+func (h *Hub) Datacenter() string { return h.cfg.Datacenter }
+
+// PublishOptions are the optional parts of a publication.
+type PublishOptions struct {
+	// OnKeyframeRequest is called (rate-limited, on no particular goroutine)
+	// when a subscriber anywhere needs a keyframe. It must not block.
+	OnKeyframeRequest func()
+}
+
+// Publish starts a stream published at this node. It fails with
+// ErrStreamExists when the name is live here or anywhere in the overlay.
+func (h *Hub) Publish(name string, desc Description, opts PublishOptions) (*Publisher, error) {
+	if err := ValidateStreamName(name); err != nil {
+		return nil, err
+	}
+	if err := desc.Validate(); err != nil {
+		return nil, err
+	}
+	desc = desc.Clone()
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return nil, ErrClosed
+	}
+	if s, ok := h.streams[name]; ok {
+		h.mu.Unlock()
+		return nil, fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, s.origin)
+	}
+	if r, ok := h.routes[name]; ok {
+		h.mu.Unlock()
+		return nil, fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, r.origin)
+	}
+	s := newStream(h, name, h.cfg.Datacenter)
+	p := &Publisher{s: s, onKeyframe: opts.OnKeyframeRequest}
+	s.src = p
+	s.setReady(desc)
+	h.streams[name] = s
+	links := h.linksLocked()
+	h.mu.Unlock()
+
+	for _, l := range links {
+		l.announce(name, []string{h.cfg.Datacenter})
+	}
+	h.log.Info("stream published", "stream", name, "tracks", len(desc.Tracks))
+	return p, nil
+}
+
+// Subscribe attaches sub to the named stream, wherever in the overlay it is
+// published, and returns once the stream's description is known. The GOP
+// cache is replayed to sub before live packets. It fails with
+// ErrStreamNotFound when the stream is not live.
+func (h *Hub) Subscribe(ctx context.Context, name string, sub Subscriber) (*Subscription, error) {
+	if err := ValidateStreamName(name); err != nil {
+		return nil, err
+	}
+	s, err := h.stream(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.wait(ctx); err != nil {
+		return nil, fmt.Errorf("stream %q: %w", name, err)
+	}
+	ss := s.attach(sub)
+	select {
+	case <-s.done:
+		ss.Close()
+		return nil, fmt.Errorf("stream %q: %w", name, s.err)
+	default:
+	}
+	return ss, nil
+}
+
+// stream returns the named stream, subscribing upstream when it is live in
+// another datacenter.
+func (h *Hub) stream(name string) (*Stream, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return nil, ErrClosed
+	}
+	if s, ok := h.streams[name]; ok {
+		return s, nil
+	}
+	r, ok := h.routes[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: %q is not live in any datacenter", ErrStreamNotFound, name)
+	}
+	l := h.links[r.via]
+	if l == nil {
+		return nil, fmt.Errorf("%w: %q: no link to datacenter %s", ErrStreamNotFound, name, r.via)
+	}
+	s := newStream(h, name, r.origin)
+	s.src = l.subscribe(s)
+	h.streams[name] = s
+	return s, nil
+}
+
+// streamIdle is called when the last subscriber of s left.
+func (h *Hub) streamIdle(s *Stream) {
+	if _, local := s.src.(*Publisher); local {
+		return
+	}
+	s.mu.Lock()
+	if len(s.subs) == 0 && s.lingerTimer == nil {
+		s.lingerTimer = time.AfterFunc(h.cfg.Linger, func() { h.stopIfIdle(s) })
+	}
+	s.mu.Unlock()
+}
+
+func (h *Hub) stopIfIdle(s *Stream) {
+	s.mu.Lock()
+	idle := len(s.subs) == 0
+	s.lingerTimer = nil
+	s.mu.Unlock()
+	if !idle {
+		return
+	}
+	h.removeStream(s, errors.New("no subscribers left"))
+}
+
+// removeStream forgets s, stops its source and ends it.
+func (h *Hub) removeStream(s *Stream, reason error) {
+	h.mu.Lock()
+	if h.streams[s.name] == s {
+		delete(h.streams, s.name)
+	}
+	h.mu.Unlock()
+	s.src.stop()
+	s.end(reason)
+}
+
+// StreamInfo describes a live stream for listings.
+type StreamInfo struct {
+	Name string `json:"name"`
+	// Origin is the datacenter the stream is published at.
+	Origin string `json:"origin"`
+	// Local is true when the stream's packets reach this node now: it is
+	// published here, or relayed here for local subscribers.
+	Local       bool    `json:"local"`
+	Tracks      []Track `json:"tracks,omitempty"`
+	Subscribers int     `json:"subscribers"`
+	// Hops is the path of datacenters from the origin to this node.
+	Hops    []string `json:"hops,omitempty"`
+	Packets uint64   `json:"packets"`
+	Bytes   uint64   `json:"bytes"`
+}
+
+// Streams lists every stream live in the overlay as this node knows it,
+// sorted by name.
+func (h *Hub) Streams() []StreamInfo {
+	h.mu.Lock()
+	out := make([]StreamInfo, 0, len(h.streams)+len(h.routes))
+	seen := make(map[string]bool)
+	var local []*Stream
+	for name, s := range h.streams {
+		seen[name] = true
+		local = append(local, s)
+	}
+	for name, r := range h.routes {
+		if !seen[name] {
+			out = append(out, StreamInfo{Name: name, Origin: r.origin, Hops: append([]string(nil), r.hops...)})
+		}
+	}
+	h.mu.Unlock()
+	for _, s := range local {
+		info := StreamInfo{Name: s.name, Origin: s.origin, Local: true, Subscribers: s.subscriberCount(),
+			Packets: s.packets.Load(), Bytes: s.bytes.Load()}
+		select {
+		case <-s.ready:
+			info.Tracks = append(info.Tracks, s.desc.Tracks...)
+		default:
+		}
+		out = append(out, info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Close ends every stream and refuses new ones.
+func (h *Hub) Close() {
+	h.mu.Lock()
+	h.closed = true
+	streams := make([]*Stream, 0, len(h.streams))
+	for _, s := range h.streams {
+		streams = append(streams, s)
+	}
+	h.mu.Unlock()
+	for _, s := range streams {
+		h.removeStream(s, ErrClosed)
+	}
+}
+
+func (h *Hub) linksLocked() []link {
+	out := make([]link, 0, len(h.links))
+	for _, l := range h.links {
+		out = append(out, l)
+	}
+	return out
+}
+
+// Publisher writes the packets of a stream published at this node. Its methods
+// are safe for concurrent use, e.g. one goroutine per track.
+type Publisher struct {
+	s          *Stream
+	onKeyframe func()
+}
+
+var _ source = (*Publisher)(nil)
+
+// Stream returns the published stream.
+func (p *Publisher) Stream() *Stream { return p.s }
+
+// WriteRTP hands one RTP packet of the given track to every subscriber. data
+// is not kept after the call returns.
+func (p *Publisher) WriteRTP(track int, data []byte) error {
+	if track < 0 || track >= len(p.s.desc.Tracks) {
+		return fmt.Errorf("relay: track %d out of range (stream has %d)", track, len(p.s.desc.Tracks))
+	}
+	if len(data) > MaxPacketSize {
+		return ErrPacketTooLarge
+	}
+	payload, _, ok := rtpPayload(data)
+	if !ok {
+		return errors.New("relay: malformed RTP packet")
+	}
+	pkt := Packet{Track: uint8(track), Data: data}
+	if t := &p.s.desc.Tracks[track]; t.Kind == KindVideo {
+		pkt.Keyframe = IsKeyframe(t.MimeType, payload)
+	}
+	p.s.writePacket(&pkt)
+	return nil
+}
+
+// Close ends the stream: subscribers see Done, and the overlay forgets it.
+func (p *Publisher) Close() {
+	h := p.s.hub
+	h.removeStream(p.s, ErrPublisherGone)
+	h.mu.Lock()
+	links := h.linksLocked()
+	h.mu.Unlock()
+	for _, l := range links {
+		l.unannounce(p.s.name)
+	}
+	h.log.Info("stream ended", "stream", p.s.name)
+}
+
+func (p *Publisher) requestKeyframe() {
+	if p.onKeyframe != nil {
+		p.onKeyframe()
+	}
+}
+
+func (p *Publisher) stop() {}

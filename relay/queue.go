@@ -1,0 +1,67 @@
+package relay
+
+import "sync/atomic"
+
+// Subscriber receives the packets of a stream.
+type Subscriber interface {
+	// WritePacket hands the subscriber one packet. It is called from the
+	// publisher's goroutines, so it must not block and must not keep p.Data
+	// after returning: copy it (see [Queue]) and send it from a goroutine of
+	// the subscriber's own.
+	WritePacket(p *Packet)
+}
+
+// SubscriberFunc adapts a function to a Subscriber.
+type SubscriberFunc func(p *Packet)
+
+// WritePacket calls f(p).
+func (f SubscriberFunc) WritePacket(p *Packet) { f(p) }
+
+// Queue is a bounded packet queue between a publisher and one slow consumer.
+// Push never blocks: when the queue is full the packet is dropped and counted,
+// so a slow or dead consumer never holds back the publisher or its siblings.
+// Queue implements Subscriber.
+type Queue struct {
+	c       chan *Buffer
+	dropped atomic.Uint64
+}
+
+var _ Subscriber = (*Queue)(nil)
+
+// NewQueue returns a queue that holds up to size packets.
+func NewQueue(size int) *Queue {
+	return &Queue{c: make(chan *Buffer, size)}
+}
+
+// WritePacket copies p into the queue, or drops it when the queue is full.
+func (q *Queue) WritePacket(p *Packet) {
+	b := NewBuffer(p)
+	select {
+	case q.c <- b:
+	default:
+		b.Release()
+		q.dropped.Add(1)
+	}
+}
+
+// C returns the channel to read queued packets from. The reader owns each
+// buffer it receives and must Release it.
+func (q *Queue) C() <-chan *Buffer { return q.c }
+
+// Dropped returns how many packets were dropped because the queue was full.
+func (q *Queue) Dropped() uint64 { return q.dropped.Load() }
+
+// Len returns the number of queued packets.
+func (q *Queue) Len() int { return len(q.c) }
+
+// Drain releases every queued packet. Call it after the last WritePacket.
+func (q *Queue) Drain() {
+	for {
+		select {
+		case b := <-q.c:
+			b.Release()
+		default:
+			return
+		}
+	}
+}

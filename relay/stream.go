@@ -1,0 +1,254 @@
+package relay
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// keyframeInterval is the shortest time between two keyframe requests sent to
+// a stream's source: viewers joining together cost the publisher one keyframe.
+const keyframeInterval = 500 * time.Millisecond
+
+// source is where a stream's packets come from: a local publisher or an
+// upstream datacenter.
+type source interface {
+	requestKeyframe()
+	// stop is called once when the last subscriber of a relayed stream has
+	// gone (after the linger time) or the stream is removed.
+	stop()
+}
+
+// Stream is one live stream known to a hub: published here, or relayed from
+// upstream while something here watches it.
+type Stream struct {
+	hub    *Hub
+	name   string
+	origin string // datacenter the stream was published at
+
+	ready    chan struct{} // closed once desc or err is set
+	desc     Description
+	done     chan struct{} // closed when the stream ends
+	doneOnce sync.Once
+	err      error // why it ended, or why it never started; read after ready/done
+
+	src source
+
+	packets atomic.Uint64
+	bytes   atomic.Uint64
+
+	mu sync.Mutex // guards the following fields
+	subs        []*Subscription
+	gop         gopCache
+	lastKeyReq  time.Time
+	lingerTimer *time.Timer
+}
+
+func newStream(h *Hub, name, origin string) *Stream {
+	return &Stream{
+		hub:    h,
+		name:   name,
+		origin: origin,
+		ready:  make(chan struct{}),
+		done:   make(chan struct{}),
+		gop:    gopCache{max: h.cfg.GOPMaxPackets},
+	}
+}
+
+// Name returns the stream's name.
+func (s *Stream) Name() string { return s.name }
+
+// Origin returns the datacenter the stream was published at.
+func (s *Stream) Origin() string { return s.origin }
+
+// setReady publishes the stream's description to waiting subscribers.
+func (s *Stream) setReady(desc Description) {
+	s.desc = desc
+	close(s.ready)
+}
+
+// end ends the stream, ready or not, and wakes everyone waiting on it.
+func (s *Stream) end(err error) {
+	s.doneOnce.Do(func() {
+		s.err = err
+		select {
+		case <-s.ready:
+		default:
+			close(s.ready)
+		}
+		close(s.done)
+		s.mu.Lock()
+		s.gop.reset()
+		if s.lingerTimer != nil {
+			s.lingerTimer.Stop()
+		}
+		s.mu.Unlock()
+	})
+}
+
+// writePacket fans a packet out to every subscriber and keeps it in the GOP
+// cache. Subscribers' WritePacket never blocks (see Subscriber), which is why
+// it may be called with s.mu held: that keeps GOP replay and live packets in
+// order for a subscriber that joins concurrently.
+func (s *Stream) writePacket(p *Packet) {
+	s.packets.Add(1)
+	s.bytes.Add(uint64(len(p.Data)))
+	s.mu.Lock()
+	s.gop.add(p)
+	for _, sub := range s.subs {
+		sub.sub.WritePacket(p)
+	}
+	s.mu.Unlock()
+}
+
+func (s *Stream) requestKeyframe() {
+	now := time.Now()
+	s.mu.Lock()
+	if now.Sub(s.lastKeyReq) < keyframeInterval {
+		s.mu.Unlock()
+		return
+	}
+	s.lastKeyReq = now
+	s.mu.Unlock()
+	if s.src != nil {
+		s.src.requestKeyframe()
+	}
+}
+
+// attach adds a subscriber, replaying the GOP cache to it first.
+func (s *Stream) attach(sub Subscriber) *Subscription {
+	ss := &Subscription{s: s, sub: sub}
+	s.mu.Lock()
+	if s.lingerTimer != nil {
+		s.lingerTimer.Stop()
+		s.lingerTimer = nil
+	}
+	s.gop.replay(sub)
+	s.subs = append(s.subs, ss)
+	s.mu.Unlock()
+	return ss
+}
+
+func (s *Stream) detach(ss *Subscription) {
+	s.mu.Lock()
+	for i, x := range s.subs {
+		if x == ss {
+			s.subs = append(s.subs[:i:i], s.subs[i+1:]...)
+			break
+		}
+	}
+	empty := len(s.subs) == 0
+	s.mu.Unlock()
+	if empty {
+		s.hub.streamIdle(s)
+	}
+}
+
+func (s *Stream) subscriberCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.subs)
+}
+
+// Subscription is one subscriber's attachment to a stream. It is safe for
+// concurrent use.
+type Subscription struct {
+	s      *Stream
+	sub    Subscriber
+	closed atomic.Bool
+}
+
+// Description returns the stream's tracks.
+func (ss *Subscription) Description() Description { return ss.s.desc }
+
+// Stream returns the stream subscribed to.
+func (ss *Subscription) Stream() *Stream { return ss.s }
+
+// RequestKeyframe asks the stream's publisher for a keyframe (a PLI for WebRTC
+// publishers), through every datacenter on the way. Requests are coalesced.
+func (ss *Subscription) RequestKeyframe() { ss.s.requestKeyframe() }
+
+// Done is closed when the stream ends (its publisher left, or the upstream
+// datacenter was lost).
+func (ss *Subscription) Done() <-chan struct{} { return ss.s.done }
+
+// Err returns why the stream ended, once Done is closed.
+func (ss *Subscription) Err() error {
+	select {
+	case <-ss.s.done:
+		return ss.s.err
+	default:
+		return nil
+	}
+}
+
+// Close detaches the subscriber. No WritePacket call starts after Close
+// returns. Close is idempotent.
+func (ss *Subscription) Close() {
+	if ss.closed.Swap(true) {
+		return
+	}
+	ss.s.detach(ss)
+}
+
+// wait blocks until the stream is ready or ctx ends.
+func (s *Stream) wait(ctx context.Context) error {
+	select {
+	case <-s.ready:
+		select {
+		case <-s.done:
+			return s.err
+		default:
+			return nil
+		}
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
+// gopCache keeps every packet since the last video keyframe, so that a new
+// subscriber starts with a decodable picture at once.
+type gopCache struct {
+	max      int
+	pkts     []*Buffer
+	active   bool // a keyframe has been seen and the cache is within max
+	keyTS    uint32
+	keyTrack uint8
+}
+
+func (g *gopCache) add(p *Packet) {
+	if p.Keyframe {
+		_, ts, _ := rtpPayload(p.Data)
+		if !g.active || p.Track != g.keyTrack || ts != g.keyTS {
+			g.reset()
+			g.active, g.keyTS, g.keyTrack = true, ts, p.Track
+		}
+	}
+	if !g.active {
+		return
+	}
+	if len(g.pkts) >= g.max {
+		// An unusually long GOP: stop caching until the next keyframe
+		// rather than hold unbounded memory.
+		g.reset()
+		return
+	}
+	g.pkts = append(g.pkts, NewBuffer(p))
+}
+
+func (g *gopCache) replay(sub Subscriber) {
+	for _, b := range g.pkts {
+		p := b.Packet()
+		sub.WritePacket(&p)
+	}
+}
+
+func (g *gopCache) reset() {
+	for i, b := range g.pkts {
+		b.Release()
+		g.pkts[i] = nil
+	}
+	g.pkts = g.pkts[:0]
+	g.active = false
+}
