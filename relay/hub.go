@@ -42,7 +42,7 @@ type Hub struct {
 
 	mu sync.Mutex // guards the following fields
 	streams map[string]*Stream // published here or relayed here
-	routes  map[string]*route  // streams announced by neighbours
+	routes  map[string]map[string][]string // stream → neighbour → announced hops
 	links   map[string]link    // connected neighbours by datacenter name
 	closed  bool
 }
@@ -62,7 +62,7 @@ func NewHub(cfg Config) *Hub {
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "relay", "dc", cfg.Datacenter),
 		streams: make(map[string]*Stream),
-		routes:  make(map[string]*route),
+		routes:  make(map[string]map[string][]string),
 		links:   make(map[string]link),
 	}
 }
@@ -96,7 +96,7 @@ func (h *Hub) Publish(name string, desc Description, opts PublishOptions) (*Publ
 		h.mu.Unlock()
 		return nil, fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, s.origin)
 	}
-	if r, ok := h.routes[name]; ok {
+	if r, ok := h.bestRouteLocked(name); ok {
 		h.mu.Unlock()
 		return nil, fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, r.origin)
 	}
@@ -151,7 +151,7 @@ func (h *Hub) stream(name string) (*Stream, error) {
 	if s, ok := h.streams[name]; ok {
 		return s, nil
 	}
-	r, ok := h.routes[name]
+	r, ok := h.bestRouteLocked(name)
 	if !ok {
 		return nil, fmt.Errorf("%w: %q is not live in any datacenter", ErrStreamNotFound, name)
 	}
@@ -226,8 +226,8 @@ func (h *Hub) Streams() []StreamInfo {
 		seen[name] = true
 		local = append(local, s)
 	}
-	for name, r := range h.routes {
-		if !seen[name] {
+	for name := range h.routes {
+		if r, ok := h.bestRouteLocked(name); ok && !seen[name] {
 			out = append(out, StreamInfo{Name: name, Origin: r.origin, Hops: append([]string(nil), r.hops...)})
 		}
 	}

@@ -1,0 +1,220 @@
+package relay
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// OverlayConfig configures a node's links to its neighbours.
+type OverlayConfig struct {
+	// Listen is the UDP address the node's QUIC endpoint binds, for
+	// accepting links and dialing them ("127.0.0.1:0" picks a port).
+	Listen string
+	// Neighbours maps neighbour datacenter names to their overlay addresses.
+	// A node dials the neighbours whose names sort after its own and accepts
+	// the others, so each pair gets exactly one connection.
+	Neighbours map[string]string
+	Identity   Identity
+	Logger     *slog.Logger
+}
+
+// Overlay is a node's QUIC endpoint: it keeps one link per neighbour up,
+// redialing lost ones. Close stops it and waits for its goroutines.
+type Overlay struct {
+	hub *Hub
+	cfg OverlayConfig
+	log *slog.Logger
+	tr  *quic.Transport
+	ln  *quic.Listener
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+func quicConfig() *quic.Config {
+	return &quic.Config{
+		EnableDatagrams:      true,
+		KeepAlivePeriod:      time.Second,
+		MaxIdleTimeout:       5 * time.Second,
+		HandshakeIdleTimeout: 3 * time.Second,
+	}
+}
+
+// StartOverlay binds the node's QUIC endpoint and starts linking to the
+// neighbours.
+func StartOverlay(h *Hub, cfg OverlayConfig) (*Overlay, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = h.cfg.Logger
+	}
+	addr, err := net.ResolveUDPAddr("udp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("overlay listen address %q: %w", cfg.Listen, err)
+	}
+	udp, err := net.ListenUDP("udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("overlay: %w", err)
+	}
+	tr := &quic.Transport{Conn: udp}
+	ln, err := tr.Listen(cfg.Identity.serverConfig(), quicConfig())
+	if err != nil {
+		udp.Close()
+		return nil, fmt.Errorf("overlay: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	o := &Overlay{hub: h, cfg: cfg, log: h.log.With("component", "overlay"), tr: tr, ln: ln, ctx: ctx, cancel: cancel}
+	o.wg.Add(1)
+	go o.accept()
+	names := make([]string, 0, len(cfg.Neighbours))
+	for name := range cfg.Neighbours {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		if name > h.cfg.Datacenter {
+			o.wg.Add(1)
+			go o.dialLoop(name, cfg.Neighbours[name])
+		}
+	}
+	return o, nil
+}
+
+// Addr returns the UDP address of the node's QUIC endpoint.
+func (o *Overlay) Addr() net.Addr { return o.tr.Conn.LocalAddr() }
+
+// Close closes every link and the endpoint.
+func (o *Overlay) Close() {
+	o.cancel()
+	o.ln.Close()
+	o.wg.Wait()
+	o.tr.Close()
+}
+
+func (o *Overlay) accept() {
+	defer o.wg.Done()
+	for {
+		conn, err := o.ln.Accept(o.ctx)
+		if err != nil {
+			return
+		}
+		o.wg.Add(1)
+		go func() {
+			defer o.wg.Done()
+			o.serveAccepted(conn)
+		}()
+	}
+}
+
+func (o *Overlay) serveAccepted(conn *quic.Conn) {
+	peer, err := peerName(conn.ConnectionState().TLS)
+	if err != nil {
+		conn.CloseWithError(1, err.Error())
+		return
+	}
+	ctx, cancel := context.WithTimeout(o.ctx, 3*time.Second)
+	ctl, err := conn.AcceptStream(ctx)
+	cancel()
+	if err != nil {
+		conn.CloseWithError(1, "no control stream")
+		return
+	}
+	br := bufio.NewReader(ctl)
+	if err := o.handshake(ctl, br, peer); err != nil {
+		o.log.Warn("rejected link", "peer", peer, "err", err)
+		conn.CloseWithError(1, err.Error())
+		return
+	}
+	o.runLink(conn, ctl, br, peer)
+}
+
+// dialLoop keeps a link to one neighbour up.
+func (o *Overlay) dialLoop(peer, addr string) {
+	defer o.wg.Done()
+	backoff := 100 * time.Millisecond
+	for o.ctx.Err() == nil {
+		start := time.Now()
+		err := o.dialOnce(peer, addr)
+		if o.ctx.Err() != nil {
+			return
+		}
+		if time.Since(start) > 5*time.Second {
+			backoff = 100 * time.Millisecond
+		}
+		o.log.Debug("link to neighbour ended, redialing", "peer", peer, "err", err, "in", backoff)
+		select {
+		case <-time.After(backoff):
+		case <-o.ctx.Done():
+			return
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+func (o *Overlay) dialOnce(peer, addr string) error {
+	udpAddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(o.ctx, 3*time.Second)
+	defer cancel()
+	conn, err := o.tr.Dial(ctx, udpAddr, o.cfg.Identity.clientConfig(peer), quicConfig())
+	if err != nil {
+		return err
+	}
+	ctl, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		conn.CloseWithError(1, "")
+		return err
+	}
+	br := bufio.NewReader(ctl)
+	if err := o.handshake(ctl, br, peer); err != nil {
+		conn.CloseWithError(1, err.Error())
+		return err
+	}
+	return o.runLink(conn, ctl, br, peer)
+}
+
+// handshake exchanges hellos and checks the peer is who its certificate
+// says.
+func (o *Overlay) handshake(ctl *quic.Stream, br *bufio.Reader, peer string) error {
+	hello := appendControl(nil, &controlMsg{Type: msgHello, Version: wireVersion, Datacenter: o.hub.cfg.Datacenter})
+	ctl.SetDeadline(time.Now().Add(3 * time.Second))
+	defer ctl.SetDeadline(time.Time{})
+	if _, err := ctl.Write(hello); err != nil {
+		return err
+	}
+	m, err := readControl(br, func(b []byte) error { _, err := io.ReadFull(br, b); return err })
+	if err != nil {
+		return fmt.Errorf("reading hello: %w", err)
+	}
+	if m.Type != msgHello {
+		return fmt.Errorf("expected hello, got message type %d", m.Type)
+	}
+	if m.Version != wireVersion {
+		return fmt.Errorf("peer speaks wire version %d, this node %d", m.Version, wireVersion)
+	}
+	if m.Datacenter != peer {
+		return fmt.Errorf("peer says it is %q but its certificate names %q", m.Datacenter, peer)
+	}
+	if peer == o.hub.cfg.Datacenter {
+		return errors.New("peer has this node's own datacenter name")
+	}
+	return nil
+}
+
+func (o *Overlay) runLink(conn *quic.Conn, ctl *quic.Stream, br *bufio.Reader, peer string) error {
+	l := newLink(o.hub, conn, ctl, peer)
+	stop := context.AfterFunc(o.ctx, func() { l.close(errors.New("overlay closing")) })
+	defer stop()
+	return l.run(br)
+}
