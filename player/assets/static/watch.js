@@ -1,0 +1,204 @@
+// Stemflow watch page: plays /whep/{stream}, reconnects with backoff when the
+// stream is not live, the connection fails or the picture stalls, and shows
+// statistics from getStats(). Tests read window.stemflowStats.
+'use strict';
+
+(() => {
+  const name = stemflow.streamName;
+  const endpoint = `/whep/${encodeURIComponent(name)}`;
+
+  const video = document.getElementById('video');
+  const screen = document.getElementById('screen');
+  const stateBox = document.getElementById('state');
+  const stateText = document.getElementById('state-text');
+  const stateDetail = document.getElementById('state-detail');
+  const statsBox = document.getElementById('stats');
+  const pill = document.getElementById('pill');
+
+  const STATS_INTERVAL = 1000; // ms between getStats() samples
+  const FIRST_FRAME_TIMEOUT = 15000; // ms to wait for a first frame after answering
+  const STALL_TIMEOUT = 6000; // ms without a new frame before reconnecting
+  const DISCONNECTED_TIMEOUT = 5000; // ms in ICE "disconnected" before reconnecting
+
+  /**
+   * What the page shows, refreshed every second. End-to-end tests poll it.
+   * state: connecting | waiting | playing | reconnecting
+   */
+  const stats = {
+    state: 'connecting',
+    message: '',
+    framesDecoded: 0,
+    framesDropped: 0,
+    videoWidth: 0,
+    videoHeight: 0,
+    fps: 0,
+    bitrate: 0, // bits per second, audio and video
+    rttMs: null,
+    packetsLost: 0,
+    videoCodec: '',
+    audioCodec: '',
+    connectionState: 'new',
+    sessions: 0, // WHEP sessions opened
+    updated: 0, // Date.now() of the last sample
+  };
+  window.stemflowStats = stats;
+
+  function setState(state, text, detail = '') {
+    stats.state = state;
+    stats.message = text;
+    stemflow.setPill(pill, state);
+    stateText.textContent = text;
+    stateDetail.textContent = detail;
+    stateBox.hidden = state === 'playing';
+  }
+
+  // Controls.
+  const unmute = document.getElementById('unmute');
+  unmute.addEventListener('click', () => {
+    video.muted = !video.muted;
+    unmute.textContent = video.muted ? 'Unmute' : 'Mute';
+    video.play().catch(() => {});
+  });
+  const toggleStats = document.getElementById('toggle-stats');
+  toggleStats.addEventListener('click', () => {
+    statsBox.hidden = !statsBox.hidden;
+    toggleStats.setAttribute('aria-pressed', String(!statsBox.hidden));
+  });
+  document.getElementById('fullscreen').addEventListener('click', () => {
+    if (document.fullscreenElement) document.exitFullscreen();
+    else screen.requestFullscreen().catch(() => {});
+  });
+
+  const rate = new stemflow.RateMeter();
+
+  /** Samples pc.getStats() into stats and the overlay. */
+  async function sample(pc) {
+    const report = await pc.getStats();
+    let v = null;
+    let a = null;
+    report.forEach((s) => {
+      if (s.type !== 'inbound-rtp') return;
+      if (s.kind === 'video') v = s;
+      else if (s.kind === 'audio') a = s;
+    });
+    const pair = stemflow.selectedPair(report);
+    const now = Date.now();
+
+    stats.framesDecoded = v ? v.framesDecoded || 0 : 0;
+    stats.framesDropped = v ? v.framesDropped || 0 : 0;
+    stats.fps = v && v.framesPerSecond ? v.framesPerSecond : 0;
+    stats.videoWidth = video.videoWidth || (v && v.frameWidth) || 0;
+    stats.videoHeight = video.videoHeight || (v && v.frameHeight) || 0;
+    stats.packetsLost = (v ? v.packetsLost || 0 : 0) + (a ? a.packetsLost || 0 : 0);
+    stats.bitrate = rate.update((v ? v.bytesReceived || 0 : 0) + (a ? a.bytesReceived || 0 : 0), now);
+    stats.rttMs = pair && pair.currentRoundTripTime !== undefined ? pair.currentRoundTripTime * 1000 : null;
+    stats.videoCodec = stemflow.codecName(report, v);
+    stats.audioCodec = stemflow.codecName(report, a);
+    stats.connectionState = pc.connectionState;
+    stats.updated = now;
+    renderStats();
+  }
+
+  function renderStats() {
+    const lines = [];
+    if (stats.videoWidth) {
+      lines.push(`${stats.videoWidth}×${stats.videoHeight}  ${Math.round(stats.fps)} fps`);
+    }
+    const codecs = [stats.videoCodec, stats.audioCodec].filter(Boolean).join(' + ');
+    lines.push(`${codecs || 'no media yet'}  ${stemflow.formatBitrate(stats.bitrate)}`);
+    const rtt = stats.rttMs === null ? '–' : `${stats.rttMs.toFixed(stats.rttMs < 10 ? 1 : 0)} ms`;
+    lines.push(`RTT ${rtt}  lost ${stats.packetsLost}`);
+    lines.push(`frames ${stats.framesDecoded}  dropped ${stats.framesDropped}`);
+    statsBox.textContent = lines.join('\n');
+  }
+
+  /**
+   * Plays one WHEP session until it ends. Resolves with the reason it ended
+   * (connection lost, picture stalled); throws when the node refuses the
+   * session, e.g. HTTPError 404 when the stream is not live.
+   */
+  async function playSession() {
+    const pc = new RTCPeerConnection();
+    pc.addTransceiver('video', { direction: 'recvonly' });
+    pc.addTransceiver('audio', { direction: 'recvonly' });
+    const media = new MediaStream();
+    pc.addEventListener('track', (e) => {
+      media.addTrack(e.track);
+      if (video.srcObject !== media) video.srcObject = media;
+      video.play().catch(() => {}); // autoplay is allowed: the element is muted
+    });
+
+    let session = null;
+    try {
+      session = await stemflow.negotiate(pc, endpoint);
+      stats.sessions++;
+      return await watchSession(pc);
+    } finally {
+      pc.close();
+      stemflow.endSession(session);
+      stats.connectionState = 'closed';
+    }
+  }
+
+  /** Samples a live session every second and resolves once it is over. */
+  async function watchSession(pc) {
+    const opened = Date.now();
+    let lastFrames = 0;
+    let lastFrameAt = 0;
+    let disconnectedSince = 0;
+    for (;;) {
+      await stemflow.sleep(STATS_INTERVAL);
+      const now = Date.now();
+      const cs = pc.connectionState;
+      if (cs === 'failed' || cs === 'closed') return `connection ${cs}`;
+      if (cs === 'disconnected') {
+        disconnectedSince = disconnectedSince || now;
+        if (now - disconnectedSince > DISCONNECTED_TIMEOUT) return 'connection lost';
+      } else {
+        disconnectedSince = 0;
+      }
+
+      await sample(pc).catch(() => {});
+
+      if (stats.framesDecoded > lastFrames) {
+        lastFrames = stats.framesDecoded;
+        lastFrameAt = now;
+        if (stats.state !== 'playing') setState('playing', 'Playing');
+      }
+      if (!lastFrameAt && now - opened > FIRST_FRAME_TIMEOUT) return 'no picture arrived';
+      if (lastFrameAt && now - lastFrameAt > STALL_TIMEOUT) {
+        return 'the picture stopped (the stream may have ended)';
+      }
+    }
+  }
+
+  /** Keeps a session going for as long as the page is open. */
+  async function run() {
+    let attempt = 0;
+    for (;;) {
+      if (stats.state !== 'waiting') setState(stats.sessions ? 'reconnecting' : 'connecting', 'Connecting…');
+      let wait;
+      try {
+        const reason = await playSession();
+        const played = stats.state === 'playing';
+        setState('reconnecting', 'Reconnecting…', `The connection ended: ${reason}.`);
+        if (played) attempt = 0;
+        wait = stemflow.backoff(attempt++, 500, 5000);
+      } catch (err) {
+        if (err instanceof stemflow.HTTPError && err.status === 404) {
+          // Not live (yet, or any more): poll at a steady pace.
+          setState('waiting', `Waiting for “${name}” to go live…`, 'The page starts playing as soon as someone publishes it.');
+          wait = stemflow.backoff(0, 2000, 2000);
+        } else {
+          const why = err instanceof stemflow.HTTPError ? `the server answered ${err.status}: ${err.message}` : err.message;
+          setState('reconnecting', 'Cannot connect, retrying…', `${why}`);
+          wait = stemflow.backoff(attempt++, 1000, 10000);
+        }
+      }
+      await stemflow.sleep(wait);
+    }
+  }
+
+  renderStats();
+  run();
+})();
