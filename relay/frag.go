@@ -51,6 +51,7 @@ type reassembler struct {
 
 type fragSlot struct {
 	used  bool
+	done  bool // complete and delivered: later duplicates are ignored
 	subID uint32
 	seq   uint32
 	count uint8
@@ -70,12 +71,12 @@ func (r *reassembler) add(h *mediaHeader, part []byte) ([]byte, bool) {
 	s := r.slot(h)
 	if s == nil {
 		s = r.victim()
-		if s.used {
+		if s.used && !s.done {
 			r.evicted++
 		}
-		s.used, s.subID, s.seq, s.count, s.have, s.age = true, h.SubID, h.HopSeq, h.FragCount, 0, r.clock
+		s.used, s.done, s.subID, s.seq, s.count, s.have, s.age = true, false, h.SubID, h.HopSeq, h.FragCount, 0, r.clock
 	}
-	if h.FragCount != s.count {
+	if s.done || h.FragCount != s.count {
 		return nil, false // inconsistent fragment: ignore it
 	}
 	bit := uint8(1) << h.FragIndex
@@ -91,12 +92,12 @@ func (r *reassembler) add(h *mediaHeader, part []byte) ([]byte, bool) {
 	for i := 0; i < int(s.count); i++ {
 		l := int(s.lens[i])
 		if n+l > len(r.out) {
-			s.used = false
+			s.done = true
 			return nil, false
 		}
 		n += copy(r.out[n:], s.parts[i][:l])
 	}
-	s.used = false
+	s.done = true
 	return r.out[:n], true
 }
 
@@ -109,7 +110,8 @@ func (r *reassembler) slot(h *mediaHeader) *fragSlot {
 	return nil
 }
 
-// victim returns a free slot, or else the oldest one.
+// victim returns a free slot, or else the oldest one, preferring completed
+// ones.
 func (r *reassembler) victim() *fragSlot {
 	v := &r.slots[0]
 	for i := range r.slots {
@@ -117,7 +119,7 @@ func (r *reassembler) victim() *fragSlot {
 		if !s.used {
 			return s
 		}
-		if s.age < v.age {
+		if s.done && !v.done || s.done == v.done && s.age < v.age {
 			v = s
 		}
 	}

@@ -270,6 +270,7 @@ type upSub struct {
 
 	// Owned by the datagram reader.
 	lastSeq uint32
+	window  uint64 // bit i: lastSeq-i was seen
 	seen    bool
 }
 
@@ -307,6 +308,9 @@ func (l *quicLink) receiveMedia() {
 		if u == nil {
 			continue // unsubscribed, or not yet known
 		}
+		if !u.fresh(h.HopSeq, h.Flags&flagFragment != 0, &l.lost) {
+			continue // duplicate
+		}
 		if h.Flags&flagFragment != 0 {
 			var ok bool
 			if payload, ok = ra.add(&h, payload); !ok {
@@ -314,23 +318,48 @@ func (l *quicLink) receiveMedia() {
 				continue
 			}
 		}
-		u.countSeq(h.HopSeq, &l.lost)
 		l.received.Add(1)
 		pkt := Packet{Track: h.Track, Keyframe: h.Flags&flagKeyframe != 0, Data: payload}
 		u.s.writePacket(&pkt)
 	}
 }
 
-// countSeq counts gaps in the hop sequence as losses.
-func (u *upSub) countSeq(seq uint32, lost *atomic.Uint64) {
-	if u.seen {
-		if d := int32(seq - u.lastSeq); d > 1 {
-			lost.Add(uint64(d - 1))
-		} else if d <= 0 {
-			return // late or duplicate: keep lastSeq
-		}
+// fresh reports whether a datagram with hop sequence seq may carry a packet
+// not delivered yet, and counts gaps in the sequence as losses. A 64-entry
+// window of recent sequence numbers catches duplicate packets. Every fragment
+// of a packet shares its sequence number, so fragments pass and the
+// reassembler drops those of packets already complete.
+func (u *upSub) fresh(seq uint32, frag bool, lost *atomic.Uint64) bool {
+	if !u.seen {
+		u.seen, u.lastSeq, u.window = true, seq, 1
+		return true
 	}
-	u.seen, u.lastSeq = true, seq
+	d := int32(seq - u.lastSeq)
+	switch {
+	case d > 0:
+		if d > 1 {
+			lost.Add(uint64(d - 1))
+		}
+		if d >= 64 {
+			u.window = 0
+		} else {
+			u.window <<= uint(d)
+		}
+		u.window |= 1
+		u.lastSeq = seq
+		return true
+	case d == 0:
+		return frag
+	case d > -64:
+		bit := uint64(1) << uint(-d)
+		if u.window&bit != 0 {
+			return frag
+		}
+		u.window |= bit
+		lost.Add(^uint64(0)) // it was counted lost when the gap appeared
+		return true
+	}
+	return false // too old
 }
 
 // serveSubscribe subscribes the neighbour to a stream of ours.
