@@ -40,10 +40,10 @@ type Hub struct {
 	cfg Config
 	log *slog.Logger
 
-	mu sync.Mutex // guards the following fields
-	streams map[string]*Stream // published here or relayed here
+	mu      sync.Mutex                     // guards the following fields
+	streams map[string]*Stream             // published here or relayed here
 	routes  map[string]map[string][]string // stream → neighbour → announced hops
-	links   map[string]link    // connected neighbours by datacenter name
+	links   map[string]link                // connected neighbours by datacenter name
 	closed  bool
 }
 

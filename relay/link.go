@@ -44,7 +44,7 @@ type LinkStats struct {
 	// Malformed counts datagrams that failed to parse.
 	Malformed uint64 `json:"malformed"`
 	// FragmentsGivenUp counts fragmented packets that never completed.
-	FragmentsGivenUp uint64 `json:"fragments_given_up"`
+	FragmentsGivenUp uint64        `json:"fragments_given_up"`
 	RTT              time.Duration `json:"rtt_ns"`
 }
 
@@ -70,7 +70,7 @@ type quicLink struct {
 
 	sent, dgramsSent, received, dropped, lost, malformed, fragLost atomic.Uint64
 
-	mu    sync.Mutex // guards the following fields
+	mu    sync.Mutex          // guards the following fields
 	ups   map[uint32]*upSub   // streams we receive from the neighbour
 	downs map[uint32]*downSub // streams the neighbour receives from us
 }

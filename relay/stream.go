@@ -38,7 +38,7 @@ type Stream struct {
 	packets atomic.Uint64
 	bytes   atomic.Uint64
 
-	mu sync.Mutex // guards the following fields
+	mu          sync.Mutex // guards the following fields
 	subs        []*Subscription
 	gop         gopCache
 	lastKeyReq  time.Time

@@ -40,13 +40,13 @@ func TestControlRoundTrip(t *testing.T) {
 
 func TestControlRejectsGarbage(t *testing.T) {
 	for _, body := range [][]byte{
-		{},                              // no type
-		{99},                            // unknown type
-		{msgSubscribe, 0x80},            // truncated varint
-		{msgSubscribe, 1, 5, 'x'},       // truncated string
-		{msgUnsubscribe, 1, 0},          // trailing byte
-		{msgSubscribeOK, 1, 9},          // too many tracks
-		{msgAnnounce, 1, 'x', 65},       // too many hops
+		{},                        // no type
+		{99},                      // unknown type
+		{msgSubscribe, 0x80},      // truncated varint
+		{msgSubscribe, 1, 5, 'x'}, // truncated string
+		{msgUnsubscribe, 1, 0},    // trailing byte
+		{msgSubscribeOK, 1, 9},    // too many tracks
+		{msgAnnounce, 1, 'x', 65}, // too many hops
 		{msgSubscribe, 0x80, 0x80, 0x80, 0x80, 0x10, 1, 'x'}, // id over 32 bits
 	} {
 		if m, err := parseControl(body); err == nil {
