@@ -1,0 +1,204 @@
+// Package cli implements the stemflow command line: dev, node, certs and
+// version. Only this package and cmd/ print to the terminal.
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/stemflow/stemflow/internal/node"
+	"github.com/stemflow/stemflow/relay"
+	"github.com/stemflow/stemflow/topology"
+)
+
+// Version is set at build time with -ldflags "-X .../internal/cli.Version=...".
+var Version = "0.1.0-dev"
+
+const usage = `stemflow — live video and chat across datacenters
+
+Usage:
+  stemflow dev     [flags]   run several datacenters in one process on loopback
+  stemflow node    --config FILE   run one node of a real deployment
+  stemflow certs   --dcs a,b,c --out DIR   make a cluster CA and node certificates
+  stemflow version           print the version
+
+Run 'stemflow COMMAND --help' for a command's flags.
+`
+
+// Main runs the command line and returns the exit code.
+func Main(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "dev":
+		err = runDev(args[1:], stdout, stderr)
+	case "node":
+		err = runNode(args[1:], stderr)
+	case "certs":
+		err = runCerts(args[1:], stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "stemflow", Version)
+	case "help", "--help", "-help", "-h":
+		fmt.Fprint(stdout, usage)
+	default:
+		fmt.Fprintf(stderr, "stemflow: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "stemflow:", err)
+		return 1
+	}
+	return 0
+}
+
+func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: stemflow %s\n\nFlags:\n", synopsis)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func runDev(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("dev", "dev [flags]", stderr)
+	dcs := fs.String("dcs", "a,b,c", "datacenters: names (a,b,c,d) or a count (4); linked in a chain")
+	bind := fs.String("bind", "127.0.0.1", "address every datacenter listens on")
+	httpPort := fs.Int("http-port", 8080, "HTTP port of the first datacenter; datacenter i uses port+i")
+	rtspPort := fs.Int("rtsp-port", 8554, "RTSP port of the first datacenter; datacenter i uses port+i")
+	token := fs.String("publish-token", "", "Bearer token WHIP publishers must present (none if empty)")
+	logLevel := fs.String("log", "info", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("dev takes no arguments, got %q", fs.Args())
+	}
+	names, err := topology.ParseDatacenters(*dcs)
+	if err != nil {
+		return fmt.Errorf("--dcs: %w", err)
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err := node.StartDev(startCtx, node.DevConfig{
+		DCs: names, Bind: *bind, HTTPPort: *httpPort, RTSPPort: *rtspPort,
+		PublishToken: *token, Logger: node.NewLogger(*logLevel),
+	})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	printBanner(stdout, c)
+	<-ctx.Done()
+	fmt.Fprintln(stdout, "stemflow: shutting down")
+	return nil
+}
+
+func printBanner(w io.Writer, c *node.Cluster) {
+	dcs := c.Datacenters()
+	last := len(dcs) - 1
+	fmt.Fprintf(w, "Stemflow dev: %d datacenters linked %s\n\n", len(dcs), strings.Join(dcs, " – "))
+	for i, dc := range dcs {
+		fmt.Fprintf(w, "  %-4s %-24s %s\n", dc, c.HTTPURL(i), c.RTSPURL(i, "{stream}"))
+	}
+	fmt.Fprintf(w, `
+Publish a stream "x" at %[1]s:
+  browser: %[2]s/publish/x
+  ffmpeg:  ffmpeg -re -f lavfi -i testsrc=size=1280x720:rate=30 -f lavfi -i sine -c:v libx264 -g 60 -c:a libopus -f rtsp %[3]s
+  OBS 30+: Settings → Stream → Service "WHIP", Server %[2]s/whip/x
+Watch it at %[4]s:
+  browser: %[5]s/watch/x
+  ffplay:  ffplay %[6]s
+Streams: %[5]s/   (ready: GET /healthz on every datacenter)
+`, dcs[0], c.HTTPURL(0), c.RTSPURL(0, "x"), dcs[last], c.HTTPURL(last), c.RTSPURL(last, "x"))
+}
+
+func runNode(args []string, stderr io.Writer) error {
+	fs := newFlagSet("node", "node --config FILE", stderr)
+	path := fs.String("config", "", "YAML config file (see deploy/)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *path == "" {
+		fs.Usage()
+		return errors.New("node: --config is required")
+	}
+	cfg, err := node.LoadConfig(*path)
+	if err != nil {
+		return err
+	}
+	n, err := node.Start(cfg, nil)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	<-ctx.Done()
+	n.Close()
+	return nil
+}
+
+func runCerts(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("certs", "certs --dcs a,b,c --out DIR", stderr)
+	dcs := fs.String("dcs", "", "datacenters to make node certificates for")
+	out := fs.String("out", "", "directory to write ca.pem, ca-key.pem and DC.pem, DC-key.pem into")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *dcs == "" || *out == "" {
+		fs.Usage()
+		return errors.New("certs: --dcs and --out are required")
+	}
+	names, err := topology.ParseDatacenters(*dcs)
+	if err != nil {
+		return fmt.Errorf("--dcs: %w", err)
+	}
+	if err := os.MkdirAll(*out, 0o700); err != nil {
+		return err
+	}
+	ca, err := relay.NewClusterCA()
+	if err != nil {
+		return err
+	}
+	caCert, caKey, err := ca.PEM()
+	if err != nil {
+		return err
+	}
+	files := map[string][]byte{"ca.pem": caCert, "ca-key.pem": caKey}
+	for _, dc := range names {
+		cert, key, err := ca.IssuePEM(dc)
+		if err != nil {
+			return err
+		}
+		files[dc+".pem"], files[dc+"-key.pem"] = cert, key
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(*out, name), data, 0o600); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(stdout, "wrote the cluster CA and certificates for %s to %s\n", strings.Join(names, ", "), *out)
+	return nil
+}

@@ -1,0 +1,190 @@
+// Package node wires one Stemflow node together by hand: the relay hub and
+// its overlay links, the ingest and egress protocols, and the HTTP server
+// with the player pages. It also runs several datacenters in one process for
+// `stemflow dev`.
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/stemflow/stemflow/egress/whep"
+	"github.com/stemflow/stemflow/ingest/whip"
+	"github.com/stemflow/stemflow/internal/rtc"
+	"github.com/stemflow/stemflow/internal/rtspserver"
+	"github.com/stemflow/stemflow/player"
+	"github.com/stemflow/stemflow/relay"
+)
+
+// Node is one running node. Close stops everything it started.
+type Node struct {
+	cfg  *Config
+	log  *slog.Logger
+	hub  *relay.Hub
+	ovl  *relay.Overlay
+	rtc  *rtc.Engine
+	whip *whip.Server
+	whep *whep.Server
+	rtsp *rtspserver.Server
+
+	httpLn  net.Listener
+	httpSrv *http.Server
+	wg      sync.WaitGroup
+}
+
+// NewLogger returns the text logger every component derives its own from.
+func NewLogger(level string) *slog.Logger {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		l = slog.LevelInfo
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}
+
+// Start starts a node. On error, whatever was started is stopped again.
+func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
+	if log == nil {
+		log = NewLogger(cfg.Log.Level)
+	}
+	log = log.With("dc", cfg.Datacenter)
+	n = &Node{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			n.Close()
+			n = nil
+		}
+	}()
+
+	id := cfg.identity
+	if id == nil {
+		loaded, err := relay.LoadIdentity(cfg.Overlay.TLS.CA, cfg.Overlay.TLS.Cert, cfg.Overlay.TLS.Key)
+		if err != nil {
+			return nil, fmt.Errorf("overlay.tls: %w", err)
+		}
+		id = &loaded
+	}
+	n.hub = relay.NewHub(relay.Config{Datacenter: cfg.Datacenter, Logger: log})
+	n.ovl, err = relay.StartOverlay(n.hub, relay.OverlayConfig{
+		Listen:     cfg.Overlay.Listen,
+		Neighbours: cfg.Overlay.Neighbours,
+		Identity:   *id,
+		Logger:     log,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	n.rtc, err = rtc.New(rtc.Config{IPs: cfg.WebRTC.IPs, NAT1To1IPs: cfg.WebRTC.NAT1To1IPs, UDPPort: cfg.WebRTC.UDPPort})
+	if err != nil {
+		return nil, fmt.Errorf("webrtc: %w", err)
+	}
+	n.whip = whip.New(whip.Config{Hub: n.hub, RTC: n.rtc, Token: cfg.Auth.PublishToken, Logger: log})
+	n.whep = whep.New(whep.Config{Hub: n.hub, RTC: n.rtc, Logger: log})
+
+	n.rtsp, err = rtspserver.New(rtspserver.Config{Address: cfg.RTSP.Listen, Hub: n.hub, Sources: cfg.RTSP.Sources, Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("rtsp: %w", err)
+	}
+
+	n.httpLn, err = net.Listen("tcp", cfg.HTTP.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("http: %w", err)
+	}
+	n.httpSrv = &http.Server{
+		Handler:           n.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		if err := n.httpSrv.Serve(n.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("http server stopped", "err", err)
+		}
+	}()
+	return n, nil
+}
+
+func (n *Node) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/whip/", n.whip)
+	mux.Handle("/whep/", n.whep)
+	mux.HandleFunc("GET /api/v1/streams", n.serveStreams)
+	mux.HandleFunc("GET /api/v1/links", n.serveLinks)
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("/", player.Handler())
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Access-Control-Allow-Origin", "*")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func (n *Node) serveStreams(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, struct {
+		Datacenter string             `json:"datacenter"`
+		Streams    []relay.StreamInfo `json:"streams"`
+	}{n.cfg.Datacenter, n.hub.Streams()})
+}
+
+func (n *Node) serveLinks(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, struct {
+		Datacenter string            `json:"datacenter"`
+		Links      []relay.LinkStats `json:"links"`
+	}{n.cfg.Datacenter, n.hub.Links()})
+}
+
+// Hub returns the node's relay hub.
+func (n *Node) Hub() *relay.Hub { return n.hub }
+
+// HTTPAddr returns the address the HTTP server listens on.
+func (n *Node) HTTPAddr() net.Addr { return n.httpLn.Addr() }
+
+// OverlayAddr returns the UDP address of the node's overlay endpoint.
+func (n *Node) OverlayAddr() net.Addr { return n.ovl.Addr() }
+
+// Close stops the node: HTTP first, then the protocols, then the relay.
+func (n *Node) Close() {
+	if n.httpSrv != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		n.httpSrv.Shutdown(ctx)
+		cancel()
+		n.httpSrv.Close()
+	} else if n.httpLn != nil {
+		n.httpLn.Close()
+	}
+	n.wg.Wait()
+	if n.rtsp != nil {
+		n.rtsp.Close()
+	}
+	if n.whip != nil {
+		n.whip.Close()
+	}
+	if n.whep != nil {
+		n.whep.Close()
+	}
+	if n.ovl != nil {
+		n.ovl.Close()
+	}
+	if n.hub != nil {
+		n.hub.Close()
+	}
+	if n.rtc != nil {
+		n.rtc.Close()
+	}
+}
