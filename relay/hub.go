@@ -268,6 +268,10 @@ func (h *Hub) linksLocked() []link {
 	return out
 }
 
+// packetPool holds the Packets handed to subscribers, which escape through
+// the Subscriber interface and would otherwise be allocated per packet.
+var packetPool = sync.Pool{New: func() any { return new(Packet) }}
+
 // Publisher writes the packets of a stream published at this node. Its methods
 // are safe for concurrent use, e.g. one goroutine per track.
 type Publisher struct {
@@ -293,11 +297,14 @@ func (p *Publisher) WriteRTP(track int, data []byte) error {
 	if !ok {
 		return errors.New("relay: malformed RTP packet")
 	}
-	pkt := Packet{Track: uint8(track), Data: data}
+	pkt := packetPool.Get().(*Packet)
+	*pkt = Packet{Track: uint8(track), Data: data}
 	if t := &p.s.desc.Tracks[track]; t.Kind == KindVideo {
 		pkt.Keyframe = IsKeyframe(t.MimeType, payload)
 	}
-	p.s.writePacket(&pkt)
+	p.s.writePacket(pkt)
+	*pkt = Packet{}
+	packetPool.Put(pkt)
 	return nil
 }
 

@@ -289,8 +289,9 @@ func (u *upSub) stop() {
 func (l *quicLink) receiveMedia() {
 	defer l.wg.Done()
 	var (
-		h  mediaHeader
-		ra reassembler
+		h   mediaHeader
+		ra  reassembler
+		pkt Packet // reused: it escapes to the subscribers' interface calls
 	)
 	for {
 		b, err := l.conn.ReceiveDatagram(l.ctx)
@@ -319,7 +320,7 @@ func (l *quicLink) receiveMedia() {
 			}
 		}
 		l.received.Add(1)
-		pkt := Packet{Track: h.Track, Keyframe: h.Flags&flagKeyframe != 0, Data: payload}
+		pkt = Packet{Track: h.Track, Keyframe: h.Flags&flagKeyframe != 0, Data: payload}
 		u.s.writePacket(&pkt)
 	}
 }
