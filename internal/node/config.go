@@ -29,6 +29,11 @@ type Config struct {
 		// Sources maps stream names to RTSP URLs (cameras) that the node
 		// pulls and publishes under that name.
 		Sources map[string]string `yaml:"sources"`
+		// RTPAddress and RTCPAddress are the UDP addresses for RTP over
+		// UDP (an even port and the next one). Default: the RTSP port +1000
+		// and +1001.
+		RTPAddress  string `yaml:"rtp_address"`
+		RTCPAddress string `yaml:"rtcp_address"`
 	} `yaml:"rtsp"`
 	Overlay struct {
 		Listen string `yaml:"listen"` // UDP, default ":7000"

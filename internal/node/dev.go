@@ -80,6 +80,12 @@ func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 		nc := &Config{Datacenter: dc, identity: &id}
 		nc.HTTP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(cfg.HTTPPort+i))
 		nc.RTSP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(cfg.RTSPPort+i))
+		// RTP over UDP needs an even port and the next one: 9554+2i, 9555+2i
+		// with the default base, clear of the RTSP ports.
+		rtp := cfg.RTSPPort + 1000 + 2*i
+		rtp += rtp % 2
+		nc.RTSP.RTPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp))
+		nc.RTSP.RTCPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp+1))
 		nc.Overlay.Listen = net.JoinHostPort(cfg.Bind, "0")
 		nc.Overlay.Neighbours = map[string]string{}
 		for _, nb := range neighbours[dc] {

@@ -89,7 +89,14 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 	n.whip = whip.New(whip.Config{Hub: n.hub, RTC: n.rtc, Token: cfg.Auth.PublishToken, Logger: log})
 	n.whep = whep.New(whep.Config{Hub: n.hub, RTC: n.rtc, Logger: log})
 
-	n.rtsp, err = rtspserver.New(rtspserver.Config{Address: cfg.RTSP.Listen, Hub: n.hub, Sources: cfg.RTSP.Sources, Logger: log})
+	n.rtsp, err = rtspserver.New(rtspserver.Config{
+		Address:        cfg.RTSP.Listen,
+		UDPRTPAddress:  cfg.RTSP.RTPAddress,
+		UDPRTCPAddress: cfg.RTSP.RTCPAddress,
+		Hub:            n.hub,
+		Sources:        cfg.RTSP.Sources,
+		Logger:         log,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("rtsp: %w", err)
 	}
