@@ -174,7 +174,7 @@
       if (cs === 'connected') {
         disconnectedSince = 0;
         if (pub.state !== 'live') {
-          setState('live', `Live. Viewers can watch at ${location.origin}/watch/${name}`);
+          setState('live', 'Live: viewers in every datacenter can watch now.');
           showError('');
         }
       } else if (cs === 'disconnected') {

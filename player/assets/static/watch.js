@@ -69,7 +69,17 @@
     else screen.requestFullscreen().catch(() => {});
   });
 
-  const rate = new stemflow.RateMeter();
+  let rate = new stemflow.RateMeter();
+
+  /** Clears the media figures when a session ends; the overlay hides. */
+  function resetStats() {
+    Object.assign(stats, {
+      framesDecoded: 0, framesDropped: 0, videoWidth: 0, videoHeight: 0, fps: 0, bitrate: 0,
+      rttMs: null, packetsLost: 0, videoCodec: '', audioCodec: '', connectionState: 'closed',
+    });
+    rate = new stemflow.RateMeter();
+    statsBox.textContent = '';
+  }
 
   /** Samples pc.getStats() into stats and the overlay. */
   async function sample(pc) {
@@ -136,7 +146,7 @@
     } finally {
       pc.close();
       stemflow.endSession(session);
-      stats.connectionState = 'closed';
+      resetStats();
     }
   }
 
@@ -199,6 +209,5 @@
     }
   }
 
-  renderStats();
   run();
 })();
