@@ -1,0 +1,447 @@
+// Package whep is Stemflow's WebRTC egress: a WHEP server that plays any
+// stream of the relay hub to browsers and other WebRTC viewers.
+//
+// POST /whep/{stream} with an SDP offer subscribes a new viewer: the server
+// answers 201 Created with the SDP answer (all ICE candidates included, no
+// trickle) and the session URL /whep/{stream}/{id} in Location; DELETE on it
+// ends the viewer. The answer holds only codecs the stream has, with payload
+// types the viewer offered. For an H264 stream it picks the viewer's
+// packetization-mode=1 H264 format, preferring 42e01f, whatever profile the
+// stream is: browsers offer no High profile but decode it.
+//
+// The forward path is built for many viewers per stream: each viewer has its
+// own bounded relay.Queue, drained by the viewer's own goroutine into its own
+// webrtc.TrackLocal (a slow viewer drops and counts its own packets and
+// holds back nobody); the per-packet path does not allocate; pion's default
+// NACK responder (1024 packets per PeerConnection) is replaced by one
+// retransmission cache per stream track shared by the node's viewers.
+package whep
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pion/interceptor"
+	"github.com/pion/interceptor/pkg/report"
+	"github.com/pion/webrtc/v4"
+
+	"github.com/stemflow/stemflow/internal/rtc"
+	"github.com/stemflow/stemflow/relay"
+)
+
+// Prefix is the path the server answers under; mount it with
+// mux.Handle(whep.Prefix, srv).
+const Prefix = "/whep/"
+
+const proto = "whep"
+
+// Config configures a Server.
+type Config struct {
+	Hub *relay.Hub
+	RTC *rtc.Engine
+	// Token, when set, is the bearer token viewers must present. Empty lets
+	// anyone watch.
+	Token  string
+	Logger *slog.Logger
+	// QueueSize is the number of packets a viewer may lag behind before its
+	// packets are dropped (default 1024: a 2 s GOP replay of a 2 Mbit/s
+	// stream fits). The queue holds pointers to pooled buffers: 8 bytes per
+	// slot while empty.
+	QueueSize int
+	// SubscribeTimeout bounds the wait for a stream's description, which
+	// may come from another datacenter (default 5s).
+	SubscribeTimeout time.Duration
+	// ConnectTimeout is how long a viewer may take to connect (default 15s).
+	ConnectTimeout time.Duration
+}
+
+// Server is the WHEP endpoint. It implements http.Handler for every path
+// under Prefix and is safe for concurrent use. Each viewer is owned by one
+// goroutine; Close ends them all and waits.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex // guards the following fields
+	viewers map[string]*viewer
+	caches  map[*relay.Stream]*streamCache
+	// Totals of viewers that have ended (atomic so that a viewer can add
+	// them; updated with mu held so that Stats never counts a viewer twice).
+	endedSent, endedDropped, endedResent, endedKeyReqs atomic.Uint64
+}
+
+var _ http.Handler = (*Server)(nil)
+
+// ErrServerClosed is the reason viewers end when the server closes.
+var ErrServerClosed = errors.New("whep: server closed")
+
+// New returns a WHEP server playing streams of cfg.Hub.
+func New(cfg Config) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.QueueSize <= 0 {
+		cfg.QueueSize = 1024
+	}
+	if cfg.SubscribeTimeout <= 0 {
+		cfg.SubscribeTimeout = 5 * time.Second
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = 15 * time.Second
+	}
+	ctx, cancel := context.WithCancelCause(context.Background())
+	return &Server{
+		cfg:     cfg,
+		log:     cfg.Logger.With("component", "whep"),
+		ctx:     ctx,
+		cancel:  cancel,
+		viewers: make(map[string]*viewer),
+		caches:  make(map[*relay.Stream]*streamCache),
+	}
+}
+
+// Close ends every viewer and waits for them.
+func (s *Server) Close() error {
+	s.cancel(ErrServerClosed)
+	s.wg.Wait()
+	return nil
+}
+
+// Stats are the server's counters.
+type Stats struct {
+	Viewers int
+	// PacketsSent counts RTP packets written to viewers, retransmissions
+	// excluded.
+	PacketsSent uint64
+	// PacketsDropped counts packets dropped because a viewer's queue was
+	// full (the viewer was too slow).
+	PacketsDropped uint64
+	// Retransmissions counts packets resent from the cache on NACK.
+	Retransmissions uint64
+	// KeyframeRequests counts PLIs and FIRs received from viewers.
+	KeyframeRequests uint64
+}
+
+// Stats returns the server's counters, summed over live and ended viewers.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Stats{
+		Viewers:          len(s.viewers),
+		PacketsSent:      s.endedSent.Load(),
+		PacketsDropped:   s.endedDropped.Load(),
+		Retransmissions:  s.endedResent.Load(),
+		KeyframeRequests: s.endedKeyReqs.Load(),
+	}
+	for _, v := range s.viewers {
+		st.PacketsSent += v.sent.Load()
+		st.PacketsDropped += v.q.Dropped()
+		st.Retransmissions += v.resent.Load()
+		st.KeyframeRequests += v.keyReqs.Load()
+	}
+	return st
+}
+
+// ServeHTTP routes POST /whep/{stream}, DELETE and PATCH /whep/{stream}/{id}
+// and OPTIONS on both.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	rest, ok := strings.CutPrefix(r.URL.Path, Prefix)
+	if !ok {
+		rtc.WriteError(w, rtc.Errorf(http.StatusNotFound, "whep: %s is not a WHEP URL: POST to %s{stream}", r.URL.Path, Prefix))
+		return
+	}
+	stream, id, isSession := strings.Cut(rest, "/")
+	if isSession {
+		rtc.SetCORS(w.Header(), "DELETE, PATCH, OPTIONS")
+		switch r.Method {
+		case http.MethodOptions:
+			w.WriteHeader(http.StatusNoContent)
+		case http.MethodDelete:
+			s.handleDelete(w, r, stream, id)
+		case http.MethodPatch:
+			w.Header().Set("Allow", "DELETE, OPTIONS")
+			rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed,
+				"whep: this server does not support trickle ICE or ICE restarts: every candidate is in the answer"))
+		default:
+			w.Header().Set("Allow", "DELETE, OPTIONS")
+			rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed, "whep: %s is not allowed on a session: use DELETE to stop watching", r.Method))
+		}
+		return
+	}
+	rtc.SetCORS(w.Header(), "POST, OPTIONS")
+	switch r.Method {
+	case http.MethodOptions:
+		w.Header().Set("Accept-Post", "application/sdp")
+		w.WriteHeader(http.StatusNoContent)
+	case http.MethodPost:
+		s.handlePost(w, r, stream)
+	default:
+		w.Header().Set("Allow", "POST, OPTIONS")
+		rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed, "whep: %s is not allowed: POST an SDP offer to watch", r.Method))
+	}
+}
+
+func (s *Server) handlePost(w http.ResponseWriter, r *http.Request, stream string) {
+	answer, v, err := s.play(r.Context(), w, r, stream)
+	if err != nil {
+		var he *rtc.HTTPError
+		if !errors.As(err, &he) {
+			s.log.Warn("play failed", "stream", stream, "remote", r.RemoteAddr, "err", err)
+		}
+		rtc.WriteError(w, err)
+		return
+	}
+	w.Header().Set("Location", Prefix+stream+"/"+v.id)
+	w.Header().Set("ETag", `"`+v.id+`"`)
+	w.Header().Set("Content-Type", "application/sdp")
+	w.WriteHeader(http.StatusCreated)
+	_, _ = w.Write([]byte(answer))
+}
+
+func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request, stream, id string) {
+	if err := rtc.CheckBearer(r, s.cfg.Token, proto); err != nil {
+		rtc.WriteError(w, err)
+		return
+	}
+	s.mu.Lock()
+	v := s.viewers[id]
+	s.mu.Unlock()
+	if v == nil || v.stream != stream {
+		rtc.WriteError(w, rtc.Errorf(http.StatusNotFound, "whep: no session %s for stream %q: it has ended or never existed", id, stream))
+		return
+	}
+	v.cancel(errDeleted)
+	<-v.done
+	w.WriteHeader(http.StatusOK)
+}
+
+var errDeleted = errors.New("viewer sent DELETE")
+
+// play does the work of a POST. Its user errors are *rtc.HTTPError.
+func (s *Server) play(ctx context.Context, w http.ResponseWriter, r *http.Request, stream string) (string, *viewer, error) {
+	if err := rtc.CheckBearer(r, s.cfg.Token, proto); err != nil {
+		return "", nil, err
+	}
+	if err := relay.ValidateStreamName(stream); err != nil {
+		return "", nil, rtc.Errorf(http.StatusBadRequest, "whep: bad stream name in the URL: %v", err)
+	}
+	offer, err := rtc.ReadOffer(w, r, proto)
+	if err != nil {
+		return "", nil, err
+	}
+
+	q := relay.NewQueue(s.cfg.QueueSize)
+	sctx, cancel := context.WithTimeout(ctx, s.cfg.SubscribeTimeout)
+	sub, err := s.cfg.Hub.Subscribe(sctx, stream, q)
+	cancel()
+	if err != nil {
+		return "", nil, subscribeError(stream, err)
+	}
+	// What the GOP replay put in the queue starts with a keyframe.
+	replayed := q.Len() > 0
+	fail := func(err error) (string, *viewer, error) {
+		sub.Close()
+		q.Drain()
+		return "", nil, err
+	}
+
+	desc := sub.Description()
+	choices, err := chooseCodecs(stream, desc, offer)
+	if err != nil {
+		return fail(err)
+	}
+	cache, err := s.acquireCache(ctx, stream, sub)
+	if err != nil {
+		return fail(err)
+	}
+	v := newViewer(s, stream, sub, q, cache, replayed)
+	m := &webrtc.MediaEngine{}
+	for _, c := range choices {
+		fb := []webrtc.RTCPFeedback(nil)
+		if c.track.Kind == relay.KindVideo {
+			fb = []webrtc.RTCPFeedback{rtc.FeedbackNACK, rtc.FeedbackPLI, rtc.FeedbackFIR}
+		}
+		if err := m.RegisterCodec(c.codec.Parameters(fb...), rtc.CodecType(c.track.Kind)); err != nil {
+			s.releaseCache(cache)
+			return fail(rtc.Errorf(http.StatusBadRequest, "whep: offer's %s codec: %v", c.codec.MimeType, err))
+		}
+		v.addTrack(c.index, c.track, c.codec)
+	}
+	ir, err := egressInterceptors()
+	if err != nil {
+		s.releaseCache(cache)
+		return fail(err)
+	}
+	answer, err := v.start(ctx, s.cfg.RTC.NewAPI(m, ir), offer.SDP)
+	if err != nil {
+		s.releaseCache(cache)
+		return fail(err)
+	}
+	return answer, v, nil
+}
+
+func subscribeError(stream string, err error) error {
+	switch {
+	case errors.Is(err, relay.ErrStreamNotFound):
+		return rtc.Errorf(http.StatusNotFound, "whep: stream %q is not live: start publishing it, or check the name", stream)
+	case errors.Is(err, context.DeadlineExceeded):
+		return rtc.Errorf(http.StatusGatewayTimeout, "whep: stream %q did not start within the subscribe timeout: try again", stream)
+	case errors.Is(err, relay.ErrClosed):
+		return rtc.Errorf(http.StatusServiceUnavailable, "whep: the node is shutting down: watch from another node")
+	case errors.Is(err, context.Canceled):
+		return rtc.Errorf(http.StatusServiceUnavailable, "whep: request canceled")
+	}
+	return rtc.Errorf(http.StatusNotFound, "whep: stream %q: %v", stream, err)
+}
+
+// egressInterceptors returns the minimal set a viewer needs: RTCP sender
+// reports (lip sync in browsers). No NACK responder: NACKs are answered from
+// the shared per-stream cache.
+func egressInterceptors() (*interceptor.Registry, error) {
+	ir := &interceptor.Registry{}
+	sr, err := report.NewSenderInterceptor()
+	if err != nil {
+		return nil, fmt.Errorf("whep: sender reports: %w", err)
+	}
+	ir.Add(sr)
+	return ir, nil
+}
+
+// choice is a stream track and the offered codec it is sent as.
+type choice struct {
+	index int
+	track relay.Track
+	codec *rtc.Codec
+}
+
+// chooseCodecs matches the first video and first audio track of the stream
+// with the offer's first receiving section of the same kind. A kind the offer
+// has no section for is not sent; a section that lacks the track's codec is
+// an error.
+func chooseCodecs(stream string, desc relay.Description, o *rtc.Offer) ([]choice, error) {
+	var out []choice
+	for _, kind := range []relay.Kind{relay.KindVideo, relay.KindAudio} {
+		idx := desc.TrackOf(kind)
+		if idx < 0 {
+			continue
+		}
+		t := desc.Tracks[idx]
+		var media *rtc.Media
+		for i := range o.Media {
+			if m := &o.Media[i]; m.Kind == kind && (m.Direction == "recvonly" || m.Direction == "sendrecv") {
+				media = m
+				break
+			}
+		}
+		if media == nil {
+			continue
+		}
+		c := pickCodec(t, media)
+		if c == nil {
+			want := t.MimeType
+			if t.MimeType == relay.MimeH264 {
+				want = "H264 with packetization-mode=1"
+			}
+			return nil, rtc.Errorf(http.StatusBadRequest,
+				"whep: stream %q sends %s but the offer's %s section does not offer %s: offer that codec to play this stream",
+				stream, t.MimeType, kind, want)
+		}
+		out = append(out, choice{index: idx, track: t, codec: c})
+	}
+	if len(out) == 0 {
+		return nil, rtc.Errorf(http.StatusBadRequest,
+			"whep: the offer has no receiving audio or video section for stream %q: add recvonly transceivers", stream)
+	}
+	return out, nil
+}
+
+// pickCodec returns the offered codec to send track t as: the same codec;
+// for H264, one with packetization-mode=1, preferably profile-level-id
+// 42e01f, then any constrained-baseline or baseline one, then any.
+func pickCodec(t relay.Track, m *rtc.Media) *rtc.Codec {
+	var best *rtc.Codec
+	bestRank := -1
+	for i := range m.Codecs {
+		c := &m.Codecs[i]
+		if c.MimeType != t.MimeType || !c.Supported() {
+			continue
+		}
+		rank := 0
+		if t.MimeType == relay.MimeH264 {
+			switch plid := c.ProfileLevelID(); {
+			case plid == "42e01f":
+				rank = 3
+			case strings.HasPrefix(plid, "42e0"):
+				rank = 2
+			case strings.HasPrefix(plid, "42"):
+				rank = 1
+			}
+		}
+		if rank > bestRank {
+			best, bestRank = c, rank
+		}
+	}
+	return best
+}
+
+// acquireCache returns the shared retransmission cache of the viewer's
+// stream, subscribing it when it is the stream's first viewer here.
+func (s *Server) acquireCache(ctx context.Context, stream string, viewerSub *relay.Subscription) (*streamCache, error) {
+	st := viewerSub.Stream()
+	s.mu.Lock()
+	if c := s.caches[st]; c != nil {
+		c.refs++
+		s.mu.Unlock()
+		return c, nil
+	}
+	s.mu.Unlock()
+
+	c := newStreamCache(viewerSub.Description())
+	c.stream = st
+	sub, err := s.cfg.Hub.Subscribe(ctx, stream, c)
+	if err != nil {
+		c.close()
+		return nil, subscribeError(stream, err)
+	}
+	c.sub = sub
+	if sub.Stream() != st {
+		// The stream ended and started again between the two subscriptions.
+		c.close()
+		return nil, rtc.Errorf(http.StatusServiceUnavailable, "whep: stream %q restarted: try again", stream)
+	}
+	s.mu.Lock()
+	if old := s.caches[st]; old != nil {
+		old.refs++
+		s.mu.Unlock()
+		c.close()
+		return old, nil
+	}
+	c.refs = 1
+	s.caches[st] = c
+	s.mu.Unlock()
+	return c, nil
+}
+
+func (s *Server) releaseCache(c *streamCache) {
+	s.mu.Lock()
+	c.refs--
+	last := c.refs == 0
+	if last {
+		delete(s.caches, c.stream)
+	}
+	s.mu.Unlock()
+	if last {
+		c.close()
+	}
+}

@@ -1,0 +1,5 @@
+//go:build race
+
+package rtctest
+
+const raceEnabled = true
