@@ -31,7 +31,7 @@ type session struct {
 
 	pc        *webrtc.PeerConnection
 	pub       *relay.Publisher
-	trackOf   [3]int        // relay track index by relay.Kind, -1 if none
+	trackOf   [3]int         // relay track index by relay.Kind, -1 if none
 	claimed   [3]atomic.Bool // a remote track of that kind is being read
 	videoSSRC atomic.Uint32
 	keyReq    chan struct{} // capacity 1: a PLI is wanted
