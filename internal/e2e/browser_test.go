@@ -69,7 +69,21 @@ func TestBrowserPublishWatch(t *testing.T) {
 	if playing.VideoCodec == "" || playing.Bitrate <= 0 {
 		watch.fatalf("stats overlay has no codec or bitrate: %+v", playing)
 	}
-	// Only now is the picture certain to be on screen.
+	// What is on screen, read from the <video> element itself: a picture
+	// that is playing, not black, and changing.
+	pic1 := videoPicture(watch)
+	time.Sleep(time.Second)
+	pic2 := videoPicture(watch)
+	t.Logf("video element: %+v", pic2)
+	if pic2.Width == 0 || pic2.Paused || pic2.CurrentTime <= pic1.CurrentTime {
+		watch.fatalf("the <video> element is not playing: before %+v, after %+v", pic1, pic2)
+	}
+	if pic2.Bright == 0 {
+		watch.fatalf("the <video> element shows a black picture: %+v", pic2)
+	}
+	if pic1.Hash == pic2.Hash {
+		watch.fatalf("the picture did not change in a second: %+v", pic2)
+	}
 	watch.screenshot("watch.png")
 	pub.screenshot("publish.png")
 
@@ -138,4 +152,39 @@ type watchStats struct {
 	VideoCodec    string   `json:"videoCodec"`
 	AudioCodec    string   `json:"audioCodec"`
 	Sessions      int      `json:"sessions"`
+}
+
+// picture is what a <video> element shows.
+type picture struct {
+	Width, Height int
+	CurrentTime   float64
+	Paused        bool
+	Bright        int    // pixels of a 64×36 thumbnail that are not near black
+	Hash          uint32 // of that thumbnail
+}
+
+// videoPicture reads the watch page's <video> element and a thumbnail of its
+// current frame.
+func videoPicture(tb *tab) picture {
+	tb.b.t.Helper()
+	var p picture
+	err := tb.eval(`(() => {
+		const v = document.getElementById('video');
+		const c = document.createElement('canvas');
+		c.width = 64; c.height = 36;
+		const g = c.getContext('2d');
+		g.drawImage(v, 0, 0, c.width, c.height);
+		const px = g.getImageData(0, 0, c.width, c.height).data;
+		let bright = 0, hash = 2166136261;
+		for (let i = 0; i < px.length; i += 4) {
+			if (px[i] + px[i + 1] + px[i + 2] > 60) bright++;
+			hash = Math.imul(hash ^ px[i] ^ (px[i + 1] << 8) ^ (px[i + 2] << 16), 16777619) >>> 0;
+		}
+		return {Width: v.videoWidth, Height: v.videoHeight, CurrentTime: v.currentTime,
+		        Paused: v.paused, Bright: bright, Hash: hash};
+	})()`, &p)
+	if err != nil {
+		tb.fatalf("cannot read the <video> element: %v", err)
+	}
+	return p
 }
