@@ -55,6 +55,8 @@ type Egress struct {
 	mu      sync.Mutex // guards the following fields
 	streams map[string]*stream
 	readers map[*gortsplib.ServerSession]*stream
+	playing map[*gortsplib.ServerSession]struct{}
+	gates   map[*gortsplib.ServerConn]*playGate // held from PLAY to its response
 	closed  bool
 }
 
@@ -78,6 +80,8 @@ func New(cfg Config) *Egress {
 		log:     log.With("component", "egress/rtsp"),
 		streams: make(map[string]*stream),
 		readers: make(map[*gortsplib.ServerSession]*stream),
+		playing: make(map[*gortsplib.ServerSession]struct{}),
+		gates:   make(map[*gortsplib.ServerConn]*playGate),
 	}
 }
 
@@ -120,18 +124,68 @@ func (e *Egress) OnSetup(ctx *gortsplib.ServerHandlerOnSetupCtx) (*base.Response
 	return &base.Response{StatusCode: base.StatusOK}, st.ss, nil
 }
 
-// OnPlay asks the publisher for a keyframe, so that a reader who joins a
-// running stream gets a picture soon (publishers that can send one on
-// request, WebRTC ones, do).
+// OnPlay starts a reader with the stream's last group of pictures, so that
+// it shows a picture at once, then live packets. Live packets wait until the
+// PLAY response is out (OnResponse), at most playGateTimeout.
 func (e *Egress) OnPlay(ctx *gortsplib.ServerHandlerOnPlayCtx) (*base.Response, error) {
 	e.mu.Lock()
 	st := e.readers[ctx.Session]
+	_, playing := e.playing[ctx.Session]
 	e.mu.Unlock()
 	if st == nil {
 		return refusal(base.StatusBadRequest, "rtsp: PLAY without SETUP"), nil
 	}
-	st.sub.RequestKeyframe()
+	if playing { // a repeated PLAY
+		return &base.Response{StatusCode: base.StatusOK}, nil
+	}
+	select {
+	case st.gate <- struct{}{}:
+	case <-st.sub.Done():
+		return refusal(base.StatusNotFound, fmt.Sprintf("rtsp: stream %q just ended", st.name)), nil
+	case <-st.ctx.Done():
+		return refusal(base.StatusNotFound, fmt.Sprintf("rtsp: stream %q just ended", st.name)), nil
+	}
+	st.replay(ctx.Session)
+	g := &playGate{st: st}
+	g.timer = time.AfterFunc(playGateTimeout, func() { e.releaseGate(ctx.Conn, g) })
+	e.mu.Lock()
+	e.playing[ctx.Session] = struct{}{}
+	e.gates[ctx.Conn] = g
+	e.mu.Unlock()
 	return &base.Response{StatusCode: base.StatusOK}, nil
+}
+
+// playGateTimeout bounds how long live packets wait for a PLAY response.
+const playGateTimeout = time.Second
+
+// playGate is a stream's gate held from a PLAY until its response is sent.
+type playGate struct {
+	st    *stream
+	once  sync.Once
+	timer *time.Timer
+}
+
+// OnResponse lets live packets flow to a reader once its PLAY response is
+// sent: from then on gortsplib sends it the stream's packets.
+func (e *Egress) OnResponse(sc *gortsplib.ServerConn, _ *base.Response) {
+	e.mu.Lock()
+	g := e.gates[sc]
+	e.mu.Unlock()
+	if g != nil {
+		e.releaseGate(sc, g)
+		g.timer.Stop()
+	}
+}
+
+func (e *Egress) releaseGate(sc *gortsplib.ServerConn, g *playGate) {
+	g.once.Do(func() {
+		e.mu.Lock()
+		if e.gates[sc] == g {
+			delete(e.gates, sc)
+		}
+		e.mu.Unlock()
+		<-g.st.gate
+	})
 }
 
 // OnSessionClose removes a reader; the last reader of a stream leaving
@@ -144,6 +198,7 @@ func (e *Egress) OnSessionClose(ctx *gortsplib.ServerHandlerOnSessionCloseCtx) {
 		return
 	}
 	delete(e.readers, ctx.Session)
+	delete(e.playing, ctx.Session)
 	st.readers--
 	last := st.readers == 0 && e.streams[st.name] == st
 	if last {
@@ -179,7 +234,8 @@ func streamName(path string) string { return strings.TrimSuffix(strings.TrimPref
 func (e *Egress) stream(path string) (*stream, *base.Response) {
 	name := streamName(path)
 	if err := relay.ValidateStreamName(name); err != nil {
-		return nil, refusal(base.StatusBadRequest, "rtsp: "+err.Error()+" (URL is rtsp://host:port/<stream>)")
+		// Not 400: ffmpeg prints the reason phrase only for codes above 400.
+		return nil, refusal(base.StatusNotFound, "rtsp: "+err.Error()+" (URL is rtsp://host:port/<stream>)")
 	}
 	e.mu.Lock()
 	if e.closed {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/bluenviron/gortsplib/v4"
+	"github.com/bluenviron/gortsplib/v4/pkg/description"
 	"github.com/pion/rtp"
 
 	"github.com/stemflow/stemflow/relay"
@@ -39,10 +40,22 @@ type stream struct {
 	wg     sync.WaitGroup
 	once   sync.Once
 
+	// gate is held by run while it forwards a packet, and by a new reader
+	// from its PLAY until the PLAY response: the reader gets the GOP cache,
+	// then every live packet, with nothing lost or doubled between the two.
+	gate chan struct{}
+	// Packets since the last video keyframe; guarded by gate.
+	gop       []*relay.Buffer
+	gopActive bool
+	gopKeyTS  uint32
+
 	// guarded by e.mu
 	readers int
 	idle    *time.Timer
 }
+
+// gopMaxPackets bounds the GOP cache of a stream.
+const gopMaxPackets = 4096
 
 // open subscribes to the hub and creates the ServerStream.
 func (st *stream) open() error {
@@ -67,6 +80,7 @@ func (st *stream) open() error {
 		return fmt.Errorf("RTSP server not running: %w", err)
 	}
 	st.sub, st.ss, st.tracks = sub, ss, tracks
+	st.gate = make(chan struct{}, 1)
 	st.ctx, st.cancel = context.WithCancel(context.Background())
 	st.wg.Add(1)
 	go st.run()
@@ -90,10 +104,17 @@ func (st *stream) run() {
 	for {
 		select {
 		case b := <-st.q.C():
+			select {
+			case st.gate <- struct{}{}:
+			case <-st.ctx.Done():
+				b.Release()
+				return
+			}
 			if err = st.forward(&pkt, b); err != nil {
 				writeErrs++
 			}
-			b.Release()
+			st.cache(b)
+			<-st.gate
 		case <-ticker.C:
 			if d := st.q.Dropped(); d != reportedDrops {
 				st.log.Warn("RTSP readers too slow: packets dropped", "dropped", d-reportedDrops, "dropped_total", d)
@@ -127,11 +148,74 @@ func (st *stream) forward(pkt *rtp.Packet, b *relay.Buffer) error {
 	return st.ss.WritePacketRTP(t.media, pkt)
 }
 
+// cache keeps b in the GOP cache, or releases it. The caller holds the gate.
+func (st *stream) cache(b *relay.Buffer) {
+	t := st.tracks[b.Track]
+	if b.Keyframe && t != nil && t.media.Type == description.MediaTypeVideo {
+		ts := rtpTimestamp(b.Data())
+		if !st.gopActive || ts != st.gopKeyTS {
+			st.resetGOP()
+			st.gopActive, st.gopKeyTS = true, ts
+		}
+	}
+	if !st.gopActive || t == nil {
+		b.Release()
+		return
+	}
+	if len(st.gop) >= gopMaxPackets { // unusually long GOP: wait for the next keyframe
+		st.resetGOP()
+		b.Release()
+		return
+	}
+	st.gop = append(st.gop, b)
+}
+
+func (st *stream) resetGOP() {
+	for i, b := range st.gop {
+		b.Release()
+		st.gop[i] = nil
+	}
+	st.gop = st.gop[:0]
+	st.gopActive = false
+}
+
+// replay writes the GOP cache to one new reader. The caller holds the gate
+// and runs on the session's goroutine (in OnPlay), before the session is
+// active: the packets go out right after the PLAY response.
+func (st *stream) replay(ss *gortsplib.ServerSession) {
+	setup := make(map[*description.Media]bool)
+	for _, m := range ss.SetuppedMedias() {
+		setup[m] = true
+	}
+	var pkt rtp.Packet
+	for _, b := range st.gop {
+		t := st.tracks[b.Track]
+		if !setup[t.media] || pkt.Unmarshal(b.Data()) != nil {
+			continue
+		}
+		pkt.PayloadType = t.pt
+		if err := ss.WritePacketRTP(t.media, &pkt); err != nil {
+			st.log.Debug("GOP replay cut short", "error", err)
+			return
+		}
+	}
+}
+
+func rtpTimestamp(b []byte) uint32 {
+	if len(b) < 8 {
+		return 0
+	}
+	return uint32(b[4])<<24 | uint32(b[5])<<16 | uint32(b[6])<<8 | uint32(b[7])
+}
+
 // shutdown releases what open acquired. Run by run on its way out.
 func (st *stream) shutdown() {
 	st.sub.Close()
 	st.q.Drain()
-	st.ss.Close() // disconnects the readers
+	st.ss.Close()         // disconnects the readers
+	st.gate <- struct{}{} // wait out a PLAY in progress
+	st.resetGOP()
+	<-st.gate
 }
 
 // close stops the stream and waits for its goroutine. It is idempotent and

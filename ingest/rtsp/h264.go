@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 
 	"github.com/bluenviron/gortsplib/v4/pkg/format"
 	"github.com/pion/rtp"
@@ -327,4 +328,24 @@ func (h *h264Proc) accessUnit(ts uint32, au [][]byte) {
 
 func (h *h264Proc) fmtp(string) (string, bool) {
 	return h264Fmtp(h.sps, h.pps), h.sps != nil && h.pps != nil
+}
+
+// h264UnplayableProfile returns the name of the H264 profile in fmtp when
+// browsers cannot decode it (4:2:2, 4:4:4 or more than 8 bits), else "".
+func h264UnplayableProfile(fmtp string) string {
+	_, v, ok := strings.Cut(fmtp, "profile-level-id=")
+	if !ok || len(v) < 2 {
+		return ""
+	}
+	switch strings.ToLower(v[:2]) {
+	case "6e":
+		return "High 10"
+	case "7a":
+		return "High 4:2:2"
+	case "f4":
+		return "High 4:4:4 Predictive"
+	case "2c":
+		return "CAVLC 4:4:4 Intra"
+	}
+	return ""
 }

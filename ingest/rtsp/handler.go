@@ -48,14 +48,15 @@ func NewHandler(cfg Config) *Handler {
 
 // OnAnnounce checks the announced stream and publishes it into the hub. A
 // stream with no H264, VP8 or Opus track is refused with 415, a name that is
-// live (here or in another datacenter) with 403, both with a reason phrase
-// saying what to do.
+// live (here or in another datacenter) or invalid with 403, all with a
+// reason phrase saying what to do.
 func (h *Handler) OnAnnounce(ctx *gortsplib.ServerHandlerOnAnnounceCtx) (*base.Response, error) {
 	name := strings.TrimPrefix(ctx.Path, "/")
 	log := h.log.With("stream", name, "remote", ctx.Conn.NetConn().RemoteAddr().String())
 	if err := relay.ValidateStreamName(name); err != nil {
+		// Not 400: ffmpeg prints the reason phrase only for codes above 400.
 		log.Info("publisher refused", "error", err)
-		return refusal(base.StatusBadRequest, "rtsp: "+err.Error()), nil
+		return refusal(base.StatusForbidden, "rtsp: "+err.Error()+" (publish to rtsp://host:port/<name>)"), nil
 	}
 	tracks, skipped, err := plan(ctx.Description)
 	if err != nil {
@@ -81,7 +82,7 @@ func (h *Handler) OnAnnounce(ctx *gortsplib.ServerHandlerOnAnnounceCtx) (*base.R
 		case errors.Is(err, relay.ErrClosed):
 			return refusal(base.StatusServiceUnavailable, "rtsp: server is shutting down: retry on another node"), nil
 		}
-		return refusal(base.StatusBadRequest, "rtsp: "+err.Error()), nil
+		return refusal(base.StatusInternalServerError, "rtsp: "+err.Error()), nil
 	}
 
 	h.mu.Lock()

@@ -102,7 +102,7 @@ func New(cfg Config) (*Server, error) {
 		UDPRTPAddress:  rtpAddr,
 		UDPRTCPAddress: rtcpAddr,
 		// Room for a GOP replay to a new reader.
-		WriteQueueSize: 1024,
+		WriteQueueSize: 4096,
 		// The relay carries packets of up to 1500 bytes; ingest makes them
 		// at most 1200.
 		MaxPacketSize: 1472,
@@ -195,6 +195,10 @@ func (h *handler) OnPlay(ctx *gortsplib.ServerHandlerOnPlayCtx) (*base.Response,
 
 func (h *handler) OnRecord(ctx *gortsplib.ServerHandlerOnRecordCtx) (*base.Response, error) {
 	return h.s.ingest.OnRecord(ctx)
+}
+
+func (h *handler) OnResponse(sc *gortsplib.ServerConn, res *base.Response) {
+	h.s.egress.OnResponse(sc, res)
 }
 
 func (h *handler) OnSessionClose(ctx *gortsplib.ServerHandlerOnSessionCloseCtx) {

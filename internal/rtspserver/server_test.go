@@ -1,0 +1,287 @@
+package rtspserver
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/relay"
+)
+
+// mediaReport is what a relay subscriber saw of a stream.
+type mediaReport struct {
+	videoPackets, audioPackets int
+	maxSize                    int
+	videoTimestamps            map[uint32]bool
+	idrWithParams, idrWithout  int
+	seqGaps                    int
+	firstIsKeyframe            bool
+}
+
+func (r *mediaReport) String() string {
+	return fmt.Sprintf("video packets %d (%d timestamps), audio packets %d, max size %d, IDR with SPS/PPS before %d, without %d, seq gaps %d, first packet keyframe %v",
+		r.videoPackets, len(r.videoTimestamps), r.audioPackets, r.maxSize, r.idrWithParams, r.idrWithout, r.seqGaps, r.firstIsKeyframe)
+}
+
+// collect reads the subscription's packets for d and analyses them.
+func collect(t *testing.T, sub *relay.Subscription, q *relay.Queue, d time.Duration) *mediaReport {
+	t.Helper()
+	desc := sub.Description()
+	video, audio := desc.TrackOf(relay.KindVideo), desc.TrackOf(relay.KindAudio)
+	if video < 0 || audio < 0 || desc.Tracks[video].MimeType != relay.MimeH264 || desc.Tracks[audio].MimeType != relay.MimeOpus {
+		t.Fatalf("want H264 and Opus tracks, got %+v", desc.Tracks)
+	}
+	fmtp := desc.Tracks[video].Fmtp
+	for _, want := range []string{"packetization-mode=1", "profile-level-id=64", "sprop-parameter-sets="} {
+		if !strings.Contains(fmtp, want) {
+			t.Errorf("H264 fmtp %q lacks %q", fmtp, want)
+		}
+	}
+
+	r := &mediaReport{videoTimestamps: make(map[uint32]bool)}
+	var (
+		haveSeq bool
+		lastSeq uint16
+		seen    = map[uint32]map[byte]bool{} // NAL types seen per timestamp
+	)
+	timeout := time.After(d)
+	for first := true; ; first = false {
+		var b *relay.Buffer
+		select {
+		case b = <-q.C():
+		case <-timeout:
+			if q.Dropped() != 0 {
+				t.Errorf("test queue dropped %d packets", q.Dropped())
+			}
+			return r
+		case <-sub.Done():
+			t.Fatalf("stream ended: %v", sub.Err())
+		}
+		data := b.Data()
+		if first {
+			r.firstIsKeyframe = b.Keyframe
+		}
+		r.maxSize = max(r.maxSize, len(data))
+		switch int(b.Track) {
+		case audio:
+			r.audioPackets++
+		case video:
+			r.videoPackets++
+			seq := relay.RTPSequence(data)
+			if haveSeq && seq != lastSeq+1 {
+				r.seqGaps++
+			}
+			haveSeq, lastSeq = true, seq
+			ts := uint32(data[4])<<24 | uint32(data[5])<<16 | uint32(data[6])<<8 | uint32(data[7])
+			r.videoTimestamps[ts] = true
+			if seen[ts] == nil {
+				seen[ts] = map[byte]bool{}
+			}
+			for _, typ := range naluTypes(data[12:]) {
+				if typ == 5 && !seen[ts][5] {
+					if seen[ts][7] && seen[ts][8] {
+						r.idrWithParams++
+					} else {
+						r.idrWithout++
+					}
+				}
+				seen[ts][typ] = true
+			}
+		}
+		b.Release()
+	}
+}
+
+// naluTypes returns the NAL unit types an H264 RTP payload starts or holds.
+func naluTypes(p []byte) []byte {
+	if len(p) == 0 {
+		return nil
+	}
+	switch typ := p[0] & 0x1f; typ {
+	case 24:
+		var out []byte
+		for p = p[1:]; len(p) > 2; {
+			n := int(p[0])<<8 | int(p[1])
+			if len(p) < 2+n || n == 0 {
+				break
+			}
+			out = append(out, p[2]&0x1f)
+			p = p[2+n:]
+		}
+		return out
+	case 28:
+		if len(p) > 1 && p[1]&0x80 != 0 {
+			return []byte{p[1] & 0x1f}
+		}
+		return nil
+	default:
+		return []byte{typ}
+	}
+}
+
+func checkReport(t *testing.T, r *mediaReport, secs float64) {
+	t.Helper()
+	t.Log(r)
+	if !r.firstIsKeyframe {
+		t.Error("the first packet a new subscriber gets is not a keyframe")
+	}
+	if r.idrWithParams == 0 {
+		t.Error("no H264 IDR frame with SPS and PPS in-band before it")
+	}
+	if r.idrWithout != 0 {
+		t.Errorf("%d IDR frames without SPS/PPS in-band before them", r.idrWithout)
+	}
+	if r.maxSize > 1200 {
+		t.Errorf("packets up to %d bytes, want at most 1200", r.maxSize)
+	}
+	if min := int(25 * secs); len(r.videoTimestamps) < min {
+		t.Errorf("%d video frames in %.0f s, want at least %d", len(r.videoTimestamps), secs, min)
+	}
+	if r.seqGaps != 0 {
+		t.Errorf("%d gaps in the video sequence numbers", r.seqGaps)
+	}
+	if r.audioPackets < int(25*secs) {
+		t.Errorf("%d Opus packets in %.0f s, want at least %d", r.audioPackets, secs, int(25*secs))
+	}
+}
+
+func TestPublishFFmpeg(t *testing.T) {
+	for _, transport := range []string{"udp", "tcp"} {
+		t.Run(transport, func(t *testing.T) {
+			watchdog(t, 60*time.Second)
+			hub := newHub(t, "a")
+			srv := startServer(t, hub, nil)
+			name := "cam-" + transport
+			pub := startFFmpeg(t, publishArgs("rtsp://"+srv.Addr()+"/"+name, transport, 30)...)
+			sub, q := subscribe(t, hub, name, 15*time.Second)
+			r := collect(t, sub, q, 3*time.Second)
+			checkReport(t, r, 3)
+			select {
+			case <-pub.done:
+				t.Fatalf("ffmpeg exited early: %v", pub.err)
+			default:
+			}
+		})
+	}
+}
+
+func TestPublisherLeavingEndsStream(t *testing.T) {
+	watchdog(t, 60*time.Second)
+	hub := newHub(t, "a")
+	srv := startServer(t, hub, nil)
+	pub := startFFmpeg(t, publishArgs("rtsp://"+srv.Addr()+"/short", "udp", 3)...)
+	sub, _ := subscribe(t, hub, "short", 15*time.Second)
+	if err := pub.wait(t, 30*time.Second); err != nil {
+		t.Fatalf("ffmpeg: %v", err)
+	}
+	select {
+	case <-sub.Done():
+	case <-time.After(scaled(5 * time.Second)):
+		t.Fatal("stream still live 5 s after the publisher left")
+	}
+}
+
+func TestRefusals(t *testing.T) {
+	watchdog(t, 90*time.Second)
+	hub := newHub(t, "a")
+	srv := startServer(t, hub, nil)
+	base := "rtsp://" + srv.Addr() + "/"
+	startFFmpeg(t, publishArgs(base+"good", "tcp", 60)...)
+	sub, q := subscribe(t, hub, "good", 15*time.Second)
+
+	cases := []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"aac only", []string{"-f", "lavfi", "-i", "sine", "-t", "5", "-c:a", "aac", "-f", "rtsp", base + "bad"},
+			[]string{"415", "MPEG-4 Audio", "publish H264, VP8 or Opus"}},
+		{"mpeg4 video", []string{"-f", "lavfi", "-i", "testsrc", "-t", "5", "-c:v", "mpeg4", "-f", "rtsp", base + "bad"},
+			[]string{"415", "MPEG-4 Video", "publish H264, VP8 or Opus"}},
+		{"name in use", publishArgs(base+"good", "tcp", 5),
+			[]string{"403", `"good" is live at datacenter a`, "pick another name"}},
+		{"bad name", publishArgs(base+"a/b", "tcp", 5),
+			[]string{"403", "stream name", "has the character"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := startFFmpeg(t, c.args...)
+			if err := f.wait(t, 30*time.Second); err == nil {
+				t.Fatal("ffmpeg succeeded, want a refusal")
+			}
+			for _, w := range c.want {
+				if !strings.Contains(f.Stderr(), w) {
+					t.Errorf("ffmpeg's error lacks %q:\n%s", w, tail(f.Stderr(), 1500))
+				}
+			}
+		})
+	}
+
+	// The live stream kept flowing.
+	q.Drain()
+	r := collect(t, sub, q, 2*time.Second)
+	if len(r.videoTimestamps) < 40 || r.audioPackets < 40 {
+		t.Errorf("live stream disturbed by the refusals: %v", r)
+	}
+}
+
+func TestReadFFmpeg(t *testing.T) {
+	watchdog(t, 90*time.Second)
+	hub := newHub(t, "a")
+	srv := startServer(t, hub, nil)
+	base := "rtsp://" + srv.Addr() + "/"
+	startFFmpeg(t, publishArgs(base+"show", "udp", 60)...)
+	subscribe(t, hub, "show", 15*time.Second)
+
+	for _, transport := range []string{"tcp", "udp"} {
+		t.Run(transport, func(t *testing.T) {
+			f := startFFmpeg(t, "-loglevel", "error", "-rtsp_transport", transport, "-i", base+"show",
+				"-map", "0:v", "-frames:v", "30", "-f", "framemd5", "-")
+			if err := f.wait(t, 30*time.Second); err != nil {
+				t.Fatalf("ffmpeg reading: %v", err)
+			}
+			frames := 0
+			for _, l := range strings.Split(f.stdout.String(), "\n") {
+				if strings.HasPrefix(l, "0,") {
+					frames++
+				}
+			}
+			if frames != 30 {
+				t.Errorf("ffmpeg decoded %d frames, want 30", frames)
+			}
+			if s := f.Stderr(); strings.Contains(s, "error") || strings.Contains(s, "non-existing PPS") {
+				t.Errorf("ffmpeg reported decoding errors:\n%s", tail(s, 1500))
+			}
+		})
+	}
+
+	t.Run("not found", func(t *testing.T) {
+		f := startFFmpeg(t, "-rtsp_transport", "tcp", "-i", base+"nothing", "-f", "null", "-")
+		if err := f.wait(t, 30*time.Second); err == nil {
+			t.Fatal("ffmpeg succeeded reading a stream that does not exist")
+		}
+		for _, w := range []string{"404", `stream "nothing" is not live`} {
+			if !strings.Contains(f.Stderr(), w) {
+				t.Errorf("ffmpeg's error lacks %q:\n%s", w, tail(f.Stderr(), 1500))
+			}
+		}
+	})
+}
+
+func TestPullSource(t *testing.T) {
+	watchdog(t, 90*time.Second)
+	camHub := newHub(t, "cam")
+	camera := startServer(t, camHub, nil)
+	hub := newHub(t, "a")
+	// The source starts before the camera has a stream: it must retry.
+	startServer(t, hub, map[string]string{"pulled": "rtsp://" + camera.Addr() + "/cam"})
+	time.Sleep(scaled(1500 * time.Millisecond))
+	if len(hub.Streams()) != 0 {
+		t.Fatalf("stream published before the camera had one: %+v", hub.Streams())
+	}
+	startFFmpeg(t, publishArgs("rtsp://"+camera.Addr()+"/cam", "udp", 60)...)
+	sub, q := subscribe(t, hub, "pulled", 30*time.Second)
+	r := collect(t, sub, q, 3*time.Second)
+	checkReport(t, r, 3)
+}
