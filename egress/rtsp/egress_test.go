@@ -39,8 +39,10 @@ func (h testHandler) OnSetup(c *gortsplib.ServerHandlerOnSetupCtx) (*base.Respon
 func (h testHandler) OnPlay(c *gortsplib.ServerHandlerOnPlayCtx) (*base.Response, error) {
 	return h.e.OnPlay(c)
 }
-func (h testHandler) OnSessionClose(c *gortsplib.ServerHandlerOnSessionCloseCtx) { h.e.OnSessionClose(c) }
-func (h testHandler) OnResponse(sc *gortsplib.ServerConn, r *base.Response)      { h.e.OnResponse(sc, r) }
+func (h testHandler) OnSessionClose(c *gortsplib.ServerHandlerOnSessionCloseCtx) {
+	h.e.OnSessionClose(c)
+}
+func (h testHandler) OnResponse(sc *gortsplib.ServerConn, r *base.Response) { h.e.OnResponse(sc, r) }
 
 func testLogger() *slog.Logger {
 	if testing.Verbose() {
