@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -26,13 +27,15 @@ type env struct {
 	opts rtctest.PublishOptions
 }
 
+var quiet = slog.New(slog.DiscardHandler)
+
 func setup(t *testing.T, token string) *env {
 	t.Helper()
 	rtctest.CheckLeaks(t)
 	rtctest.Watchdog(t, 60*time.Second)
-	e := &env{hub: relay.NewHub(relay.Config{Datacenter: "a"})}
+	e := &env{hub: relay.NewHub(relay.Config{Datacenter: "a", Logger: quiet})}
 	eng := rtctest.NewEngine(t)
-	e.srv = whip.New(whip.Config{Hub: e.hub, RTC: eng, Token: token})
+	e.srv = whip.New(whip.Config{Hub: e.hub, RTC: eng, Token: token, Logger: quiet})
 	mux := http.NewServeMux()
 	mux.Handle(whip.Prefix, e.srv)
 	hs := httptest.NewServer(mux)

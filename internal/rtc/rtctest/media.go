@@ -21,7 +21,12 @@ type H264Source struct {
 	seq       uint16
 	ts        uint32
 	frame     int
+	forced    bool
 }
+
+// ForceKeyframe makes the next frame a keyframe, as a PLI does to an encoder.
+// The GOP restarts there.
+func (s *H264Source) ForceKeyframe() { s.forced = true }
 
 // SPS and PPS of a 1280x720 constrained-baseline stream.
 var (
@@ -57,7 +62,10 @@ func (s *H264Source) defaults() {
 // keyframe.
 func (s *H264Source) NextFrame() (pkts [][]byte, key bool) {
 	s.defaults()
-	key = s.frame%s.GOP == 0
+	key = s.forced || s.frame%s.GOP == 0
+	if key {
+		s.frame, s.forced = 0, false
+	}
 	s.frame++
 	var nalus [][]byte
 	if key {
