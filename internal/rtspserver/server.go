@@ -65,10 +65,11 @@ type Server struct {
 	addr    string
 }
 
-// New starts the RTSP server and the camera sources.
+// New starts the RTSP server and the camera sources. Its errors do not say
+// "rtsp:"; callers add that.
 func New(cfg Config) (*Server, error) {
 	if cfg.Hub == nil {
-		return nil, errors.New("rtsp: no relay hub")
+		return nil, errors.New("no relay hub")
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -76,18 +77,20 @@ func New(cfg Config) (*Server, error) {
 	}
 	host, portStr, err := net.SplitHostPort(cfg.Address)
 	if err != nil {
-		return nil, fmt.Errorf("rtsp: address %q: %v (want host:port, e.g. 127.0.0.1:8554)", cfg.Address, err)
+		return nil, fmt.Errorf("address %q: %v (want host:port, e.g. 127.0.0.1:8554)", cfg.Address, err)
 	}
 	port, err := strconv.Atoi(portStr)
 	if err != nil {
-		return nil, fmt.Errorf("rtsp: address %q: port %q is not a number", cfg.Address, portStr)
+		return nil, fmt.Errorf("address %q: port %q is not a number", cfg.Address, portStr)
 	}
 	rtpAddr, rtcpAddr := cfg.UDPRTPAddress, cfg.UDPRTCPAddress
 	if cfg.DisableUDP {
 		rtpAddr, rtcpAddr = "", ""
-	} else if rtpAddr == "" && rtcpAddr == "" {
+	} else if (rtpAddr == "") != (rtcpAddr == "") {
+		return nil, fmt.Errorf("UDP RTP address %q and RTCP address %q: set both (RTCP port = RTP port + 1, RTP port even) or neither", rtpAddr, rtcpAddr)
+	} else if rtpAddr == "" {
 		if port == 0 || port%2 != 0 || port+RTCPPortOffset > 65535 {
-			return nil, fmt.Errorf("rtsp: address %q: the RTSP port must be even and at most %d, because the UDP ports are derived from it (RTP = port+%d, RTCP = port+%d); "+
+			return nil, fmt.Errorf("address %q: the RTSP port must be even and at most %d, because the UDP ports are derived from it (RTP = port+%d, RTCP = port+%d); "+
 				"or set the UDP addresses, or disable UDP", cfg.Address, 65535-RTCPPortOffset, RTPPortOffset, RTCPPortOffset)
 		}
 		rtpAddr = net.JoinHostPort(host, strconv.Itoa(port+RTPPortOffset))
@@ -115,7 +118,7 @@ func New(cfg Config) (*Server, error) {
 	s.egress = egress.New(egress.Config{Hub: cfg.Hub, Server: s.rtsp, Logger: log, SubscribeTimeout: cfg.SubscribeTimeout})
 	s.rtsp.Handler = &handler{s: s}
 	if err := s.rtsp.Start(); err != nil {
-		return nil, fmt.Errorf("rtsp: cannot listen on %s (UDP %s, %s): %w", cfg.Address, rtpAddr, rtcpAddr, err)
+		return nil, fmt.Errorf("cannot listen on %s (UDP %s, %s): %w", cfg.Address, rtpAddr, rtcpAddr, err)
 	}
 	if bound != nil {
 		s.addr = bound.Addr().String() // port 0 was given: report the real one

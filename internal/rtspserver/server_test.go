@@ -288,3 +288,37 @@ func TestPullSource(t *testing.T) {
 	r := collect(t, sub, q, 3*time.Second)
 	checkReport(t, r, 3)
 }
+
+func TestConfigErrors(t *testing.T) {
+	watchdog(t, 20*time.Second)
+	hub := newHub(t, "a")
+	for _, c := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{Address: "127.0.0.1:8555", Hub: hub}, "must be even"},
+		{Config{Address: "127.0.0.1:0", Hub: hub}, "must be even"},
+		{Config{Address: "127.0.0.1:8554", Hub: hub, UDPRTPAddress: "127.0.0.1:9000"}, "set both"},
+		{Config{Address: "nonsense", Hub: hub}, "want host:port"},
+		{Config{Address: "127.0.0.1:0", Hub: hub, DisableUDP: true, Sources: map[string]string{"cam": "http://x"}}, "not an rtsp:// URL"},
+	} {
+		s, err := New(c.cfg)
+		if err == nil {
+			s.Close()
+			t.Errorf("%+v: no error", c.cfg)
+			continue
+		}
+		if !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: error %q lacks %q", c.cfg, err, c.want)
+		}
+	}
+	// TCP only on an ephemeral port: Addr tells the port.
+	s, err := New(Config{Address: "127.0.0.1:0", Hub: hub, DisableUDP: true, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if strings.HasSuffix(s.Addr(), ":0") {
+		t.Errorf("Addr() = %q", s.Addr())
+	}
+}
