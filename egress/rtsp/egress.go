@@ -7,6 +7,11 @@
 // stream's own goroutine, so a slow reader never holds back the publisher;
 // gortsplib gives every reader its own bounded write queue as well.
 //
+// Each stream keeps the packets since the last video keyframe and sends them
+// to every new reader right after its PLAY response, before live packets, so
+// that ffplay or a recorder starts with a picture at once instead of waiting
+// for the publisher's next keyframe.
+//
 // The package serves no RTSP port itself: [Egress] plugs into the
 // gortsplib.Server that internal/rtspserver shares with the RTSP ingest.
 package rtsp
