@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pion/rtp"
+	"github.com/pion/rtp/codecs"
 
 	"github.com/stemflow/stemflow/internal/node"
 	"github.com/stemflow/stemflow/internal/rtc/rtctest"
@@ -52,6 +56,23 @@ func waitAnnounced(t *testing.T, c *node.Cluster, i int, name string) {
 	t.Fatalf("datacenter %s never learned that %q is live", c.Datacenters()[i], name)
 }
 
+// waitFlowing waits until packets of stream name reach datacenter i: a live
+// stream that a new viewer joins, past the encoder's start-up delay (x264's
+// lookahead holds back the first frames for about a second).
+func waitFlowing(t *testing.T, c *node.Cluster, i int, name string) {
+	t.Helper()
+	deadline := time.Now().Add(rtctest.Scale(10 * time.Second))
+	for time.Now().Before(deadline) {
+		for _, s := range c.Nodes[i].Hub().Streams() {
+			if s.Name == name && s.Packets > 100 {
+				return
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no packets of %q reach datacenter %s", name, c.Datacenters()[i])
+}
+
 // ffmpegPublish publishes a 30 fps H264 (libx264 defaults: High profile,
 // parameter sets only in the SDP, 1472-byte RTP packets) + Opus test stream
 // over RTSP until the test ends.
@@ -61,7 +82,7 @@ func ffmpegPublish(t *testing.T, url string, tcp bool) {
 	args := []string{"-hide_banner", "-loglevel", "error", "-re",
 		"-f", "lavfi", "-i", "testsrc=size=640x360:rate=30",
 		"-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
-		"-c:v", "libx264", "-g", "60", "-c:a", "libopus", "-f", "rtsp"}
+		"-pix_fmt", "yuv420p", "-c:v", "libx264", "-g", "60", "-c:a", "libopus", "-f", "rtsp"}
 	if tcp {
 		args = append(args, "-rtsp_transport", "tcp")
 	}
@@ -80,6 +101,34 @@ func ffmpegPublish(t *testing.T, url string, tcp bool) {
 			t.Logf("ffmpeg stderr: %s", stderr.String())
 		}
 	})
+}
+
+// h264AccessUnits encodes four seconds of test pattern as a browser would
+// (constrained baseline, a keyframe every 2 s) and returns its access units
+// in Annex-B form, so that what the test publishes is real, decodable video.
+func h264AccessUnits(t *testing.T) [][]byte {
+	es, err := exec.Command("ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=30",
+		"-t", "4", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-profile:v", "baseline", "-g", "60", "-bf", "0", "-f", "h264", "-").Output()
+	if err != nil {
+		t.Fatalf("encoding test video with ffmpeg: %v", err)
+	}
+	var aus [][]byte
+	var au []byte
+	for _, nal := range bytes.Split(es, []byte{0, 0, 1}) {
+		nal = bytes.TrimRight(nal, "\x00")
+		if len(nal) == 0 {
+			continue
+		}
+		au = append(append(au, 0, 0, 0, 1), nal...)
+		if typ := nal[0] & 0x1f; typ == 1 || typ == 5 { // a slice ends the access unit
+			aus = append(aus, au)
+			au = nil
+		}
+	}
+	if len(aus) != 120 {
+		t.Errorf("test video has %d frames, want 120", len(aus))
+	}
+	return aus
 }
 
 // view connects a WHEP viewer, retrying while the stream is not yet live.
@@ -133,6 +182,7 @@ func TestFFmpegRTSPAtAToWHEPAtC(t *testing.T) {
 			c := startChain(t, 18180+10*i, 18554+10*i)
 			ffmpegPublish(t, c.RTSPURL(0, "x"), transport == "tcp")
 			waitAnnounced(t, c, 2, "x")
+			waitFlowing(t, c, 0, "x")
 			ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(30*time.Second))
 			defer cancel()
 			v := view(t, ctx, c.HTTPURL(2)+"/whep/x")
@@ -174,11 +224,15 @@ func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
 	}
 	t.Cleanup(pub.Close)
 	// Send 30 fps H264 with a 2 s GOP, and Opus, until the test ends.
+	aus := h264AccessUnits(t)
+	if len(aus) == 0 {
+		t.FailNow()
+	}
 	stop := make(chan struct{})
 	sent := make(chan struct{})
 	go func() {
 		defer close(sent)
-		var video rtctest.H264Source
+		packetizer := rtp.NewPacketizer(1200, 96, 0x1234, &codecs.H264Payloader{}, rtp.NewRandomSequencer(), 90000)
 		var audio rtctest.OpusSource
 		tick := time.NewTicker(time.Second / 30)
 		defer tick.Stop()
@@ -188,9 +242,8 @@ func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
 				return
 			case <-tick.C:
 			}
-			pkts, _ := video.NextFrame()
-			for _, p := range pkts {
-				pub.Video.Write(p)
+			for _, p := range packetizer.Packetize(aus[n%len(aus)], 3000) {
+				pub.Video.WriteRTP(p)
 			}
 			if n%3 != 2 { // ~20 ms of Opus per 33 ms tick on average
 				pub.Audio.Write(audio.Next())
