@@ -31,7 +31,7 @@ type outTrack struct {
 
 	// Used by the track's RTCP goroutine only.
 	rtxHdr rtp.Header
-	rtxBuf [relay.MaxPacketSize]byte
+	rtxBuf *[relay.MaxPacketSize]byte // allocated at the first NACK
 }
 
 // binding is what Bind learned: where and as what to write.
@@ -99,6 +99,9 @@ func (t *outTrack) write(data []byte) (int, error) {
 func (t *outTrack) resend(seq uint16) bool {
 	if t.cache == nil {
 		return false
+	}
+	if t.rtxBuf == nil {
+		t.rtxBuf = new([relay.MaxPacketSize]byte)
 	}
 	n := t.cache.get(seq, t.rtxBuf[:])
 	if n == 0 {

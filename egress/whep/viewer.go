@@ -24,7 +24,6 @@ type viewer struct {
 	srv    *Server
 	id     string
 	stream string
-	log    *slog.Logger
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -51,7 +50,6 @@ func newViewer(s *Server, stream string, sub *relay.Subscription, q *relay.Queue
 		srv:       s,
 		id:        id,
 		stream:    stream,
-		log:       s.log.With("stream", stream, "session", id),
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -61,6 +59,12 @@ func newViewer(s *Server, stream string, sub *relay.Subscription, q *relay.Queue
 		replayed:  replayed,
 		connected: make(chan struct{}),
 	}
+}
+
+// logger returns the viewer's logger. It is built when needed rather than
+// kept: a logger with attributes costs ~1.5 KB per viewer.
+func (v *viewer) logger() *slog.Logger {
+	return v.srv.log.With("stream", v.stream, "session", v.id)
 }
 
 func (v *viewer) addTrack(index int, t relay.Track, c *rtc.Codec) {
@@ -141,7 +145,7 @@ func (v *viewer) start(ctx context.Context, api *webrtc.API, offer string) (stri
 		}
 	}
 	go v.run()
-	v.log.Debug("viewer session started", "replayed", v.replayed)
+	v.logger().Debug("viewer session started", "replayed", v.replayed)
 	return answer, nil
 }
 
@@ -209,7 +213,7 @@ func (v *viewer) run() {
 			return
 		case <-drops.C:
 			if d := v.q.Dropped(); d > lastDropped {
-				v.log.Warn("viewer too slow: dropped packets", "dropped", d-lastDropped, "total", d)
+				v.logger().Warn("viewer too slow: dropped packets", "dropped", d-lastDropped, "total", d)
 				lastDropped = d
 			}
 		}
@@ -293,7 +297,7 @@ func (v *viewer) cleanup() {
 	v.sub.Close()
 	v.q.Drain()
 	if err := v.pc.Close(); err != nil {
-		v.log.Debug("close peer connection", "err", err)
+		v.logger().Debug("close peer connection", "err", err)
 	}
 	v.rtcpWG.Wait()
 	s := v.srv
@@ -305,6 +309,6 @@ func (v *viewer) cleanup() {
 	s.endedResent.Add(v.resent.Load())
 	s.endedKeyReqs.Add(v.keyReqs.Load())
 	s.mu.Unlock()
-	v.log.Debug("viewer session ended", "reason", context.Cause(v.ctx),
+	v.logger().Debug("viewer session ended", "reason", context.Cause(v.ctx),
 		"sent", v.sent.Load(), "dropped", v.q.Dropped(), "resent", v.resent.Load())
 }

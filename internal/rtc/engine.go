@@ -11,6 +11,7 @@ import (
 
 	"github.com/pion/ice/v4"
 	"github.com/pion/interceptor"
+	"github.com/pion/transport/v5/stdnet"
 	"github.com/pion/webrtc/v4"
 )
 
@@ -75,6 +76,13 @@ func New(cfg Config) (*Engine, error) {
 	e := &Engine{cfg: cfg, log: log}
 	se := &e.setting
 	se.LoggerFactory = &logFactory{log: log}
+	// One view of the machine's interfaces for every PeerConnection, instead
+	// of a netlink dump kept by each (~7 KB per PeerConnection).
+	sharedNet, err := stdnet.NewNet()
+	if err != nil {
+		return nil, fmt.Errorf("rtc: list network interfaces: %w", err)
+	}
+	se.SetNet(sharedNet)
 	se.SetInterfaceFilter(func(name string) bool { return slices.Contains(ifaces, name) })
 	se.SetIPFilter(func(ip net.IP) bool {
 		return slices.ContainsFunc(ips, func(x net.IP) bool { return x.Equal(ip) })

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
 
 	"github.com/pion/logging"
 )
@@ -11,10 +12,18 @@ import (
 // logFactory hands pion a logger that writes to slog. pion's errors become
 // warnings and its warnings debug lines: pion logs expected events (a peer
 // that went away, a packet for a closed stream) at those levels.
-type logFactory struct{ log *slog.Logger }
+// Loggers are cached by scope: pion asks for a dozen per PeerConnection.
+type logFactory struct {
+	log     *slog.Logger
+	loggers sync.Map // scope → *pionLogger
+}
 
 func (f *logFactory) NewLogger(scope string) logging.LeveledLogger {
-	return &pionLogger{log: f.log.With("pion", scope)}
+	if l, ok := f.loggers.Load(scope); ok {
+		return l.(*pionLogger)
+	}
+	l, _ := f.loggers.LoadOrStore(scope, &pionLogger{log: f.log.With("pion", scope)})
+	return l.(*pionLogger)
 }
 
 type pionLogger struct{ log *slog.Logger }

@@ -62,14 +62,16 @@ func ChromiumCodecs(m *webrtc.MediaEngine) error {
 	}}, webrtc.RTPCodecTypeAudio)
 }
 
-func newClientPC(e *rtc.Engine, register func(*webrtc.MediaEngine) error) (*webrtc.PeerConnection, error) {
+func newClientPC(e *rtc.Engine, register func(*webrtc.MediaEngine) error, light bool) (*webrtc.PeerConnection, error) {
 	m := &webrtc.MediaEngine{}
 	if err := register(m); err != nil {
 		return nil, err
 	}
 	ir := &interceptor.Registry{}
-	if err := webrtc.RegisterDefaultInterceptors(m, ir); err != nil {
-		return nil, err
+	if !light {
+		if err := webrtc.RegisterDefaultInterceptors(m, ir); err != nil {
+			return nil, err
+		}
 	}
 	return e.NewAPI(m, ir).NewPeerConnection(webrtc.Configuration{})
 }
@@ -192,7 +194,7 @@ func Publish(ctx context.Context, e *rtc.Engine, endpoint string, opts PublishOp
 		}
 		return m.RegisterCodec(webrtc.RTPCodecParameters{PayloadType: 111, RTPCodecCapability: webrtc.RTPCodecCapability{
 			MimeType: webrtc.MimeTypeOpus, ClockRate: 48000, Channels: 2, SDPFmtpLine: "minptime=10;useinbandfec=1"}}, webrtc.RTPCodecTypeAudio)
-	})
+	}, false)
 	if err != nil {
 		return nil, err
 	}
@@ -307,6 +309,9 @@ type ViewOptions struct {
 	CountOnly bool
 	// NoAudio offers no audio section.
 	NoAudio bool
+	// Light runs the viewer without interceptors (no NACKs, no reports),
+	// to keep load generators cheap.
+	Light bool
 }
 
 // View connects a WHEP viewer to endpoint (e.g. http://127.0.0.1:1234/whep/cam1).
@@ -315,7 +320,7 @@ func View(ctx context.Context, e *rtc.Engine, endpoint string, opts ViewOptions)
 		opts.Register = ChromiumCodecs
 	}
 	v := &Viewer{Started: time.Now(), firstKey: make(chan struct{}), conn: make(chan struct{}), keep: !opts.CountOnly}
-	pc, err := newClientPC(e, opts.Register)
+	pc, err := newClientPC(e, opts.Register, opts.Light)
 	if err != nil {
 		return nil, err
 	}
