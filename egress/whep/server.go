@@ -226,7 +226,10 @@ func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request, stream, id
 	w.WriteHeader(http.StatusOK)
 }
 
-var errDeleted = errors.New("viewer sent DELETE")
+var (
+	errDeleted    = errors.New("viewer sent DELETE")
+	errNotStarted = errors.New("viewer not started")
+)
 
 // play does the work of a POST. Its user errors are *rtc.HTTPError.
 func (s *Server) play(ctx context.Context, w http.ResponseWriter, r *http.Request, stream string) (string, *viewer, error) {
@@ -266,6 +269,12 @@ func (s *Server) play(ctx context.Context, w http.ResponseWriter, r *http.Reques
 		return fail(err)
 	}
 	v := newViewer(s, stream, sub, q, cache, replayed)
+	started := false
+	defer func() {
+		if !started {
+			v.cancel(errNotStarted) // release the context
+		}
+	}()
 	m := &webrtc.MediaEngine{}
 	for _, c := range choices {
 		fb := []webrtc.RTCPFeedback(nil)
@@ -288,6 +297,7 @@ func (s *Server) play(ctx context.Context, w http.ResponseWriter, r *http.Reques
 		s.releaseCache(cache)
 		return fail(err)
 	}
+	started = true
 	return answer, v, nil
 }
 

@@ -178,7 +178,10 @@ func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request, stream, id
 	w.WriteHeader(http.StatusOK)
 }
 
-var errDeleted = errors.New("publisher sent DELETE")
+var (
+	errDeleted    = errors.New("publisher sent DELETE")
+	errNotStarted = errors.New("session not started")
+)
 
 // publish does the work of a POST. Its user errors are *rtc.HTTPError.
 func (s *Server) publish(ctx context.Context, w http.ResponseWriter, r *http.Request, stream string) (string, *session, error) {
@@ -199,6 +202,12 @@ func (s *Server) publish(ctx context.Context, w http.ResponseWriter, r *http.Req
 	}
 
 	sess := newSession(s, stream)
+	started := false
+	defer func() {
+		if !started {
+			sess.cancel(errNotStarted) // release the context
+		}
+	}()
 	var desc relay.Description
 	m := &webrtc.MediaEngine{}
 	for _, c := range []*rtc.Codec{video, audio} {
@@ -233,6 +242,7 @@ func (s *Server) publish(ctx context.Context, w http.ResponseWriter, r *http.Req
 		sess.pub.Close()
 		return "", nil, err
 	}
+	started = true
 	return answer, sess, nil
 }
 
