@@ -208,4 +208,3 @@ func freeUDPPort(t *testing.T) int {
 	c.Close()
 	return port
 }
-
