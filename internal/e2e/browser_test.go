@@ -97,6 +97,11 @@ func TestBrowserPublishWatch(t *testing.T) {
 	if strings.Fields(origin)[0] != "a" {
 		list.fatalf("the row of x names origin %q, want a", origin)
 	}
+	// The list measures the stream's bitrate at c from two refreshes.
+	rate := waitFor(list, "the stream list at c shows the bitrate of x",
+		`document.querySelector('#rows a[href="/watch/x"]').closest('tr').cells[5].innerText`, 10*time.Second,
+		func(s string) bool { return strings.HasSuffix(s, "b/s") && s != "0 kb/s" })
+	t.Logf("stream list at c: x from %s at %s", origin, rate)
 	list.screenshot("streams.png")
 
 	// A second publisher of x, at b, is refused with a message that says why.
@@ -119,9 +124,11 @@ func TestBrowserPublishWatch(t *testing.T) {
 	if err := pub.eval(`document.getElementById('stop').click(), true`, new(bool)); err != nil {
 		pub.fatalf("cannot press Stop: %v", err)
 	}
-	waitFor(watch, "the watch page waits for x again after the publisher stopped",
+	stopped := time.Now()
+	after := waitFor(watch, "the watch page waits for x again after the publisher stopped",
 		`window.stemflowStats || null`, 20*time.Second,
 		func(s watchStats) bool { return s.State == "waiting" })
+	t.Logf("the watch page at c was waiting again %v after Stop (session ended: %s)", time.Since(stopped).Round(100*time.Millisecond), after.LastEnd)
 	watch.screenshot("watch-waiting.png")
 }
 
@@ -152,6 +159,7 @@ type watchStats struct {
 	VideoCodec    string   `json:"videoCodec"`
 	AudioCodec    string   `json:"audioCodec"`
 	Sessions      int      `json:"sessions"`
+	LastEnd       string   `json:"lastEnd"`
 }
 
 // picture is what a <video> element shows.

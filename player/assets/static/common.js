@@ -86,11 +86,30 @@ const stemflow = (() => {
   /** Sessions to end when the page goes away. */
   const openSessions = new Set();
 
-  /** Ends a WHIP/WHEP session; best effort, and survives the page unloading. */
+  /**
+   * Ends a WHIP/WHEP session with DELETE; best effort, and survives the page
+   * unloading. The promise settles when the node answered, or after 1 s.
+   */
   function endSession(url) {
-    if (!url) return;
+    if (!url) return Promise.resolve();
     openSessions.delete(url);
-    fetch(url, { method: 'DELETE', keepalive: true }).catch(() => {});
+    const done = fetch(url, { method: 'DELETE', keepalive: true }).catch(() => {});
+    return Promise.race([done, sleep(1000)]);
+  }
+
+  /**
+   * Reports why a connected session is over, or '' while it is not: the
+   * connection failed, or the node closed it (its DTLS transport closed, as
+   * when a WHEP stream ends).
+   */
+  function sessionEnded(pc) {
+    const cs = pc.connectionState;
+    if (cs === 'failed' || cs === 'closed') return `connection ${cs}`;
+    for (const tr of pc.getTransceivers()) {
+      const dtls = (tr.receiver && tr.receiver.transport) || (tr.sender && tr.sender.transport);
+      if (dtls && (dtls.state === 'closed' || dtls.state === 'failed')) return 'the server closed the session';
+    }
+    return '';
   }
 
   window.addEventListener('pagehide', () => openSessions.forEach(endSession));
@@ -175,6 +194,7 @@ const stemflow = (() => {
     backoff,
     negotiate,
     endSession,
+    sessionEnded,
     selectedPair,
     codecName,
     formatBitrate,

@@ -30,14 +30,19 @@
     return mime.replace(/^(video|audio)\//, '');
   }
 
-  function row(s, now) {
-    const meter = meters.get(s.name) || new stemflow.RateMeter();
-    meters.set(s.name, meter);
+  function row(s, here, now) {
+    let meter = meters.get(s.name);
+    const first = !meter;
+    if (first) meters.set(s.name, (meter = new stemflow.RateMeter()));
     const bps = meter.update(Number(s.bytes) || 0, now);
 
     const watch = `/watch/${encodeURIComponent(s.name)}`;
     const origin = el('td', {}, el('span', { textContent: s.origin || '?' }));
-    if (s.local) origin.append(' ', el('span', { className: 'tag local', textContent: 'published here' }));
+    if (s.origin && s.origin === here) {
+      origin.append(' ', el('span', { className: 'tag local', textContent: 'published here' }));
+    } else if (s.local) {
+      origin.append(' ', el('span', { className: 'tag local', textContent: 'flowing here', title: 'Relayed to this datacenter for its viewers' }));
+    }
     const hops = Array.isArray(s.hops) && s.hops.length ? s.hops.join(' → ') : '–';
     const tracks = el('td');
     for (const t of Array.isArray(s.tracks) ? s.tracks : []) {
@@ -49,7 +54,7 @@
       el('td', { className: 'path', textContent: hops }),
       tracks,
       el('td', { className: 'num', textContent: String(s.subscribers ?? 0) }),
-      el('td', { className: 'num', textContent: stemflow.formatBitrate(bps) }),
+      el('td', { className: 'num', textContent: first || !s.local ? '–' : stemflow.formatBitrate(bps) }),
       el('td', { className: 'num' }, el('a', { href: watch, textContent: 'Watch ▸' })),
     );
   }
@@ -60,7 +65,7 @@
       stemflow.showDatacenter(datacenter);
       streams.sort((x, y) => String(x.name).localeCompare(String(y.name)));
       const now = Date.now();
-      rows.replaceChildren(...streams.map((s) => row(s, now)));
+      rows.replaceChildren(...streams.map((s) => row(s, datacenter, now)));
       for (const n of meters.keys()) {
         if (!streams.some((s) => s.name === n)) meters.delete(n);
       }

@@ -170,7 +170,8 @@
     while (!signal.aborted) {
       const cs = pc.connectionState;
       const now = Date.now();
-      if (cs === 'failed' || cs === 'closed') return `connection ${cs}`;
+      const ended = stemflow.sessionEnded(pc);
+      if (ended) return ended;
       if (cs === 'connected') {
         disconnectedSince = 0;
         if (pub.state !== 'live') {
@@ -215,8 +216,8 @@
         }
         showError(`Cannot publish: ${err.message}. Retrying…`);
       } finally {
+        await stemflow.endSession(session); // before closing, so the node sees an orderly end
         if (pc) pc.close();
-        stemflow.endSession(session);
       }
       await stemflow.sleep(stemflow.backoff(attempt++, 1000, 10000), signal);
     }

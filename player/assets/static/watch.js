@@ -39,6 +39,7 @@
     audioCodec: '',
     connectionState: 'new',
     sessions: 0, // WHEP sessions opened
+    lastEnd: '', // why the last session ended
     updated: 0, // Date.now() of the last sample
   };
   window.stemflowStats = stats;
@@ -144,10 +145,26 @@
       stats.sessions++;
       return await watchSession(pc);
     } finally {
+      await stemflow.endSession(session); // before closing, so the node sees an orderly end
       pc.close();
-      stemflow.endSession(session);
       resetStats();
     }
+  }
+
+  /** Resolves when the connection or a DTLS transport of pc changes state. */
+  function transportChange(pc) {
+    return new Promise((resolve) => {
+      const targets = [pc];
+      for (const tr of pc.getTransceivers()) {
+        if (tr.receiver && tr.receiver.transport) targets.push(tr.receiver.transport);
+      }
+      const done = () => {
+        for (const t of targets) t.removeEventListener(t === pc ? 'connectionstatechange' : 'statechange', done);
+        resolve();
+      };
+      for (const t of targets) t.addEventListener(t === pc ? 'connectionstatechange' : 'statechange', done);
+      setTimeout(done, STATS_INTERVAL);
+    });
   }
 
   /** Samples a live session every second and resolves once it is over. */
@@ -157,11 +174,11 @@
     let lastFrameAt = 0;
     let disconnectedSince = 0;
     for (;;) {
-      await stemflow.sleep(STATS_INTERVAL);
+      await Promise.race([stemflow.sleep(STATS_INTERVAL), transportChange(pc)]);
       const now = Date.now();
-      const cs = pc.connectionState;
-      if (cs === 'failed' || cs === 'closed') return `connection ${cs}`;
-      if (cs === 'disconnected') {
+      const ended = stemflow.sessionEnded(pc);
+      if (ended) return ended;
+      if (pc.connectionState === 'disconnected') {
         disconnectedSince = disconnectedSince || now;
         if (now - disconnectedSince > DISCONNECTED_TIMEOUT) return 'connection lost';
       } else {
@@ -190,6 +207,7 @@
       let wait;
       try {
         const reason = await playSession();
+        stats.lastEnd = reason;
         const played = stats.state === 'playing';
         setState('reconnecting', 'Reconnecting…', `The connection ended: ${reason}.`);
         if (played) attempt = 0;
