@@ -148,18 +148,18 @@ type publishState struct {
 
 // watchStats mirrors window.stemflowStats (player/assets/static/watch.js).
 type watchStats struct {
-	State         string   `json:"state"`
-	FramesDecoded int      `json:"framesDecoded"`
-	VideoWidth    int      `json:"videoWidth"`
-	VideoHeight   int      `json:"videoHeight"`
-	FPS           float64  `json:"fps"`
-	Bitrate       float64  `json:"bitrate"`
-	RTTMs         *float64 `json:"rttMs"`
-	PacketsLost   int      `json:"packetsLost"`
-	VideoCodec    string   `json:"videoCodec"`
-	AudioCodec    string   `json:"audioCodec"`
-	Sessions      int      `json:"sessions"`
-	LastEnd       string   `json:"lastEnd"`
+	State         string  `json:"state"`
+	FramesDecoded int     `json:"framesDecoded"`
+	VideoWidth    int     `json:"videoWidth"`
+	VideoHeight   int     `json:"videoHeight"`
+	FPS           float64 `json:"fps"`
+	Bitrate       float64 `json:"bitrate"`
+	RTTMs         float64 `json:"rttMs"` // 0 when unknown
+	PacketsLost   int     `json:"packetsLost"`
+	VideoCodec    string  `json:"videoCodec"`
+	AudioCodec    string  `json:"audioCodec"`
+	Sessions      int     `json:"sessions"`
+	LastEnd       string  `json:"lastEnd"`
 }
 
 // picture is what a <video> element shows.
