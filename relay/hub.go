@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -101,6 +102,7 @@ func (h *Hub) Publish(name string, desc Description, opts PublishOptions) (*Publ
 		return nil, fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, r.origin)
 	}
 	s := newStream(h, name, h.cfg.Datacenter)
+	s.hops = []string{h.cfg.Datacenter}
 	p := &Publisher{s: s, onKeyframe: opts.OnKeyframeRequest}
 	s.src = p
 	s.setReady(desc)
@@ -160,6 +162,7 @@ func (h *Hub) stream(name string) (*Stream, error) {
 		return nil, fmt.Errorf("%w: %q: no link to datacenter %s", ErrStreamNotFound, name, r.via)
 	}
 	s := newStream(h, name, r.origin)
+	s.hops = append(slices.Clone(r.hops), h.cfg.Datacenter)
 	s.src = l.subscribe(s)
 	h.streams[name] = s
 	return s, nil
@@ -209,7 +212,8 @@ type StreamInfo struct {
 	Local       bool    `json:"local"`
 	Tracks      []Track `json:"tracks,omitempty"`
 	Subscribers int     `json:"subscribers"`
-	// Hops is the path of datacenters from the origin to this node.
+	// Hops is the path of datacenters from the origin to this node, both
+	// included.
 	Hops    []string `json:"hops,omitempty"`
 	Packets uint64   `json:"packets"`
 	Bytes   uint64   `json:"bytes"`
@@ -228,13 +232,13 @@ func (h *Hub) Streams() []StreamInfo {
 	}
 	for name := range h.routes {
 		if r, ok := h.bestRouteLocked(name); ok && !seen[name] {
-			out = append(out, StreamInfo{Name: name, Origin: r.origin, Hops: append([]string(nil), r.hops...)})
+			out = append(out, StreamInfo{Name: name, Origin: r.origin, Hops: append(slices.Clone(r.hops), h.cfg.Datacenter)})
 		}
 	}
 	h.mu.Unlock()
 	for _, s := range local {
 		info := StreamInfo{Name: s.name, Origin: s.origin, Local: true, Subscribers: s.subscriberCount(),
-			Packets: s.packets.Load(), Bytes: s.bytes.Load()}
+			Hops: s.hops, Packets: s.packets.Load(), Bytes: s.bytes.Load()}
 		select {
 		case <-s.ready:
 			info.Tracks = append(info.Tracks, s.desc.Tracks...)

@@ -11,6 +11,14 @@ type Subscriber interface {
 	WritePacket(p *Packet)
 }
 
+// Tap is a Subscriber that watches a stream for the node's own purposes,
+// such as a shared retransmission cache, rather than for a viewer. Taps are
+// left out of subscriber counts.
+type Tap interface {
+	Subscriber
+	Tap()
+}
+
 // SubscriberFunc adapts a function to a Subscriber.
 type SubscriberFunc func(p *Packet)
 

@@ -162,7 +162,7 @@ func TestRelayAcrossChain(t *testing.T) {
 	defer pub.Close()
 	waitFor(t, "c learns of x", func() bool {
 		s := c.Streams()
-		return len(s) == 1 && s[0].Origin == "a" && fmt.Sprint(s[0].Hops) == "[a b]"
+		return len(s) == 1 && s[0].Origin == "a" && fmt.Sprint(s[0].Hops) == "[a b c]"
 	})
 	if _, err := c.Publish("x", h264Desc, PublishOptions{}); err == nil {
 		t.Fatal("publishing x at c while it is live at a succeeded")
@@ -186,6 +186,14 @@ func TestRelayAcrossChain(t *testing.T) {
 	if d := sub.Description(); len(d.Tracks) != 2 || d.Tracks[0].MimeType != MimeH264 {
 		t.Fatalf("description at c: %+v", d)
 	}
+	tap, err := c.Subscribe(ctx, "x", tapSub{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := c.Streams(); len(s) != 1 || !s[0].Local || s[0].Subscribers != 1 || fmt.Sprint(s[0].Hops) != "[a b c]" {
+		t.Fatalf("c lists %+v, want x relayed through [a b c] with 1 subscriber (the tap is no viewer)", s)
+	}
+	tap.Close()
 	// GOP replay (10 packets) then 300 live ones of 1472 bytes, as ffmpeg
 	// sends: each needs two datagrams.
 	const live = 300
@@ -317,3 +325,8 @@ func TestStalledDownstreamDoesNotStopSibling(t *testing.T) {
 	healthy.Drain()
 	stalled.Drain()
 }
+
+type tapSub struct{}
+
+func (tapSub) WritePacket(*Packet) {}
+func (tapSub) Tap()                {}

@@ -27,6 +27,7 @@ type Stream struct {
 	name   string
 	origin string // datacenter the stream was published at
 
+	hops     []string      // datacenters from the origin to this node
 	ready    chan struct{} // closed once desc or err is set
 	desc     Description
 	done     chan struct{} // closed when the stream ends
@@ -145,10 +146,17 @@ func (s *Stream) detach(ss *Subscription) {
 	}
 }
 
+// subscriberCount counts the subscribers that are not taps.
 func (s *Stream) subscriberCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.subs)
+	n := 0
+	for _, ss := range s.subs {
+		if _, tap := ss.sub.(Tap); !tap {
+			n++
+		}
+	}
+	return n
 }
 
 // Subscription is one subscriber's attachment to a stream. It is safe for

@@ -79,6 +79,11 @@ func newStreamCache(desc relay.Description) *streamCache {
 
 // WritePacket keeps video packets. It runs on the publisher's goroutine and
 // does not block beyond a short uncontended lock.
+// Tap marks the cache as a relay.Tap: it is no viewer of its own.
+func (c *streamCache) Tap() {}
+
+var _ relay.Tap = (*streamCache)(nil)
+
 func (c *streamCache) WritePacket(p *relay.Packet) {
 	if int(p.Track) < len(c.tracks) {
 		if rc := c.tracks[p.Track]; rc != nil {
