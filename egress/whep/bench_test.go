@@ -206,7 +206,7 @@ func BenchmarkFanout(b *testing.B) {
 }
 
 func fanout(b *testing.B, n int, udpMux bool) {
-	quietLog := quiet
+	quietLog := rtctest.Quiet
 	hub := relay.NewHub(relay.Config{Datacenter: "a", Logger: quietLog})
 	defer hub.Close()
 	cfg := rtc.Config{IPs: []string{"127.0.0.1"}}

@@ -25,7 +25,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/pion/interceptor"
@@ -67,18 +66,13 @@ type Config struct {
 // goroutine; Close ends them all and waits.
 type Server struct {
 	cfg Config
-	log *slog.Logger
+	ep  *rtc.Endpoint[*viewer]
 
-	ctx    context.Context
-	cancel context.CancelCauseFunc
-	wg     sync.WaitGroup
-
-	mu      sync.Mutex // guards the following fields
-	viewers map[string]*viewer
-	caches  map[*relay.Stream]*streamCache
-	// Totals of viewers that have ended (atomic so that a viewer can add
-	// them; updated with mu held so that Stats never counts a viewer twice).
-	endedSent, endedDropped, endedResent, endedKeyReqs atomic.Uint64
+	mu     sync.Mutex // guards the following fields
+	caches map[*relay.Stream]*streamCache
+	// Totals of the viewers that have ended (those with ended set), so that
+	// Stats counts every viewer once.
+	endedSent, endedDropped, endedResent, endedKeyReqs uint64
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -88,9 +82,6 @@ var ErrServerClosed = errors.New("whep: server closed")
 
 // New returns a WHEP server playing streams of cfg.Hub.
 func New(cfg Config) *Server {
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = 1024
 	}
@@ -100,23 +91,19 @@ func New(cfg Config) *Server {
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = 15 * time.Second
 	}
-	ctx, cancel := context.WithCancelCause(context.Background())
-	return &Server{
-		cfg:     cfg,
-		log:     cfg.Logger.With("component", "whep"),
-		ctx:     ctx,
-		cancel:  cancel,
-		viewers: make(map[string]*viewer),
-		caches:  make(map[*relay.Stream]*streamCache),
+	s := &Server{
+		cfg:    cfg,
+		caches: make(map[*relay.Stream]*streamCache),
 	}
+	s.ep = rtc.NewEndpoint(rtc.EndpointConfig[*viewer]{
+		Name: proto, Verb: "watch", Doing: "watching", Elsewhere: "watch from another node",
+		Token: cfg.Token, Logger: cfg.Logger, ErrClosed: ErrServerClosed, Start: s.play,
+	})
+	return s
 }
 
 // Close ends every viewer and waits for them.
-func (s *Server) Close() error {
-	s.cancel(ErrServerClosed)
-	s.wg.Wait()
-	return nil
-}
+func (s *Server) Close() error { return s.ep.Close() }
 
 // Stats are the server's counters.
 type Stats struct {
@@ -135,16 +122,20 @@ type Stats struct {
 
 // Stats returns the server's counters, summed over live and ended viewers.
 func (s *Server) Stats() Stats {
+	live := s.ep.Sessions()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := Stats{
-		Viewers:          len(s.viewers),
-		PacketsSent:      s.endedSent.Load(),
-		PacketsDropped:   s.endedDropped.Load(),
-		Retransmissions:  s.endedResent.Load(),
-		KeyframeRequests: s.endedKeyReqs.Load(),
+		PacketsSent:      s.endedSent,
+		PacketsDropped:   s.endedDropped,
+		Retransmissions:  s.endedResent,
+		KeyframeRequests: s.endedKeyReqs,
 	}
-	for _, v := range s.viewers {
+	for _, v := range live {
+		if v.ended {
+			continue // in the totals already
+		}
+		st.Viewers++
 		st.PacketsSent += v.sent.Load()
 		st.PacketsDropped += v.q.Dropped()
 		st.Retransmissions += v.resent.Load()
@@ -155,108 +146,26 @@ func (s *Server) Stats() Stats {
 
 // ServeHTTP routes POST /whep/{stream}, DELETE and PATCH /whep/{stream}/{id}
 // and OPTIONS on both.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	rest, ok := strings.CutPrefix(r.URL.Path, Prefix)
-	if !ok {
-		rtc.WriteError(w, rtc.Errorf(http.StatusNotFound, "whep: %s is not a WHEP URL: POST to %s{stream}", r.URL.Path, Prefix))
-		return
-	}
-	stream, id, isSession := strings.Cut(rest, "/")
-	if isSession {
-		rtc.SetCORS(w.Header(), "DELETE, PATCH, OPTIONS")
-		switch r.Method {
-		case http.MethodOptions:
-			w.WriteHeader(http.StatusNoContent)
-		case http.MethodDelete:
-			s.handleDelete(w, r, stream, id)
-		case http.MethodPatch:
-			w.Header().Set("Allow", "DELETE, OPTIONS")
-			rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed,
-				"whep: this server does not support trickle ICE or ICE restarts: every candidate is in the answer"))
-		default:
-			w.Header().Set("Allow", "DELETE, OPTIONS")
-			rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed, "whep: %s is not allowed on a session: use DELETE to stop watching", r.Method))
-		}
-		return
-	}
-	rtc.SetCORS(w.Header(), "POST, OPTIONS")
-	switch r.Method {
-	case http.MethodOptions:
-		w.Header().Set("Accept-Post", "application/sdp")
-		w.WriteHeader(http.StatusNoContent)
-	case http.MethodPost:
-		s.handlePost(w, r, stream)
-	default:
-		w.Header().Set("Allow", "POST, OPTIONS")
-		rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed, "whep: %s is not allowed: POST an SDP offer to watch", r.Method))
-	}
-}
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.ep.ServeHTTP(w, r) }
 
-func (s *Server) handlePost(w http.ResponseWriter, r *http.Request, stream string) {
-	answer, v, err := s.play(r.Context(), w, r, stream)
-	if err != nil {
-		var he *rtc.HTTPError
-		if !errors.As(err, &he) {
-			s.log.Warn("play failed", "stream", stream, "remote", r.RemoteAddr, "err", err)
-		}
-		rtc.WriteError(w, err)
-		return
-	}
-	w.Header().Set("Location", Prefix+stream+"/"+v.id)
-	w.Header().Set("ETag", `"`+v.id+`"`)
-	w.Header().Set("Content-Type", "application/sdp")
-	w.WriteHeader(http.StatusCreated)
-	_, _ = w.Write([]byte(answer))
-}
-
-func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request, stream, id string) {
-	if err := rtc.CheckBearer(r, s.cfg.Token, proto); err != nil {
-		rtc.WriteError(w, err)
-		return
-	}
-	s.mu.Lock()
-	v := s.viewers[id]
-	s.mu.Unlock()
-	if v == nil || v.stream != stream {
-		rtc.WriteError(w, rtc.Errorf(http.StatusNotFound, "whep: no session %s for stream %q: it has ended or never existed", id, stream))
-		return
-	}
-	v.cancel(errDeleted)
-	<-v.done
-	w.WriteHeader(http.StatusOK)
-}
-
-var (
-	errDeleted    = errors.New("viewer sent DELETE")
-	errNotStarted = errors.New("viewer not started")
-)
-
-// play does the work of a POST. Its user errors are *rtc.HTTPError.
-func (s *Server) play(ctx context.Context, w http.ResponseWriter, r *http.Request, stream string) (string, *viewer, error) {
-	if err := rtc.CheckBearer(r, s.cfg.Token, proto); err != nil {
-		return "", nil, err
-	}
-	if err := relay.ValidateStreamName(stream); err != nil {
-		return "", nil, rtc.Errorf(http.StatusBadRequest, "whep: bad stream name in the URL: %v", err)
-	}
-	offer, err := rtc.ReadOffer(w, r, proto)
-	if err != nil {
-		return "", nil, err
-	}
-
+// play starts a viewer for an authorized POST of offer to a valid stream
+// name (the rtc.Endpoint checked both). Its user errors are
+// *rtc.HTTPError.
+func (s *Server) play(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*viewer, string, error) {
+	stream := rs.Stream()
 	q := relay.NewQueue(s.cfg.QueueSize)
 	sctx, cancel := context.WithTimeout(ctx, s.cfg.SubscribeTimeout)
 	sub, err := s.cfg.Hub.Subscribe(sctx, stream, q)
 	cancel()
 	if err != nil {
-		return "", nil, subscribeError(stream, err)
+		return nil, "", subscribeError(stream, err)
 	}
 	// What the GOP replay put in the queue starts with a keyframe.
 	replayed := q.Len() > 0
-	fail := func(err error) (string, *viewer, error) {
+	fail := func(err error) (*viewer, string, error) {
 		sub.Close()
 		q.Drain()
-		return "", nil, err
+		return nil, "", err
 	}
 
 	desc := sub.Description()
@@ -268,13 +177,7 @@ func (s *Server) play(ctx context.Context, w http.ResponseWriter, r *http.Reques
 	if err != nil {
 		return fail(err)
 	}
-	v := newViewer(s, stream, sub, q, cache, replayed)
-	started := false
-	defer func() {
-		if !started {
-			v.cancel(errNotStarted) // release the context
-		}
-	}()
+	v := newViewer(s, rs, sub, q, cache, replayed)
 	m := &webrtc.MediaEngine{}
 	for _, c := range choices {
 		fb := []webrtc.RTCPFeedback(nil)
@@ -297,8 +200,7 @@ func (s *Server) play(ctx context.Context, w http.ResponseWriter, r *http.Reques
 		s.releaseCache(cache)
 		return fail(err)
 	}
-	started = true
-	return answer, v, nil
+	return v, answer, nil
 }
 
 func subscribeError(stream string, err error) error {

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,17 +15,14 @@ import (
 	"github.com/stemflow/stemflow/relay"
 )
 
-// viewer is one WHEP session. Its goroutine (run) owns the PeerConnection,
-// the subscription and the queue, and is the only writer of media; one
-// goroutine per RTP sender reads RTCP (keyframe requests and NACKs).
+// viewer is one WHEP session. Its Run, in the goroutine the rtc.Endpoint
+// gives it, owns the PeerConnection, the subscription and the queue, and is
+// the only writer of media; one goroutine per RTP sender reads RTCP
+// (keyframe requests and NACKs).
 type viewer struct {
-	srv    *Server
-	id     string
-	stream string
-
-	ctx    context.Context
-	cancel context.CancelCauseFunc
-	done   chan struct{} // closed when run has cleaned up
+	*rtc.Session
+	srv *Server
+	ctx context.Context // the session's, for the forward path
 
 	sub      *relay.Subscription
 	q        *relay.Queue
@@ -35,43 +30,31 @@ type viewer struct {
 	replayed bool // the GOP replay queued a keyframe before anything else
 	tracks   [relay.MaxTracks]*outTrack
 	pc       *webrtc.PeerConnection
-
-	connected chan struct{}
-	connOnce  sync.Once
-	rtcpWG    sync.WaitGroup
+	rtcpWG   sync.WaitGroup
 
 	sent, resent, keyReqs atomic.Uint64
+	ended                 bool // guarded by srv.mu: counted in srv's totals
 }
 
-func newViewer(s *Server, stream string, sub *relay.Subscription, q *relay.Queue, cache *streamCache, replayed bool) *viewer {
-	id := rtc.NewSessionID()
-	ctx, cancel := context.WithCancelCause(s.ctx)
+var _ rtc.Runner = (*viewer)(nil)
+
+func newViewer(s *Server, rs *rtc.Session, sub *relay.Subscription, q *relay.Queue, cache *streamCache, replayed bool) *viewer {
 	return &viewer{
-		srv:       s,
-		id:        id,
-		stream:    stream,
-		ctx:       ctx,
-		cancel:    cancel,
-		done:      make(chan struct{}),
-		sub:       sub,
-		q:         q,
-		cache:     cache,
-		replayed:  replayed,
-		connected: make(chan struct{}),
+		Session:  rs,
+		srv:      s,
+		ctx:      rs.Context(),
+		sub:      sub,
+		q:        q,
+		cache:    cache,
+		replayed: replayed,
 	}
-}
-
-// logger returns the viewer's logger. It is built when needed rather than
-// kept: a logger with attributes costs ~1.5 KB per viewer.
-func (v *viewer) logger() *slog.Logger {
-	return v.srv.log.With("stream", v.stream, "session", v.id)
 }
 
 func (v *viewer) addTrack(index int, t relay.Track, c *rtc.Codec) {
 	ot := &outTrack{
 		kind:     rtc.CodecType(t.Kind),
 		id:       t.Kind.String(),
-		streamID: v.stream,
+		streamID: v.Stream(),
 		mime:     c.MimeType,
 		pt:       c.PayloadType,
 	}
@@ -86,25 +69,15 @@ var (
 	errStreamEnded    = errors.New("stream ended")
 )
 
-// start creates the PeerConnection, answers the offer and starts the
-// viewer's goroutines. On error nothing is left running; the caller still
-// owns the subscription.
+// start creates the PeerConnection, answers the offer and starts the RTCP
+// readers, which Run's cleanup waits for. On error nothing is left running;
+// the caller still owns the subscription.
 func (v *viewer) start(ctx context.Context, api *webrtc.API, offer string) (string, error) {
-	pc, err := api.NewPeerConnection(webrtc.Configuration{})
+	pc, err := v.NewPeerConnection(api)
 	if err != nil {
-		return "", fmt.Errorf("whep: new peer connection: %w", err)
+		return "", err
 	}
 	v.pc = pc
-	pc.OnConnectionStateChange(func(st webrtc.PeerConnectionState) {
-		switch st {
-		case webrtc.PeerConnectionStateConnected:
-			v.connOnce.Do(func() { close(v.connected) })
-		case webrtc.PeerConnectionStateFailed:
-			v.cancel(errors.New("ICE or DTLS failed"))
-		case webrtc.PeerConnectionStateClosed:
-			v.cancel(errors.New("peer connection closed"))
-		}
-	})
 	var senders [relay.MaxTracks]*webrtc.RTPSender
 	for i, t := range v.tracks {
 		if t == nil {
@@ -117,58 +90,38 @@ func (v *viewer) start(ctx context.Context, api *webrtc.API, offer string) (stri
 		}
 		senders[i] = tr.Sender()
 	}
-	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	answer, err := rtc.Answer(actx, pc, offer)
+	answer, err := v.Answer(ctx, pc, offer)
 	if err != nil {
-		_ = pc.Close()
-		if errors.Is(err, rtc.ErrOfferRejected) {
-			return "", rtc.Errorf(http.StatusBadRequest, "whep: the offer cannot be answered: %v", err)
-		}
-		return "", fmt.Errorf("whep: answer: %w", err)
+		return "", err
 	}
-
-	s := v.srv
-	s.mu.Lock()
-	if s.ctx.Err() != nil {
-		s.mu.Unlock()
-		_ = pc.Close()
-		return "", rtc.Errorf(http.StatusServiceUnavailable, "whep: the server is shutting down: watch from another node")
-	}
-	s.viewers[v.id] = v
-	s.wg.Add(1)
-	s.mu.Unlock()
 	for i, sender := range senders {
 		if sender != nil {
 			t := v.tracks[i]
 			v.rtcpWG.Go(func() { v.readRTCP(t, sender) })
 		}
 	}
-	go v.run()
-	v.logger().Debug("viewer session started", "replayed", v.replayed)
 	return answer, nil
 }
 
-// run owns the viewer: it waits for the connection, then forwards queued
+// Run owns the viewer: it waits for the connection, then forwards queued
 // packets until the viewer or the stream ends.
-func (v *viewer) run() {
-	defer v.srv.wg.Done()
-	defer close(v.done)
+func (v *viewer) Run() {
 	defer v.cleanup()
+	v.Logger().Debug("viewer session started", "replayed", v.replayed)
 
 	timer := time.NewTimer(v.srv.cfg.ConnectTimeout)
 	select {
-	case <-v.connected:
+	case <-v.Connected():
 		timer.Stop()
 	case <-timer.C:
-		v.cancel(errConnectTimeout)
+		v.Cancel(errConnectTimeout)
 		return
 	case <-v.ctx.Done():
 		timer.Stop()
 		return
 	case <-v.sub.Done():
 		timer.Stop()
-		v.cancel(errStreamEnded)
+		v.Cancel(errStreamEnded)
 		return
 	}
 
@@ -209,11 +162,11 @@ func (v *viewer) run() {
 		case <-v.ctx.Done():
 			return
 		case <-v.sub.Done():
-			v.cancel(errStreamEnded)
+			v.Cancel(errStreamEnded)
 			return
 		case <-drops.C:
 			if d := v.q.Dropped(); d > lastDropped {
-				v.logger().Warn("viewer too slow: dropped packets", "dropped", d-lastDropped, "total", d)
+				v.Logger().Warn("viewer too slow: dropped packets", "dropped", d-lastDropped, "total", d)
 				lastDropped = d
 			}
 		}
@@ -297,18 +250,18 @@ func (v *viewer) cleanup() {
 	v.sub.Close()
 	v.q.Drain()
 	if err := v.pc.Close(); err != nil {
-		v.logger().Debug("close peer connection", "err", err)
+		v.Logger().Debug("close peer connection", "err", err)
 	}
 	v.rtcpWG.Wait()
 	s := v.srv
 	s.releaseCache(v.cache)
 	s.mu.Lock()
-	delete(s.viewers, v.id)
-	s.endedSent.Add(v.sent.Load())
-	s.endedDropped.Add(v.q.Dropped())
-	s.endedResent.Add(v.resent.Load())
-	s.endedKeyReqs.Add(v.keyReqs.Load())
+	v.ended = true
+	s.endedSent += v.sent.Load()
+	s.endedDropped += v.q.Dropped()
+	s.endedResent += v.resent.Load()
+	s.endedKeyReqs += v.keyReqs.Load()
 	s.mu.Unlock()
-	v.logger().Debug("viewer session ended", "reason", context.Cause(v.ctx),
+	v.Logger().Debug("viewer session ended", "reason", context.Cause(v.ctx),
 		"sent", v.sent.Load(), "dropped", v.q.Dropped(), "resent", v.resent.Load())
 }

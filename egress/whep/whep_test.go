@@ -3,9 +3,7 @@ package whep
 import (
 	"context"
 	"io"
-	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -28,27 +26,15 @@ type env struct {
 	ctx context.Context
 }
 
-var quiet = slog.New(slog.DiscardHandler)
-
 func setup(t testing.TB) *env {
 	t.Helper()
 	rtctest.CheckLeaks(t)
 	rtctest.Watchdog(t, 90*time.Second)
-	e := &env{hub: relay.NewHub(relay.Config{Datacenter: "a", Logger: quiet})}
-	e.eng = rtctest.NewEngine(t)
-	e.srv = New(Config{Hub: e.hub, RTC: e.eng, Logger: quiet})
-	mux := http.NewServeMux()
-	mux.Handle(Prefix, e.srv)
-	hs := httptest.NewServer(mux)
-	e.url = hs.URL
-	ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(60*time.Second))
-	e.ctx = ctx
-	t.Cleanup(func() {
-		cancel()
-		hs.Close()
-		e.srv.Close()
-		e.hub.Close()
-	})
+	e := &env{hub: rtctest.NewHub(t), eng: rtctest.NewEngine(t)}
+	e.srv = New(Config{Hub: e.hub, RTC: e.eng, Logger: rtctest.Quiet})
+	t.Cleanup(func() { e.srv.Close() })
+	e.url = rtctest.Serve(t, Prefix, e.srv)
+	e.ctx = rtctest.Context(t, 60*time.Second)
 	return e
 }
 
@@ -155,17 +141,6 @@ func (e *env) view(t testing.TB, name string, opts rtctest.ViewOptions) *rtctest
 	return v
 }
 
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(rtctest.Scale(10 * time.Second))
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // checkVideo asserts the keyframe comes first and sequence numbers have no
 // gap (a retransmitted duplicate is allowed).
 func checkVideo(t *testing.T, who string, pkts []rtctest.Packet) {
@@ -189,7 +164,7 @@ func TestViewH264AndOpus(t *testing.T) {
 	startSource(t, e.hub, "cam", sourceOptions{})
 	time.Sleep(100 * time.Millisecond) // a GOP in progress: the viewer joins mid-GOP
 	v := e.view(t, "cam", rtctest.ViewOptions{})
-	waitFor(t, "a second of media", func() bool { return len(v.Video()) > 250 && len(v.Audio()) > 40 })
+	rtctest.WaitFor(t, "a second of media", func() bool { return len(v.Video()) > 250 && len(v.Audio()) > 40 })
 
 	video, audio := v.Video(), v.Audio()
 	checkVideo(t, "viewer", video)
@@ -255,7 +230,7 @@ func TestViewErrors(t *testing.T) {
 	} {
 		req, _ := http.NewRequest(http.MethodPost, tc.url, strings.NewReader(tc.body))
 		req.Header.Set("Content-Type", tc.ct)
-		status, body, h := do(t, req)
+		status, body, h := rtctest.Do(t, req)
 		if status != tc.status || !strings.Contains(body, tc.want) {
 			t.Errorf("%s: got %d %q, want %d containing %q", tc.name, status, body, tc.status, tc.want)
 		}
@@ -264,30 +239,19 @@ func TestViewErrors(t *testing.T) {
 		}
 	}
 	req, _ := http.NewRequest(http.MethodDelete, e.url+"/whep/live/nosuch", nil)
-	if status, body, _ := do(t, req); status != 404 || !strings.Contains(body, "no session") {
+	if status, body, _ := rtctest.Do(t, req); status != 404 || !strings.Contains(body, "no session") {
 		t.Errorf("DELETE unknown: %d %q", status, body)
 	}
 	req, _ = http.NewRequest(http.MethodOptions, e.url+"/whep/live", nil)
-	if status, _, h := do(t, req); status != 204 || !strings.Contains(h.Get("Access-Control-Expose-Headers"), "Location") {
+	if status, _, h := rtctest.Do(t, req); status != 204 || !strings.Contains(h.Get("Access-Control-Expose-Headers"), "Location") {
 		t.Errorf("OPTIONS: %d %v", status, h)
 	}
 
 	n := len(healthy.Video())
-	waitFor(t, "the healthy viewer to keep receiving", func() bool { return len(healthy.Video()) > n+30 })
+	rtctest.WaitFor(t, "the healthy viewer to keep receiving", func() bool { return len(healthy.Video()) > n+30 })
 	if st := e.srv.Stats(); st.Viewers != 1 {
 		t.Errorf("stats = %+v, want 1 viewer", st)
 	}
-}
-
-func do(t testing.TB, req *http.Request) (int, string, http.Header) {
-	t.Helper()
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), resp.Header
 }
 
 // blockingWriter stands for a viewer whose network writes hang.
@@ -302,13 +266,13 @@ func (w *blockingWriter) Write([]byte) (int, error) { <-w.release; return 0, io.
 func (e *env) serverViewer(t *testing.T, v *rtctest.Viewer) *viewer {
 	t.Helper()
 	id := v.Session[strings.LastIndex(v.Session, "/")+1:]
-	e.srv.mu.Lock()
-	defer e.srv.mu.Unlock()
-	sv := e.srv.viewers[id]
-	if sv == nil {
-		t.Fatalf("no server viewer %s", id)
+	for _, sv := range e.srv.ep.Sessions() {
+		if sv.ID() == id {
+			return sv
+		}
 	}
-	return sv
+	t.Fatalf("no server viewer %s", id)
+	return nil
 }
 
 func TestSlowViewerDoesNotHoldBackOthers(t *testing.T) {
@@ -317,7 +281,7 @@ func TestSlowViewerDoesNotHoldBackOthers(t *testing.T) {
 	src := startSource(t, e.hub, "s", sourceOptions{})
 	healthy := e.view(t, "s", rtctest.ViewOptions{})
 	stuck := e.view(t, "s", rtctest.ViewOptions{})
-	waitFor(t, "both viewers to receive", func() bool { return len(healthy.Video()) > 10 && len(stuck.Video()) > 10 })
+	rtctest.WaitFor(t, "both viewers to receive", func() bool { return len(healthy.Video()) > 10 && len(stuck.Video()) > 10 })
 
 	// The stuck viewer's writes now hang, as a blocked socket would.
 	sv := e.serverViewer(t, stuck)
@@ -328,7 +292,7 @@ func TestSlowViewerDoesNotHoldBackOthers(t *testing.T) {
 	stuck.Stall.Store(true) // and it stops reading too
 
 	start := len(healthy.Video())
-	waitFor(t, "the healthy viewer to get 2 s of video", func() bool { return len(healthy.Video()) > start+450 })
+	rtctest.WaitFor(t, "the healthy viewer to get 2 s of video", func() bool { return len(healthy.Video()) > start+450 })
 	close(bw.release)
 
 	checkVideo(t, "healthy viewer", healthy.Video())
@@ -345,7 +309,7 @@ func TestDeleteViewer(t *testing.T) {
 	e := setup(t)
 	startSource(t, e.hub, "d", sourceOptions{})
 	v := e.view(t, "d", rtctest.ViewOptions{})
-	waitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	status, err := v.Delete(e.ctx)
 	if err != nil || status != 200 {
 		t.Fatalf("DELETE: %d %v", status, err)
@@ -373,27 +337,27 @@ func TestStreamEndClosesViewer(t *testing.T) {
 	e := setup(t)
 	src := startSource(t, e.hub, "end", sourceOptions{})
 	v := e.view(t, "end", rtctest.ViewOptions{})
-	waitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	src.close()
 	select {
 	case <-v.Closed():
 	case <-time.After(rtctest.Scale(10 * time.Second)):
 		t.Fatal("viewer's connection still up after the stream ended")
 	}
-	waitFor(t, "the server to drop the viewer", func() bool { return e.srv.Stats().Viewers == 0 })
+	rtctest.WaitFor(t, "the server to drop the viewer", func() bool { return e.srv.Stats().Viewers == 0 })
 }
 
 func TestPLIFromViewerReachesPublisher(t *testing.T) {
 	e := setup(t)
 	src := startSource(t, e.hub, "pli", sourceOptions{GOP: 1000})
 	v := e.view(t, "pli", rtctest.ViewOptions{})
-	waitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	time.Sleep(600 * time.Millisecond) // past the hub's keyframe request coalescing
 	before := src.keyReqs.Load()
 	if err := v.SendPLI(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the publisher's OnKeyframeRequest", func() bool { return src.keyReqs.Load() > before })
+	rtctest.WaitFor(t, "the publisher's OnKeyframeRequest", func() bool { return src.keyReqs.Load() > before })
 	if st := e.srv.Stats(); st.KeyframeRequests == 0 {
 		t.Errorf("stats = %+v", st)
 	}
@@ -413,7 +377,7 @@ func TestFirstFrameWithoutReplayWaitsForKeyframe(t *testing.T) {
 	if src.keyReqs.Load() == 0 {
 		t.Error("the publisher got no keyframe request")
 	}
-	waitFor(t, "more video", func() bool { return len(v.Video()) > 20 })
+	rtctest.WaitFor(t, "more video", func() bool { return len(v.Video()) > 20 })
 	checkVideo(t, "viewer", v.Video())
 }
 
@@ -447,7 +411,7 @@ func TestNACKAnsweredFromSharedCache(t *testing.T) {
 	startSource(t, e.hub, "nack", sourceOptions{})
 	v1 := e.view(t, "nack", rtctest.ViewOptions{})
 	v2 := e.view(t, "nack", rtctest.ViewOptions{})
-	waitFor(t, "video", func() bool { return len(v1.Video()) > 50 && len(v2.Video()) > 0 })
+	rtctest.WaitFor(t, "video", func() bool { return len(v1.Video()) > 50 && len(v2.Video()) > 0 })
 	e.srv.mu.Lock()
 	caches := len(e.srv.caches)
 	e.srv.mu.Unlock()
@@ -462,7 +426,7 @@ func TestNACKAnsweredFromSharedCache(t *testing.T) {
 	b.w = lw
 	sv.tracks[0].bound.Store(&b)
 	from := len(v1.Video())
-	waitFor(t, "1.5 s of lossy video", func() bool { return len(v1.Video()) > from+350 })
+	rtctest.WaitFor(t, "1.5 s of lossy video", func() bool { return len(v1.Video()) > from+350 })
 	time.Sleep(300 * time.Millisecond) // the last NACKs
 
 	pkts := v1.Video()[from:]
@@ -494,7 +458,7 @@ func TestCloseEndsViewers(t *testing.T) {
 	e := setup(t)
 	startSource(t, e.hub, "c", sourceOptions{})
 	v := e.view(t, "c", rtctest.ViewOptions{})
-	waitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	if err := e.srv.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -17,8 +17,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/pion/interceptor"
@@ -36,7 +34,6 @@ const Prefix = "/whip/"
 
 const (
 	proto          = "whip"
-	answerTimeout  = 10 * time.Second
 	connectTimeout = 15 * time.Second
 )
 
@@ -58,14 +55,7 @@ type Config struct {
 // goroutine; Close ends them all and waits.
 type Server struct {
 	cfg Config
-	log *slog.Logger
-
-	ctx    context.Context
-	cancel context.CancelCauseFunc
-	wg     sync.WaitGroup
-
-	mu       sync.Mutex // guards the following fields
-	sessions map[string]*session
+	ep  *rtc.Endpoint[*session]
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -75,139 +65,38 @@ var ErrServerClosed = errors.New("whip: server closed")
 
 // New returns a WHIP server publishing into cfg.Hub.
 func New(cfg Config) *Server {
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = connectTimeout
 	}
-	ctx, cancel := context.WithCancelCause(context.Background())
-	return &Server{
-		cfg:      cfg,
-		log:      cfg.Logger.With("component", "whip"),
-		ctx:      ctx,
-		cancel:   cancel,
-		sessions: make(map[string]*session),
-	}
+	s := &Server{cfg: cfg}
+	s.ep = rtc.NewEndpoint(rtc.EndpointConfig[*session]{
+		Name: proto, Verb: "publish", Doing: "publishing", Elsewhere: "publish to another node",
+		Token: cfg.Token, Logger: cfg.Logger, ErrClosed: ErrServerClosed, Start: s.publish,
+	})
+	return s
 }
 
 // Close ends every session (and so its stream) and waits for them.
-func (s *Server) Close() error {
-	s.cancel(ErrServerClosed)
-	s.wg.Wait()
-	return nil
-}
+func (s *Server) Close() error { return s.ep.Close() }
 
 // Sessions returns the number of live sessions.
-func (s *Server) Sessions() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.sessions)
-}
+func (s *Server) Sessions() int { return s.ep.Len() }
 
 // ServeHTTP routes POST /whip/{stream}, DELETE and PATCH /whip/{stream}/{id}
 // and OPTIONS on both.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	rest, ok := strings.CutPrefix(r.URL.Path, Prefix)
-	if !ok {
-		rtc.WriteError(w, rtc.Errorf(http.StatusNotFound, "whip: %s is not a WHIP URL: POST to %s{stream}", r.URL.Path, Prefix))
-		return
-	}
-	stream, id, isSession := strings.Cut(rest, "/")
-	if isSession {
-		rtc.SetCORS(w.Header(), "DELETE, PATCH, OPTIONS")
-		switch r.Method {
-		case http.MethodOptions:
-			w.WriteHeader(http.StatusNoContent)
-		case http.MethodDelete:
-			s.handleDelete(w, r, stream, id)
-		case http.MethodPatch:
-			w.Header().Set("Allow", "DELETE, OPTIONS")
-			rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed,
-				"whip: this server does not support trickle ICE or ICE restarts: every candidate is in the answer"))
-		default:
-			w.Header().Set("Allow", "DELETE, OPTIONS")
-			rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed, "whip: %s is not allowed on a session: use DELETE to stop publishing", r.Method))
-		}
-		return
-	}
-	rtc.SetCORS(w.Header(), "POST, OPTIONS")
-	switch r.Method {
-	case http.MethodOptions:
-		w.Header().Set("Accept-Post", "application/sdp")
-		w.WriteHeader(http.StatusNoContent)
-	case http.MethodPost:
-		s.handlePost(w, r, stream)
-	default:
-		w.Header().Set("Allow", "POST, OPTIONS")
-		rtc.WriteError(w, rtc.Errorf(http.StatusMethodNotAllowed, "whip: %s is not allowed: POST an SDP offer to publish", r.Method))
-	}
-}
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.ep.ServeHTTP(w, r) }
 
-func (s *Server) handlePost(w http.ResponseWriter, r *http.Request, stream string) {
-	answer, sess, err := s.publish(r.Context(), w, r, stream)
-	if err != nil {
-		var he *rtc.HTTPError
-		if !errors.As(err, &he) {
-			s.log.Warn("publish failed", "stream", stream, "remote", r.RemoteAddr, "err", err)
-		}
-		rtc.WriteError(w, err)
-		return
-	}
-	w.Header().Set("Location", Prefix+stream+"/"+sess.id)
-	w.Header().Set("ETag", `"`+sess.id+`"`)
-	w.Header().Set("Content-Type", "application/sdp")
-	w.WriteHeader(http.StatusCreated)
-	_, _ = w.Write([]byte(answer))
-}
-
-func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request, stream, id string) {
-	if err := rtc.CheckBearer(r, s.cfg.Token, proto); err != nil {
-		rtc.WriteError(w, err)
-		return
-	}
-	s.mu.Lock()
-	sess := s.sessions[id]
-	s.mu.Unlock()
-	if sess == nil || sess.stream != stream {
-		rtc.WriteError(w, rtc.Errorf(http.StatusNotFound, "whip: no session %s for stream %q: it has ended or never existed", id, stream))
-		return
-	}
-	sess.cancel(errDeleted)
-	<-sess.done
-	w.WriteHeader(http.StatusOK)
-}
-
-var (
-	errDeleted    = errors.New("publisher sent DELETE")
-	errNotStarted = errors.New("session not started")
-)
-
-// publish does the work of a POST. Its user errors are *rtc.HTTPError.
-func (s *Server) publish(ctx context.Context, w http.ResponseWriter, r *http.Request, stream string) (string, *session, error) {
-	if err := rtc.CheckBearer(r, s.cfg.Token, proto); err != nil {
-		return "", nil, err
-	}
-	if err := relay.ValidateStreamName(stream); err != nil {
-		return "", nil, rtc.Errorf(http.StatusBadRequest, "whip: bad stream name in the URL: %v", err)
-	}
-	offer, err := rtc.ReadOffer(w, r, proto)
-	if err != nil {
-		return "", nil, err
-	}
+// publish starts a session for an authorized POST of offer to a valid
+// stream name (the rtc.Endpoint checked both). Its user errors are
+// *rtc.HTTPError.
+func (s *Server) publish(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*session, string, error) {
 	video, audio := chooseCodecs(offer)
 	if video == nil && audio == nil {
-		return "", nil, rtc.Errorf(http.StatusBadRequest,
+		return nil, "", rtc.Errorf(http.StatusBadRequest,
 			"whip: offer has no %s: publish with one of these codecs", rtc.SupportedCodecs)
 	}
 
-	sess := newSession(s, stream)
-	started := false
-	defer func() {
-		if !started {
-			sess.cancel(errNotStarted) // release the context
-		}
-	}()
+	sess := newSession(s, rs)
 	var desc relay.Description
 	m := &webrtc.MediaEngine{}
 	for _, c := range []*rtc.Codec{video, audio} {
@@ -219,31 +108,30 @@ func (s *Server) publish(ctx context.Context, w http.ResponseWriter, r *http.Req
 		desc.Tracks = append(desc.Tracks, t)
 		params := c.Parameters(rtc.FeedbackNACK, rtc.FeedbackPLI, rtc.FeedbackFIR)
 		if err := m.RegisterCodec(params, rtc.CodecType(t.Kind)); err != nil {
-			return "", nil, rtc.Errorf(http.StatusBadRequest, "whip: offer's %s codec: %v", t.MimeType, err)
+			return nil, "", rtc.Errorf(http.StatusBadRequest, "whip: offer's %s codec: %v", t.MimeType, err)
 		}
 	}
 	ir, err := ingestInterceptors(m)
 	if err != nil {
-		return "", nil, err
+		return nil, "", err
 	}
 
-	sess.pub, err = s.cfg.Hub.Publish(stream, desc, relay.PublishOptions{OnKeyframeRequest: sess.requestKeyframe})
+	sess.pub, err = s.cfg.Hub.Publish(rs.Stream(), desc, relay.PublishOptions{OnKeyframeRequest: sess.requestKeyframe})
 	switch {
 	case errors.Is(err, relay.ErrStreamExists):
-		return "", nil, rtc.Errorf(http.StatusConflict, "whip: %v: stop the other publisher or pick another stream name", err)
+		return nil, "", rtc.Errorf(http.StatusConflict, "whip: %v: stop the other publisher or pick another stream name", err)
 	case errors.Is(err, relay.ErrClosed):
-		return "", nil, rtc.Errorf(http.StatusServiceUnavailable, "whip: the node is shutting down: publish to another node")
+		return nil, "", rtc.Errorf(http.StatusServiceUnavailable, "whip: the node is shutting down: publish to another node")
 	case err != nil:
-		return "", nil, rtc.Errorf(http.StatusBadRequest, "whip: %v", err)
+		return nil, "", rtc.Errorf(http.StatusBadRequest, "whip: %v", err)
 	}
 
 	answer, err := sess.start(ctx, s.cfg.RTC.NewAPI(m, ir), offer.SDP)
 	if err != nil {
 		sess.pub.Close()
-		return "", nil, err
+		return nil, "", err
 	}
-	started = true
-	return answer, sess, nil
+	return sess, answer, nil
 }
 
 // chooseCodecs picks the codec the publisher will send in its first video

@@ -3,9 +3,7 @@ package whip
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,16 +16,12 @@ import (
 )
 
 // session is one publisher: its PeerConnection and its stream in the hub. Its
-// goroutine (run) owns both and ends them together.
+// Run, in the goroutine the rtc.Endpoint gives it, owns both and ends them
+// together.
 type session struct {
-	srv    *Server
-	id     string
-	stream string
-	log    *slog.Logger
-
-	ctx    context.Context
-	cancel context.CancelCauseFunc
-	done   chan struct{} // closed when run has cleaned up
+	*rtc.Session
+	srv *Server
+	log *slog.Logger
 
 	pc        *webrtc.PeerConnection
 	pub       *relay.Publisher
@@ -35,28 +29,21 @@ type session struct {
 	claimed   [3]atomic.Bool // a remote track of that kind is being read
 	videoSSRC atomic.Uint32
 	keyReq    chan struct{} // capacity 1: a PLI is wanted
-	connected chan struct{}
-	connOnce  sync.Once
 
 	readersMu sync.Mutex // guards the following fields
 	closing   bool
 	readers   sync.WaitGroup
 }
 
-func newSession(srv *Server, stream string) *session {
-	id := rtc.NewSessionID()
-	ctx, cancel := context.WithCancelCause(srv.ctx)
+var _ rtc.Runner = (*session)(nil)
+
+func newSession(srv *Server, rs *rtc.Session) *session {
 	return &session{
-		srv:       srv,
-		id:        id,
-		stream:    stream,
-		log:       srv.log.With("stream", stream, "session", id),
-		ctx:       ctx,
-		cancel:    cancel,
-		done:      make(chan struct{}),
-		trackOf:   [3]int{-1, -1, -1},
-		keyReq:    make(chan struct{}, 1),
-		connected: make(chan struct{}),
+		Session: rs,
+		srv:     srv,
+		log:     rs.Logger(),
+		trackOf: [3]int{-1, -1, -1},
+		keyReq:  make(chan struct{}, 1),
 	}
 }
 
@@ -68,29 +55,16 @@ func (s *session) requestKeyframe() {
 	}
 }
 
-var (
-	errConnectTimeout = errors.New("publisher did not connect in time")
-	errPCClosed       = errors.New("peer connection closed")
-)
+var errConnectTimeout = errors.New("publisher did not connect in time")
 
-// start creates the PeerConnection, answers offer and starts the session's
-// goroutine. On error nothing is left running.
+// start creates the PeerConnection and answers offer. On error the
+// PeerConnection is closed.
 func (s *session) start(ctx context.Context, api *webrtc.API, offer string) (string, error) {
-	pc, err := api.NewPeerConnection(webrtc.Configuration{})
+	pc, err := s.NewPeerConnection(api)
 	if err != nil {
-		return "", fmt.Errorf("whip: new peer connection: %w", err)
+		return "", err
 	}
 	s.pc = pc
-	pc.OnConnectionStateChange(func(st webrtc.PeerConnectionState) {
-		switch st {
-		case webrtc.PeerConnectionStateConnected:
-			s.connOnce.Do(func() { close(s.connected) })
-		case webrtc.PeerConnectionStateFailed:
-			s.cancel(errors.New("ICE or DTLS failed"))
-		case webrtc.PeerConnectionStateClosed:
-			s.cancel(errPCClosed)
-		}
-	})
 	pc.OnTrack(func(tr *webrtc.TrackRemote, _ *webrtc.RTPReceiver) {
 		if !s.addReader() {
 			return
@@ -98,31 +72,7 @@ func (s *session) start(ctx context.Context, api *webrtc.API, offer string) (str
 		defer s.readers.Done()
 		s.readTrack(tr)
 	})
-
-	actx, cancel := context.WithTimeout(ctx, answerTimeout)
-	defer cancel()
-	answer, err := rtc.Answer(actx, pc, offer)
-	if err != nil {
-		_ = pc.Close()
-		if errors.Is(err, rtc.ErrOfferRejected) {
-			return "", rtc.Errorf(http.StatusBadRequest, "whip: the offer cannot be answered: %v", err)
-		}
-		return "", fmt.Errorf("whip: answer: %w", err)
-	}
-
-	srv := s.srv
-	srv.mu.Lock()
-	if srv.ctx.Err() != nil {
-		srv.mu.Unlock()
-		_ = pc.Close()
-		return "", rtc.Errorf(http.StatusServiceUnavailable, "whip: the server is shutting down: publish to another node")
-	}
-	srv.sessions[s.id] = s
-	srv.wg.Add(1)
-	srv.mu.Unlock()
-	go s.run()
-	s.log.Info("publisher session started")
-	return answer, nil
+	return s.Answer(ctx, pc, offer)
 }
 
 func (s *session) addReader() bool {
@@ -135,16 +85,16 @@ func (s *session) addReader() bool {
 	return true
 }
 
-// run owns the session until it ends.
-func (s *session) run() {
-	defer s.srv.wg.Done()
-	defer close(s.done)
+// Run owns the session until it ends.
+func (s *session) Run() {
+	s.log.Info("publisher session started")
+	ctx := s.Context()
 	timer := time.NewTimer(s.srv.cfg.ConnectTimeout)
 	defer timer.Stop()
-	connected := s.connected
+	connected := s.Connected()
 	for {
 		select {
-		case <-s.ctx.Done():
+		case <-ctx.Done():
 			s.cleanup()
 			return
 		case <-connected:
@@ -152,7 +102,7 @@ func (s *session) run() {
 			timer.Stop()
 			s.log.Info("publisher connected")
 		case <-timer.C:
-			s.cancel(errConnectTimeout)
+			s.Cancel(errConnectTimeout)
 		case <-s.keyReq:
 			if ssrc := s.videoSSRC.Load(); ssrc != 0 {
 				if err := s.pc.WriteRTCP([]rtcp.Packet{&rtcp.PictureLossIndication{MediaSSRC: ssrc}}); err != nil {
@@ -172,10 +122,7 @@ func (s *session) cleanup() {
 		s.log.Debug("close peer connection", "err", err)
 	}
 	s.readers.Wait()
-	s.srv.mu.Lock()
-	delete(s.srv.sessions, s.id)
-	s.srv.mu.Unlock()
-	s.log.Info("publisher session ended", "reason", context.Cause(s.ctx))
+	s.log.Info("publisher session ended", "reason", context.Cause(s.Context()))
 }
 
 // readTrack writes every RTP packet of a remote track into the stream.

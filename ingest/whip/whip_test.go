@@ -3,10 +3,7 @@ package whip_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,28 +24,16 @@ type env struct {
 	opts rtctest.PublishOptions
 }
 
-var quiet = slog.New(slog.DiscardHandler)
-
 func setup(t *testing.T, token string) *env {
 	t.Helper()
 	rtctest.CheckLeaks(t)
 	rtctest.Watchdog(t, 60*time.Second)
-	e := &env{hub: relay.NewHub(relay.Config{Datacenter: "a", Logger: quiet})}
-	eng := rtctest.NewEngine(t)
-	e.srv = whip.New(whip.Config{Hub: e.hub, RTC: eng, Token: token, Logger: quiet})
-	mux := http.NewServeMux()
-	mux.Handle(whip.Prefix, e.srv)
-	hs := httptest.NewServer(mux)
-	e.url = hs.URL
-	ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(30*time.Second))
-	e.ctx = ctx
+	e := &env{hub: rtctest.NewHub(t)}
+	e.srv = whip.New(whip.Config{Hub: e.hub, RTC: rtctest.NewEngine(t), Token: token, Logger: rtctest.Quiet})
+	t.Cleanup(func() { e.srv.Close() })
+	e.url = rtctest.Serve(t, whip.Prefix, e.srv)
+	e.ctx = rtctest.Context(t, 30*time.Second)
 	e.opts = rtctest.PublishOptions{Token: token}
-	t.Cleanup(func() {
-		cancel()
-		hs.Close()
-		e.srv.Close()
-		e.hub.Close()
-	})
 	return e
 }
 
@@ -123,17 +108,6 @@ func (e *env) subscribe(t *testing.T, name string) *collector {
 	return c
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(rtctest.Scale(10 * time.Second))
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestPublishH264AndOpus(t *testing.T) {
 	e := setup(t, "")
 	p := e.publish(t, "cam1", e.opts)
@@ -154,7 +128,7 @@ func TestPublishH264AndOpus(t *testing.T) {
 
 	stop := make(chan struct{})
 	wg := feed(t, p, stop)
-	waitFor(t, "two keyframes and audio", func() bool {
+	rtctest.WaitFor(t, "two keyframes and audio", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		keys := 0
@@ -197,18 +171,7 @@ func post(t *testing.T, url, contentType, token, body string) (int, string, http
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
-	return do(t, req)
-}
-
-func do(t *testing.T, req *http.Request) (int, string, http.Header) {
-	t.Helper()
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), resp.Header
+	return rtctest.Do(t, req)
 }
 
 const sdpHead = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n" +
@@ -223,7 +186,7 @@ func TestBadRequests(t *testing.T) {
 	stop := make(chan struct{})
 	wg := feed(t, p, stop)
 	defer func() { close(stop); wg.Wait() }()
-	waitFor(t, "packets", func() bool { return c.received.Load() > 10 })
+	rtctest.WaitFor(t, "packets", func() bool { return c.received.Load() > 10 })
 
 	noCodec := sdpHead + "m=video 9 UDP/TLS/RTP/SAVPF 98 99\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\n" +
 		"a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=setup:actpass\r\n" +
@@ -277,7 +240,7 @@ func TestBadRequests(t *testing.T) {
 	} {
 		req, _ := http.NewRequest(tc.method, tc.url, nil)
 		req.Header.Set("Authorization", "Bearer "+token)
-		status, body, _ := do(t, req)
+		status, body, _ := rtctest.Do(t, req)
 		if status != tc.status || !strings.Contains(body, tc.want) {
 			t.Errorf("%s %s: got %d %q, want %d containing %q", tc.method, tc.url, status, body, tc.status, tc.want)
 		}
@@ -285,7 +248,7 @@ func TestBadRequests(t *testing.T) {
 
 	// CORS preflight.
 	req, _ := http.NewRequest(http.MethodOptions, endpoint, nil)
-	status, _, h := do(t, req)
+	status, _, h := rtctest.Do(t, req)
 	if status != 204 || h.Get("Access-Control-Allow-Origin") != "*" ||
 		!strings.Contains(h.Get("Access-Control-Allow-Headers"), "Authorization") ||
 		!strings.Contains(h.Get("Access-Control-Allow-Methods"), "POST") ||
@@ -295,7 +258,7 @@ func TestBadRequests(t *testing.T) {
 
 	// The live stream kept flowing through all of this.
 	before := c.received.Load()
-	waitFor(t, "the live stream to keep flowing", func() bool { return c.received.Load() > before+20 })
+	rtctest.WaitFor(t, "the live stream to keep flowing", func() bool { return c.received.Load() > before+20 })
 	select {
 	case <-c.sub.Done():
 		t.Fatal("the live stream ended")
@@ -346,7 +309,7 @@ func TestPublisherLeavingEndsStream(t *testing.T) {
 	case <-time.After(rtctest.Scale(15 * time.Second)):
 		t.Fatal("stream did not end when the publisher closed its PeerConnection")
 	}
-	waitFor(t, "the session to go", func() bool { return e.srv.Sessions() == 0 })
+	rtctest.WaitFor(t, "the session to go", func() bool { return e.srv.Sessions() == 0 })
 }
 
 func TestPLIReachesPublisher(t *testing.T) {
@@ -356,10 +319,10 @@ func TestPLIReachesPublisher(t *testing.T) {
 	stop := make(chan struct{})
 	wg := feed(t, p, stop) // the server learns the video SSRC from the first packet
 	defer func() { close(stop); wg.Wait() }()
-	waitFor(t, "video", func() bool { return c.received.Load() > 0 })
+	rtctest.WaitFor(t, "video", func() bool { return c.received.Load() > 0 })
 	before := p.PLIs()
 	c.sub.RequestKeyframe()
-	waitFor(t, "a PLI at the publisher", func() bool { return p.PLIs() > before })
+	rtctest.WaitFor(t, "a PLI at the publisher", func() bool { return p.PLIs() > before })
 }
 
 func TestCloseEndsSessions(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/pion/interceptor"
@@ -142,6 +143,19 @@ func Delete(ctx context.Context, session, token string) (int, error) {
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	return resp.StatusCode, nil
+}
+
+// Do sends req and returns the status, body and headers of the answer,
+// failing the test when there is none.
+func Do(t testing.TB, req *http.Request) (int, string, http.Header) {
+	t.Helper()
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), resp.Header
 }
 
 func waitConnected(ctx context.Context, pc *webrtc.PeerConnection, connected <-chan struct{}) error {

@@ -45,6 +45,19 @@ func Watchdog(t testing.TB, d time.Duration) {
 	t.Cleanup(func() { timer.Stop() })
 }
 
+// WaitFor polls cond every 10 ms and fails the test when it is still false
+// after 10 seconds (scaled).
+func WaitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(Scale(10 * time.Second))
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // CheckLeaks fails the test when goroutines started during it are still
 // running a few seconds after its other cleanups ran. Call it first in the
 // test so that its cleanup runs last.
