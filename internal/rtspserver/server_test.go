@@ -47,7 +47,8 @@ func collect(t *testing.T, sub *relay.Subscription, q *relay.Queue, d time.Durat
 		seen    = map[uint32]map[byte]bool{} // NAL types seen per timestamp
 	)
 	timeout := time.After(d)
-	for first := true; ; first = false {
+	firstVideo := true
+	for {
 		var b *relay.Buffer
 		select {
 		case b = <-q.C():
@@ -60,8 +61,10 @@ func collect(t *testing.T, sub *relay.Subscription, q *relay.Queue, d time.Durat
 			t.Fatalf("stream ended: %v", sub.Err())
 		}
 		data := b.Data()
-		if first {
-			r.firstIsKeyframe = b.Keyframe
+		// Audio may come first when the subscriber joined before the
+		// first keyframe; video must start with one.
+		if int(b.Track) == video && firstVideo {
+			r.firstIsKeyframe, firstVideo = b.Keyframe, false
 		}
 		r.maxSize = max(r.maxSize, len(data))
 		switch int(b.Track) {
@@ -125,7 +128,7 @@ func checkReport(t *testing.T, r *mediaReport, secs float64) {
 	t.Helper()
 	t.Log(r)
 	if !r.firstIsKeyframe {
-		t.Error("the first packet a new subscriber gets is not a keyframe")
+		t.Error("the first video packet a new subscriber gets is not a keyframe")
 	}
 	if r.idrWithParams == 0 {
 		t.Error("no H264 IDR frame with SPS and PPS in-band before it")
