@@ -41,7 +41,7 @@ type Stream struct {
 
 	mu          sync.Mutex // guards the following fields
 	subs        []*Subscription
-	gop         gopCache
+	gop         GOPCache
 	lastKeyReq  time.Time
 	lingerTimer *time.Timer
 }
@@ -53,7 +53,7 @@ func newStream(h *Hub, name, origin string) *Stream {
 		origin: origin,
 		ready:  make(chan struct{}),
 		done:   make(chan struct{}),
-		gop:    gopCache{max: h.cfg.GOPMaxPackets},
+		gop:    GOPCache{Max: h.cfg.GOPMaxPackets},
 	}
 }
 
@@ -80,7 +80,7 @@ func (s *Stream) end(err error) {
 		}
 		close(s.done)
 		s.mu.Lock()
-		s.gop.reset()
+		s.gop.Reset()
 		if s.lingerTimer != nil {
 			s.lingerTimer.Stop()
 		}
@@ -96,7 +96,7 @@ func (s *Stream) writePacket(p *Packet) {
 	s.packets.Add(1)
 	s.bytes.Add(uint64(len(p.Data)))
 	s.mu.Lock()
-	s.gop.add(p)
+	s.gop.Add(p)
 	for _, sub := range s.subs {
 		sub.sub.WritePacket(p)
 	}
@@ -125,7 +125,10 @@ func (s *Stream) attach(sub Subscriber) *Subscription {
 		s.lingerTimer.Stop()
 		s.lingerTimer = nil
 	}
-	s.gop.replay(sub)
+	for _, b := range s.gop.Packets() {
+		p := b.Packet()
+		sub.WritePacket(&p)
+	}
 	s.subs = append(s.subs, ss)
 	s.mu.Unlock()
 	return ss
@@ -215,44 +218,63 @@ func (s *Stream) wait(ctx context.Context) error {
 	}
 }
 
-// gopCache keeps every packet since the last video keyframe, so that a new
-// subscriber starts with a decodable picture at once.
-type gopCache struct {
-	max      int
+// GOPCache keeps every packet since the last video keyframe, so that a new
+// subscriber starts with a decodable picture at once. Every stream has one;
+// egress protocols that share one subscription among several readers keep
+// their own. It is not safe for concurrent use.
+type GOPCache struct {
+	// Max bounds the packets kept; a longer GOP is dropped until the next
+	// keyframe rather than held in unbounded memory.
+	Max int
+
 	pkts     []*Buffer
-	active   bool // a keyframe has been seen and the cache is within max
+	active   bool // a keyframe has been seen and the cache is within Max
 	keyTS    uint32
 	keyTrack uint8
 }
 
-func (g *gopCache) add(p *Packet) {
-	if p.Keyframe {
-		_, ts, _ := rtpPayload(p.Data)
-		if !g.active || p.Track != g.keyTrack || ts != g.keyTS {
-			g.reset()
-			g.active, g.keyTS, g.keyTrack = true, ts, p.Track
+// Add keeps a copy of p.
+func (g *GOPCache) Add(p *Packet) {
+	if g.admit(p.Track, p.Keyframe, p.Data) {
+		g.pkts = append(g.pkts, NewBuffer(p))
+	}
+}
+
+// AddBuffer keeps b, or releases it when it does not belong to the GOP.
+func (g *GOPCache) AddBuffer(b *Buffer) {
+	if g.admit(b.Track, b.Keyframe, b.Data()) {
+		g.pkts = append(g.pkts, b)
+		return
+	}
+	b.Release()
+}
+
+// admit starts a new GOP at each keyframe and reports whether a packet
+// belongs to the current one.
+func (g *GOPCache) admit(track uint8, keyframe bool, data []byte) bool {
+	if keyframe {
+		_, ts, _ := rtpPayload(data)
+		if !g.active || track != g.keyTrack || ts != g.keyTS {
+			g.Reset()
+			g.active, g.keyTS, g.keyTrack = true, ts, track
 		}
 	}
 	if !g.active {
-		return
+		return false
 	}
-	if len(g.pkts) >= g.max {
-		// An unusually long GOP: stop caching until the next keyframe
-		// rather than hold unbounded memory.
-		g.reset()
-		return
+	if len(g.pkts) >= g.Max {
+		g.Reset()
+		return false
 	}
-	g.pkts = append(g.pkts, NewBuffer(p))
+	return true
 }
 
-func (g *gopCache) replay(sub Subscriber) {
-	for _, b := range g.pkts {
-		p := b.Packet()
-		sub.WritePacket(&p)
-	}
-}
+// Packets returns the cached packets in order. They stay owned by the cache
+// and are valid until the next Add, AddBuffer or Reset.
+func (g *GOPCache) Packets() []*Buffer { return g.pkts }
 
-func (g *gopCache) reset() {
+// Reset releases every cached packet.
+func (g *GOPCache) Reset() {
 	for i, b := range g.pkts {
 		b.Release()
 		g.pkts[i] = nil

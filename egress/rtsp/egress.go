@@ -250,7 +250,7 @@ func (e *Egress) stream(path string) (*stream, *base.Response) {
 	st := e.streams[name]
 	create := st == nil
 	if create {
-		st = &stream{e: e, name: name, ready: make(chan struct{}), log: e.log.With("stream", name)}
+		st = &stream{e: e, name: name, ready: make(chan struct{}), log: e.log.With("stream", name), gop: relay.GOPCache{Max: gopMaxPackets}}
 		e.streams[name] = st
 	}
 	e.mu.Unlock()

@@ -45,9 +45,7 @@ type stream struct {
 	// then every live packet, with nothing lost or doubled between the two.
 	gate chan struct{}
 	// Packets since the last video keyframe; guarded by gate.
-	gop       []*relay.Buffer
-	gopActive bool
-	gopKeyTS  uint32
+	gop relay.GOPCache
 
 	// guarded by e.mu
 	readers int
@@ -150,33 +148,11 @@ func (st *stream) forward(pkt *rtp.Packet, b *relay.Buffer) error {
 
 // cache keeps b in the GOP cache, or releases it. The caller holds the gate.
 func (st *stream) cache(b *relay.Buffer) {
-	t := st.tracks[b.Track]
-	if b.Keyframe && t != nil && t.media.Type == description.MediaTypeVideo {
-		ts := rtpTimestamp(b.Data())
-		if !st.gopActive || ts != st.gopKeyTS {
-			st.resetGOP()
-			st.gopActive, st.gopKeyTS = true, ts
-		}
-	}
-	if !st.gopActive || t == nil {
+	if int(b.Track) >= len(st.tracks) || st.tracks[b.Track] == nil {
 		b.Release()
 		return
 	}
-	if len(st.gop) >= gopMaxPackets { // unusually long GOP: wait for the next keyframe
-		st.resetGOP()
-		b.Release()
-		return
-	}
-	st.gop = append(st.gop, b)
-}
-
-func (st *stream) resetGOP() {
-	for i, b := range st.gop {
-		b.Release()
-		st.gop[i] = nil
-	}
-	st.gop = st.gop[:0]
-	st.gopActive = false
+	st.gop.AddBuffer(b)
 }
 
 // replay writes the GOP cache to one new reader. The caller holds the gate
@@ -188,7 +164,7 @@ func (st *stream) replay(ss *gortsplib.ServerSession) {
 		setup[m] = true
 	}
 	var pkt rtp.Packet
-	for _, b := range st.gop {
+	for _, b := range st.gop.Packets() {
 		t := st.tracks[b.Track]
 		if !setup[t.media] || pkt.Unmarshal(b.Data()) != nil {
 			continue
@@ -201,20 +177,13 @@ func (st *stream) replay(ss *gortsplib.ServerSession) {
 	}
 }
 
-func rtpTimestamp(b []byte) uint32 {
-	if len(b) < 8 {
-		return 0
-	}
-	return uint32(b[4])<<24 | uint32(b[5])<<16 | uint32(b[6])<<8 | uint32(b[7])
-}
-
 // shutdown releases what open acquired. Run by run on its way out.
 func (st *stream) shutdown() {
 	st.sub.Close()
 	st.q.Drain()
 	st.ss.Close()         // disconnects the readers
 	st.gate <- struct{}{} // wait out a PLAY in progress
-	st.resetGOP()
+	st.gop.Reset()
 	<-st.gate
 }
 
