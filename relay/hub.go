@@ -125,21 +125,29 @@ func (h *Hub) Subscribe(ctx context.Context, name string, sub Subscriber) (*Subs
 	if err := ValidateStreamName(name); err != nil {
 		return nil, err
 	}
-	s, err := h.stream(name)
-	if err != nil {
-		return nil, err
+	for {
+		s, err := h.stream(name)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.wait(ctx); err != nil {
+			if errors.Is(err, errIdle) {
+				continue // it lingered out just as we came: subscribe afresh
+			}
+			return nil, fmt.Errorf("stream %q: %w", name, err)
+		}
+		ss := s.attach(sub)
+		select {
+		case <-s.done:
+			ss.Close()
+			if errors.Is(s.err, errIdle) {
+				continue
+			}
+			return nil, fmt.Errorf("stream %q: %w", name, s.err)
+		default:
+		}
+		return ss, nil
 	}
-	if err := s.wait(ctx); err != nil {
-		return nil, fmt.Errorf("stream %q: %w", name, err)
-	}
-	ss := s.attach(sub)
-	select {
-	case <-s.done:
-		ss.Close()
-		return nil, fmt.Errorf("stream %q: %w", name, s.err)
-	default:
-	}
-	return ss, nil
 }
 
 // stream returns the named stream, subscribing upstream when it is live in
@@ -180,15 +188,25 @@ func (h *Hub) streamIdle(s *Stream) {
 	s.mu.Unlock()
 }
 
+// errIdle ends a relayed stream whose subscribers all left.
+var errIdle = errors.New("no subscribers left")
+
 func (h *Hub) stopIfIdle(s *Stream) {
+	// Hold h.mu across the check so that no new Subscribe finds s in the
+	// map between the check and the removal.
+	h.mu.Lock()
 	s.mu.Lock()
 	idle := len(s.subs) == 0
 	s.lingerTimer = nil
 	s.mu.Unlock()
-	if !idle {
+	if !idle || h.streams[s.name] != s {
+		h.mu.Unlock()
 		return
 	}
-	h.removeStream(s, errors.New("no subscribers left"))
+	delete(h.streams, s.name)
+	h.mu.Unlock()
+	s.src.stop()
+	s.end(errIdle)
 }
 
 // removeStream forgets s, stops its source and ends it.
