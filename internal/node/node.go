@@ -55,11 +55,11 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 		log = NewLogger(cfg.Log.Level)
 	}
 	log = log.With("dc", cfg.Datacenter)
-	n = &Node{cfg: cfg, log: log}
+	started := &Node{cfg: cfg, log: log}
+	n = started
 	defer func() {
 		if err != nil {
-			n.Close()
-			n = nil
+			started.Close() // n is nil by now: the error returns set it
 		}
 	}()
 
