@@ -65,6 +65,8 @@ type Endpoint[S Runner] struct {
 	cancel context.CancelCauseFunc
 	wg     sync.WaitGroup
 
+	certs certStore // the DTLS certificate of the endpoint's sessions
+
 	mu       sync.Mutex // guards the following fields
 	sessions map[string]entry[S]
 }
@@ -253,6 +255,7 @@ func (e *Endpoint[S]) newSession(stream string) *Session {
 		stream:    stream,
 		proto:     e.cfg.Name,
 		log:       e.cfg.Logger,
+		certs:     &e.certs,
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),

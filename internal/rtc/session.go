@@ -28,6 +28,7 @@ type Session struct {
 	stream string
 	proto  string
 	log    *slog.Logger // the endpoint's
+	certs  *certStore   // the endpoint's; nil: one certificate per PeerConnection
 
 	ctx    context.Context // ends with the session; a child of the endpoint's
 	cancel context.CancelCauseFunc
@@ -61,8 +62,17 @@ func (s *Session) Logger() *slog.Logger {
 
 // NewPeerConnection creates the session's PeerConnection from api. Once it
 // connects, Connected is closed; when it fails or closes, the session ends.
+// The PeerConnection uses the endpoint's shared DTLS certificate.
 func (s *Session) NewPeerConnection(api *webrtc.API) (*webrtc.PeerConnection, error) {
-	pc, err := api.NewPeerConnection(webrtc.Configuration{})
+	var cfg webrtc.Configuration
+	if s.certs != nil {
+		cert, err := s.certs.get()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", s.proto, err)
+		}
+		cfg.Certificates = []webrtc.Certificate{cert}
+	}
+	pc, err := api.NewPeerConnection(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("%s: new peer connection: %w", s.proto, err)
 	}
