@@ -425,8 +425,12 @@ type downSub struct {
 
 var _ Subscriber = (*downSub)(nil)
 
-func (d *downSub) WritePacket(p *Packet) {
-	b := NewBuffer(p)
+func (d *downSub) WritePacket(p *Packet) { d.WriteBuffer(NewBuffer(p)) }
+
+var _ BufferWriter = (*downSub)(nil)
+
+// WriteBuffer queues a reference to b for the media sender.
+func (d *downSub) WriteBuffer(b *Buffer) {
 	select {
 	case d.l.out <- outItem{d: d, b: b}:
 	default:

@@ -3,6 +3,7 @@ package relay
 import (
 	"errors"
 	"sync"
+	"sync/atomic"
 )
 
 // MaxPacketSize is the largest RTP packet the relay carries, header included.
@@ -23,11 +24,14 @@ type Packet struct {
 	Data []byte
 }
 
-// Buffer is a pooled copy of a Packet. Get one with [NewBuffer] or from a
-// [Queue] and give it back with [Buffer.Release] when done.
+// Buffer is a pooled, reference-counted copy of a Packet. Get one with
+// [NewBuffer] or from a [Queue] and give your reference back with
+// [Buffer.Release] when done. One Buffer may be shared by many holders (the
+// GOP cache and every viewer's queue): its data must not be modified.
 type Buffer struct {
 	Track    uint8
 	Keyframe bool
+	refs     atomic.Int32
 	n        int
 	data     [MaxPacketSize]byte
 }
@@ -38,14 +42,15 @@ var bufferPool = sync.Pool{New: func() any { return new(Buffer) }}
 // are truncated; publishers reject them before they get this far.
 func NewBuffer(p *Packet) *Buffer {
 	b := bufferPool.Get().(*Buffer)
+	b.refs.Store(1)
 	b.Track = p.Track
 	b.Keyframe = p.Keyframe
 	b.n = copy(b.data[:], p.Data)
 	return b
 }
 
-// Data returns the RTP packet held by the buffer. The slice may be modified in
-// place (e.g. to rewrite the payload type) until the buffer is released.
+// Data returns the RTP packet held by the buffer. It is shared: read it, do
+// not modify it.
 func (b *Buffer) Data() []byte { return b.data[:b.n] }
 
 // Packet returns a Packet that refers to the buffer's data.
@@ -53,8 +58,19 @@ func (b *Buffer) Packet() Packet {
 	return Packet{Track: b.Track, Keyframe: b.Keyframe, Data: b.data[:b.n]}
 }
 
-// Release returns the buffer to the pool. The buffer must not be used after.
-func (b *Buffer) Release() { bufferPool.Put(b) }
+// Retain takes one more reference to the buffer.
+func (b *Buffer) Retain() { b.refs.Add(1) }
+
+// Release gives back one reference; the last one returns the buffer to the
+// pool. The caller must not use the buffer after.
+func (b *Buffer) Release() {
+	switch n := b.refs.Add(-1); {
+	case n == 0:
+		bufferPool.Put(b)
+	case n < 0:
+		panic("relay: Buffer released more often than retained")
+	}
+}
 
 // rtpPayload returns the payload of an RTP packet and its timestamp, or
 // ok=false when the packet is malformed.

@@ -11,6 +11,15 @@ type Subscriber interface {
 	WritePacket(p *Packet)
 }
 
+// BufferWriter is implemented by subscribers that can take a shared
+// reference to a packet instead of a copy: the hub then copies each packet
+// once for all of them, and replays its GOP cache without copying.
+type BufferWriter interface {
+	// WriteBuffer takes one reference to b, which it must Release. Like
+	// WritePacket it must not block.
+	WriteBuffer(b *Buffer)
+}
+
 // Tap is a Subscriber that watches a stream for the node's own purposes,
 // such as a shared retransmission cache, rather than for a viewer. Taps are
 // left out of subscriber counts.
@@ -42,8 +51,12 @@ func NewQueue(size int) *Queue {
 }
 
 // WritePacket copies p into the queue, or drops it when the queue is full.
-func (q *Queue) WritePacket(p *Packet) {
-	b := NewBuffer(p)
+func (q *Queue) WritePacket(p *Packet) { q.WriteBuffer(NewBuffer(p)) }
+
+var _ BufferWriter = (*Queue)(nil)
+
+// WriteBuffer queues a reference to b, or releases it when the queue is full.
+func (q *Queue) WriteBuffer(b *Buffer) {
 	select {
 	case q.c <- b:
 	default:

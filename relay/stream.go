@@ -92,15 +92,27 @@ func (s *Stream) end(err error) {
 // cache. Subscribers' WritePacket never blocks (see Subscriber), which is why
 // it may be called with s.mu held: that keeps GOP replay and live packets in
 // order for a subscriber that joins concurrently.
+//
+// The packet is copied once into a shared Buffer that the GOP cache and every
+// BufferWriter subscriber (the viewers' queues) reference; other subscribers
+// get the Packet.
 func (s *Stream) writePacket(p *Packet) {
 	s.packets.Add(1)
 	s.bytes.Add(uint64(len(p.Data)))
+	shared := NewBuffer(p)
 	s.mu.Lock()
-	s.gop.Add(p)
+	shared.Retain()
+	s.gop.AddBuffer(shared)
 	for _, sub := range s.subs {
-		sub.sub.WritePacket(p)
+		if sub.bw != nil {
+			shared.Retain()
+			sub.bw.WriteBuffer(shared)
+		} else {
+			sub.sub.WritePacket(p)
+		}
 	}
 	s.mu.Unlock()
+	shared.Release()
 }
 
 func (s *Stream) requestKeyframe() {
@@ -120,12 +132,18 @@ func (s *Stream) requestKeyframe() {
 // attach adds a subscriber, replaying the GOP cache to it first.
 func (s *Stream) attach(sub Subscriber) *Subscription {
 	ss := &Subscription{s: s, sub: sub}
+	ss.bw, _ = sub.(BufferWriter)
 	s.mu.Lock()
 	if s.lingerTimer != nil {
 		s.lingerTimer.Stop()
 		s.lingerTimer = nil
 	}
 	for _, b := range s.gop.Packets() {
+		if ss.bw != nil {
+			b.Retain()
+			ss.bw.WriteBuffer(b)
+			continue
+		}
 		p := b.Packet()
 		sub.WritePacket(&p)
 	}
@@ -167,6 +185,7 @@ func (s *Stream) subscriberCount() int {
 type Subscription struct {
 	s      *Stream
 	sub    Subscriber
+	bw     BufferWriter // sub, when it takes shared buffers
 	closed atomic.Bool
 }
 
