@@ -330,3 +330,45 @@ type tapSub struct{}
 
 func (tapSub) WritePacket(*Packet) {}
 func (tapSub) Tap()                {}
+
+func TestPacketsAreSharedNotCopiedPerViewer(t *testing.T) {
+	h := NewHub(Config{Datacenter: "a", Logger: quietLogger()})
+	defer h.Close()
+	pub, err := h.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	q1, q2 := NewQueue(4), NewQueue(4)
+	for _, q := range []*Queue{q1, q2} {
+		sub, err := h.Subscribe(context.Background(), "x", q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Close()
+	}
+	pub.WriteRTP(0, rtpPacket(t, 1, 1, true, 300))
+	b1, b2 := <-q1.C(), <-q2.C()
+	if b1 != b2 {
+		t.Fatal("each viewer got its own copy of the packet")
+	}
+	if got := b1.refs.Load(); got != 3 { // the GOP cache and two queues
+		t.Fatalf("shared buffer has %d references, want 3", got)
+	}
+	b1.Release()
+	b2.Release()
+	// A third viewer's GOP replay references the same buffer again.
+	q3 := NewQueue(4)
+	sub, err := h.Subscribe(context.Background(), "x", q3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if b3 := <-q3.C(); b3 != b1 || string(b3.Data()) != string(rtpPacket(t, 1, 1, true, 300)) {
+		t.Fatal("GOP replay did not hand out the cached packet")
+	} else {
+		b3.Release()
+	}
+	if got := b1.refs.Load(); got != 1 {
+		t.Fatalf("after the viewers released it the buffer has %d references, want 1 (the GOP cache)", got)
+	}
+}
