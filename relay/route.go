@@ -99,9 +99,6 @@ func linkPeer(l link) string {
 	if ql, ok := l.(*quicLink); ok {
 		return ql.peer
 	}
-	if p, ok := l.(interface{ peerName() string }); ok {
-		return p.peerName()
-	}
 	return ""
 }
 
