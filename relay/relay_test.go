@@ -4,21 +4,14 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/pion/rtp"
 )
-
-// timeScale stretches test timeouts under -race and on slow machines.
-func timeScale() time.Duration {
-	if raceEnabled {
-		return 4
-	}
-	return 2
-}
 
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(&strings.Builder{}, &slog.HandlerOptions{Level: slog.LevelError + 1}))
@@ -79,34 +72,9 @@ func chain(t *testing.T, names ...string) []*Hub {
 		if i == 0 || i == len(hubs)-1 {
 			want = 1
 		}
-		waitFor(t, fmt.Sprintf("%s has %d links", names[i], want), func() bool { return len(h.Links()) == want })
+		testutil.WaitFor(t, fmt.Sprintf("%s has %d links", names[i], want), func() bool { return len(h.Links()) == want })
 	}
 	return hubs
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second * timeScale())
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func checkGoroutines(t *testing.T) {
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-			time.Sleep(20 * time.Millisecond)
-		}
-		if n := runtime.NumGoroutine(); n > before {
-			buf := make([]byte, 1<<16)
-			t.Errorf("goroutines leaked: %d before, %d after\n%s", before, n, buf[:runtime.Stack(buf, true)])
-		}
-	})
 }
 
 func TestLocalPublishSubscribeGOPReplay(t *testing.T) {
@@ -150,7 +118,7 @@ func TestLocalPublishSubscribeGOPReplay(t *testing.T) {
 }
 
 func TestRelayAcrossChain(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckLeaks(t)
 	hubs := chain(t, "a", "b", "c")
 	a, b, c := hubs[0], hubs[1], hubs[2]
 
@@ -160,7 +128,7 @@ func TestRelayAcrossChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pub.Close()
-	waitFor(t, "c learns of x", func() bool {
+	testutil.WaitFor(t, "c learns of x", func() bool {
 		s := c.Streams()
 		return len(s) == 1 && s[0].Origin == "a" && fmt.Sprint(s[0].Hops) == "[a b c]"
 	})
@@ -177,7 +145,7 @@ func TestRelayAcrossChain(t *testing.T) {
 	}
 
 	q := NewQueue(4096)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second*timeScale())
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
 	defer cancel()
 	sub, err := c.Subscribe(ctx, "x", q)
 	if err != nil {
@@ -204,7 +172,7 @@ func TestRelayAcrossChain(t *testing.T) {
 		}
 	}
 	next := uint16(0)
-	timeout := time.After(5 * time.Second * timeScale())
+	timeout := time.After(testutil.Scale(5 * time.Second))
 	for next < 10+live {
 		select {
 		case buf := <-q.C():
@@ -230,13 +198,13 @@ func TestRelayAcrossChain(t *testing.T) {
 	sub.RequestKeyframe()
 	select {
 	case <-keyframes:
-	case <-time.After(2 * time.Second * timeScale()):
+	case <-time.After(testutil.Scale(2 * time.Second)):
 		t.Fatal("keyframe request from c never reached the publisher at a")
 	}
 
 	// When the last subscriber leaves, the stream stops crossing the links.
 	sub.Close()
-	waitFor(t, "b stops relaying x", func() bool {
+	testutil.WaitFor(t, "b stops relaying x", func() bool {
 		for _, s := range b.Streams() {
 			if s.Name == "x" && s.Local {
 				return false
@@ -264,10 +232,10 @@ func TestRelayAcrossChain(t *testing.T) {
 		if !strings.Contains(sub2.Err().Error(), "publisher left") {
 			t.Fatalf("stream ended with %v", sub2.Err())
 		}
-	case <-time.After(2 * time.Second * timeScale()):
+	case <-time.After(testutil.Scale(2 * time.Second)):
 		t.Fatal("c's subscriber was not told the stream ended")
 	}
-	waitFor(t, "c forgets x", func() bool { return len(c.Streams()) == 0 })
+	testutil.WaitFor(t, "c forgets x", func() bool { return len(c.Streams()) == 0 })
 	if _, err := c.Subscribe(ctx, "x", NewQueue(1)); err == nil || !strings.Contains(err.Error(), "not live") {
 		t.Fatalf("subscribing to an ended stream: %v", err)
 	}
@@ -291,7 +259,7 @@ func TestStalledDownstreamDoesNotStopSibling(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pub.Close()
-	waitFor(t, "c learns of x", func() bool { return len(c.Streams()) == 1 })
+	testutil.WaitFor(t, "c learns of x", func() bool { return len(c.Streams()) == 1 })
 	ctx := context.Background()
 	stalled := NewQueue(8) // never read
 	s1, err := c.Subscribe(ctx, "x", stalled)
@@ -315,13 +283,13 @@ func TestStalledDownstreamDoesNotStopSibling(t *testing.T) {
 	}()
 	select {
 	case <-done:
-	case <-time.After(5 * time.Second * timeScale()):
+	case <-time.After(testutil.Scale(5 * time.Second)):
 		t.Fatal("publisher blocked by a stalled subscriber")
 	}
 	if healthy.Len() != n {
 		t.Fatalf("healthy sibling got %d of %d packets", healthy.Len(), n)
 	}
-	waitFor(t, "the stalled queue drops", func() bool { return stalled.Dropped() > 0 })
+	testutil.WaitFor(t, "the stalled queue drops", func() bool { return stalled.Dropped() > 0 })
 	healthy.Drain()
 	stalled.Drain()
 }

@@ -61,13 +61,6 @@ type mediaHeader struct {
 	FragCount uint8
 }
 
-func (h *mediaHeader) len() int {
-	if h.Flags&flagFragment != 0 {
-		return mediaHeaderLen + fragHeaderLen
-	}
-	return mediaHeaderLen
-}
-
 // append appends the encoded header to b.
 func (h *mediaHeader) append(b []byte) []byte {
 	b = append(b, wireVersion<<4|dgramMedia, h.Flags, h.PathID, h.Track)

@@ -1,13 +1,10 @@
 // Command stemflow runs Stemflow: `stemflow dev` for a whole overlay in one
-// process, `stemflow node` for one node of a real deployment.
+// process, `stemflow node` for one node of a real deployment, `stemflow
+// certs` for their certificates. cli.go holds the command line.
 package main
 
-import (
-	"os"
-
-	"github.com/stemflow/stemflow/internal/cli"
-)
+import "os"
 
 func main() {
-	os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(runCLI(os.Args[1:], os.Stdout, os.Stderr))
 }

@@ -13,7 +13,7 @@
 // for the publisher's next keyframe.
 //
 // The package serves no RTSP port itself: [Egress] plugs into the
-// gortsplib.Server that internal/rtspserver shares with the RTSP ingest.
+// gortsplib.Server that node/rtspserver shares with the RTSP ingest.
 package rtsp
 
 import (

@@ -6,10 +6,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stemflow/stemflow/internal/testutil"
 
 	"github.com/bluenviron/gortsplib/v4"
 	"github.com/bluenviron/gortsplib/v4/pkg/base"
@@ -26,7 +27,7 @@ var (
 	testPPS = []byte{0x68, 0xee, 0x3c, 0x80}
 )
 
-// testHandler is the part of internal/rtspserver's handler the egress needs.
+// testHandler is the part of node/rtspserver's handler the egress needs.
 type testHandler struct{ e *Egress }
 
 func (h testHandler) OnDescribe(c *gortsplib.ServerHandlerOnDescribeCtx) (*base.Response, *gortsplib.ServerStream, error) {
@@ -67,9 +68,8 @@ type received struct {
 }
 
 func TestEgress(t *testing.T) {
-	before := runtime.NumGoroutine()
-	watchdog := time.AfterFunc(30*time.Second, func() { panic("TestEgress: watchdog") })
-	defer watchdog.Stop()
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 30*time.Second)
 
 	hub := relay.NewHub(relay.Config{Datacenter: "a", Logger: testLogger()})
 	defer hub.Close()
@@ -192,14 +192,6 @@ func TestEgress(t *testing.T) {
 	e.Close()
 	srv.Close()
 	hub.Close()
-	deadline = time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-	if n := runtime.NumGoroutine(); n > before {
-		buf := make([]byte, 1<<20)
-		t.Errorf("goroutine leak: %d goroutines, %d before\n%s", n, before, buf[:runtime.Stack(buf, true)])
-	}
 }
 
 // play reads a stream with a gortsplib client over TCP.

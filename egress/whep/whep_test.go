@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/pion/rtp"
 	"github.com/pion/webrtc/v4"
 
@@ -28,8 +30,8 @@ type env struct {
 
 func setup(t testing.TB) *env {
 	t.Helper()
-	rtctest.CheckLeaks(t)
-	rtctest.Watchdog(t, 90*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 90*time.Second)
 	e := &env{hub: rtctest.NewHub(t), eng: rtctest.NewEngine(t)}
 	e.srv = New(Config{Hub: e.hub, RTC: e.eng, Logger: rtctest.Quiet})
 	t.Cleanup(func() { e.srv.Close() })
@@ -164,7 +166,7 @@ func TestViewH264AndOpus(t *testing.T) {
 	startSource(t, e.hub, "cam", sourceOptions{})
 	time.Sleep(100 * time.Millisecond) // a GOP in progress: the viewer joins mid-GOP
 	v := e.view(t, "cam", rtctest.ViewOptions{})
-	rtctest.WaitFor(t, "a second of media", func() bool { return len(v.Video()) > 250 && len(v.Audio()) > 40 })
+	testutil.WaitFor(t, "a second of media", func() bool { return len(v.Video()) > 250 && len(v.Audio()) > 40 })
 
 	video, audio := v.Video(), v.Audio()
 	checkVideo(t, "viewer", video)
@@ -248,7 +250,7 @@ func TestViewErrors(t *testing.T) {
 	}
 
 	n := len(healthy.Video())
-	rtctest.WaitFor(t, "the healthy viewer to keep receiving", func() bool { return len(healthy.Video()) > n+30 })
+	testutil.WaitFor(t, "the healthy viewer to keep receiving", func() bool { return len(healthy.Video()) > n+30 })
 	if st := e.srv.Stats(); st.Viewers != 1 {
 		t.Errorf("stats = %+v, want 1 viewer", st)
 	}
@@ -281,7 +283,7 @@ func TestSlowViewerDoesNotHoldBackOthers(t *testing.T) {
 	src := startSource(t, e.hub, "s", sourceOptions{})
 	healthy := e.view(t, "s", rtctest.ViewOptions{})
 	stuck := e.view(t, "s", rtctest.ViewOptions{})
-	rtctest.WaitFor(t, "both viewers to receive", func() bool { return len(healthy.Video()) > 10 && len(stuck.Video()) > 10 })
+	testutil.WaitFor(t, "both viewers to receive", func() bool { return len(healthy.Video()) > 10 && len(stuck.Video()) > 10 })
 
 	// The stuck viewer's writes now hang, as a blocked socket would.
 	sv := e.serverViewer(t, stuck)
@@ -292,7 +294,7 @@ func TestSlowViewerDoesNotHoldBackOthers(t *testing.T) {
 	stuck.Stall.Store(true) // and it stops reading too
 
 	start := len(healthy.Video())
-	rtctest.WaitFor(t, "the healthy viewer to get 2 s of video", func() bool { return len(healthy.Video()) > start+450 })
+	testutil.WaitFor(t, "the healthy viewer to get 2 s of video", func() bool { return len(healthy.Video()) > start+450 })
 	close(bw.release)
 
 	checkVideo(t, "healthy viewer", healthy.Video())
@@ -309,7 +311,7 @@ func TestDeleteViewer(t *testing.T) {
 	e := setup(t)
 	startSource(t, e.hub, "d", sourceOptions{})
 	v := e.view(t, "d", rtctest.ViewOptions{})
-	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	testutil.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	status, err := v.Delete(e.ctx)
 	if err != nil || status != 200 {
 		t.Fatalf("DELETE: %d %v", status, err)
@@ -319,7 +321,7 @@ func TestDeleteViewer(t *testing.T) {
 	}
 	select {
 	case <-v.Closed():
-	case <-time.After(rtctest.Scale(10 * time.Second)):
+	case <-time.After(testutil.Scale(10 * time.Second)):
 		t.Error("viewer's connection still up after DELETE")
 	}
 	if status, _ := v.Delete(e.ctx); status != 404 {
@@ -337,27 +339,27 @@ func TestStreamEndClosesViewer(t *testing.T) {
 	e := setup(t)
 	src := startSource(t, e.hub, "end", sourceOptions{})
 	v := e.view(t, "end", rtctest.ViewOptions{})
-	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	testutil.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	src.close()
 	select {
 	case <-v.Closed():
-	case <-time.After(rtctest.Scale(10 * time.Second)):
+	case <-time.After(testutil.Scale(10 * time.Second)):
 		t.Fatal("viewer's connection still up after the stream ended")
 	}
-	rtctest.WaitFor(t, "the server to drop the viewer", func() bool { return e.srv.Stats().Viewers == 0 })
+	testutil.WaitFor(t, "the server to drop the viewer", func() bool { return e.srv.Stats().Viewers == 0 })
 }
 
 func TestPLIFromViewerReachesPublisher(t *testing.T) {
 	e := setup(t)
 	src := startSource(t, e.hub, "pli", sourceOptions{GOP: 1000})
 	v := e.view(t, "pli", rtctest.ViewOptions{})
-	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	testutil.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	time.Sleep(600 * time.Millisecond) // past the hub's keyframe request coalescing
 	before := src.keyReqs.Load()
 	if err := v.SendPLI(); err != nil {
 		t.Fatal(err)
 	}
-	rtctest.WaitFor(t, "the publisher's OnKeyframeRequest", func() bool { return src.keyReqs.Load() > before })
+	testutil.WaitFor(t, "the publisher's OnKeyframeRequest", func() bool { return src.keyReqs.Load() > before })
 	if st := e.srv.Stats(); st.KeyframeRequests == 0 {
 		t.Errorf("stats = %+v", st)
 	}
@@ -371,13 +373,13 @@ func TestFirstFrameWithoutReplayWaitsForKeyframe(t *testing.T) {
 	v := e.view(t, "late", rtctest.ViewOptions{})
 	select {
 	case <-v.FirstKeyframe():
-	case <-time.After(rtctest.Scale(5 * time.Second)):
+	case <-time.After(testutil.Scale(5 * time.Second)):
 		t.Fatal("no keyframe: the server did not ask the publisher for one")
 	}
 	if src.keyReqs.Load() == 0 {
 		t.Error("the publisher got no keyframe request")
 	}
-	rtctest.WaitFor(t, "more video", func() bool { return len(v.Video()) > 20 })
+	testutil.WaitFor(t, "more video", func() bool { return len(v.Video()) > 20 })
 	checkVideo(t, "viewer", v.Video())
 }
 
@@ -411,7 +413,7 @@ func TestNACKAnsweredFromSharedCache(t *testing.T) {
 	startSource(t, e.hub, "nack", sourceOptions{})
 	v1 := e.view(t, "nack", rtctest.ViewOptions{})
 	v2 := e.view(t, "nack", rtctest.ViewOptions{})
-	rtctest.WaitFor(t, "video", func() bool { return len(v1.Video()) > 50 && len(v2.Video()) > 0 })
+	testutil.WaitFor(t, "video", func() bool { return len(v1.Video()) > 50 && len(v2.Video()) > 0 })
 	e.srv.mu.Lock()
 	caches := len(e.srv.caches)
 	e.srv.mu.Unlock()
@@ -426,7 +428,7 @@ func TestNACKAnsweredFromSharedCache(t *testing.T) {
 	b.w = lw
 	sv.tracks[0].bound.Store(&b)
 	from := len(v1.Video())
-	rtctest.WaitFor(t, "1.5 s of lossy video", func() bool { return len(v1.Video()) > from+350 })
+	testutil.WaitFor(t, "1.5 s of lossy video", func() bool { return len(v1.Video()) > from+350 })
 	time.Sleep(300 * time.Millisecond) // the last NACKs
 
 	pkts := v1.Video()[from:]
@@ -458,7 +460,7 @@ func TestCloseEndsViewers(t *testing.T) {
 	e := setup(t)
 	startSource(t, e.hub, "c", sourceOptions{})
 	v := e.view(t, "c", rtctest.ViewOptions{})
-	rtctest.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
+	testutil.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
 	if err := e.srv.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -467,7 +469,7 @@ func TestCloseEndsViewers(t *testing.T) {
 	}
 	select {
 	case <-v.Closed():
-	case <-time.After(rtctest.Scale(10 * time.Second)):
+	case <-time.After(testutil.Scale(10 * time.Second)):
 		t.Error("viewer still connected after Close")
 	}
 }

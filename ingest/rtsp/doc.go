@@ -11,5 +11,5 @@
 // none of H264, VP8 or Opus is refused with an RTSP error that names the codecs.
 //
 // The package serves no RTSP port itself: [Handler] plugs into the
-// gortsplib.Server that internal/rtspserver shares with the RTSP egress.
+// gortsplib.Server that node/rtspserver shares with the RTSP egress.
 package rtsp

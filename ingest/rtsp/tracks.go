@@ -80,7 +80,7 @@ func planFormat(m *description.Media, f format.Format) (plannedTrack, bool) {
 		pt.newProc = func(ssrc uint32) (processor, error) { return newVP8Proc(f, ssrc) }
 	case *format.Opus:
 		fmtp := "minptime=10;useinbandfec=1"
-		if f.ChannelCount == 2 || f.IsStereo { //nolint:staticcheck // older SDPs
+		if f.ChannelCount == 2 { // gortsplib sets it from sprop-stereo too
 			fmtp += ";sprop-stereo=1"
 		}
 		pt.track = relay.Track{Kind: relay.KindAudio, MimeType: relay.MimeOpus, ClockRate: 48000, Channels: 2,

@@ -2,13 +2,14 @@ package whip_test
 
 import (
 	"context"
-	"fmt"
 	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/stemflow/stemflow/internal/testutil"
 
 	"github.com/stemflow/stemflow/ingest/whip"
 	"github.com/stemflow/stemflow/internal/rtc/rtctest"
@@ -19,15 +20,14 @@ type env struct {
 	hub  *relay.Hub
 	srv  *whip.Server
 	url  string // http://127.0.0.1:port
-	eng  interface{ Close() error }
 	ctx  context.Context
 	opts rtctest.PublishOptions
 }
 
 func setup(t *testing.T, token string) *env {
 	t.Helper()
-	rtctest.CheckLeaks(t)
-	rtctest.Watchdog(t, 60*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
 	e := &env{hub: rtctest.NewHub(t)}
 	e.srv = whip.New(whip.Config{Hub: e.hub, RTC: rtctest.NewEngine(t), Token: token, Logger: rtctest.Quiet})
 	t.Cleanup(func() { e.srv.Close() })
@@ -128,7 +128,7 @@ func TestPublishH264AndOpus(t *testing.T) {
 
 	stop := make(chan struct{})
 	wg := feed(t, p, stop)
-	rtctest.WaitFor(t, "two keyframes and audio", func() bool {
+	testutil.WaitFor(t, "two keyframes and audio", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		keys := 0
@@ -186,7 +186,7 @@ func TestBadRequests(t *testing.T) {
 	stop := make(chan struct{})
 	wg := feed(t, p, stop)
 	defer func() { close(stop); wg.Wait() }()
-	rtctest.WaitFor(t, "packets", func() bool { return c.received.Load() > 10 })
+	testutil.WaitFor(t, "packets", func() bool { return c.received.Load() > 10 })
 
 	noCodec := sdpHead + "m=video 9 UDP/TLS/RTP/SAVPF 98 99\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\n" +
 		"a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=setup:actpass\r\n" +
@@ -258,7 +258,7 @@ func TestBadRequests(t *testing.T) {
 
 	// The live stream kept flowing through all of this.
 	before := c.received.Load()
-	rtctest.WaitFor(t, "the live stream to keep flowing", func() bool { return c.received.Load() > before+20 })
+	testutil.WaitFor(t, "the live stream to keep flowing", func() bool { return c.received.Load() > before+20 })
 	select {
 	case <-c.sub.Done():
 		t.Fatal("the live stream ended")
@@ -284,7 +284,7 @@ func TestDeleteEndsStream(t *testing.T) {
 	}
 	select {
 	case <-c.sub.Done():
-	case <-time.After(rtctest.Scale(2 * time.Second)):
+	case <-time.After(testutil.Scale(2 * time.Second)):
 		t.Fatal("stream did not end after DELETE")
 	}
 	for _, s := range e.hub.Streams() {
@@ -306,10 +306,10 @@ func TestPublisherLeavingEndsStream(t *testing.T) {
 	p.Close()
 	select {
 	case <-c.sub.Done():
-	case <-time.After(rtctest.Scale(15 * time.Second)):
+	case <-time.After(testutil.Scale(15 * time.Second)):
 		t.Fatal("stream did not end when the publisher closed its PeerConnection")
 	}
-	rtctest.WaitFor(t, "the session to go", func() bool { return e.srv.Sessions() == 0 })
+	testutil.WaitFor(t, "the session to go", func() bool { return e.srv.Sessions() == 0 })
 }
 
 func TestPLIReachesPublisher(t *testing.T) {
@@ -319,10 +319,10 @@ func TestPLIReachesPublisher(t *testing.T) {
 	stop := make(chan struct{})
 	wg := feed(t, p, stop) // the server learns the video SSRC from the first packet
 	defer func() { close(stop); wg.Wait() }()
-	rtctest.WaitFor(t, "video", func() bool { return c.received.Load() > 0 })
+	testutil.WaitFor(t, "video", func() bool { return c.received.Load() > 0 })
 	before := p.PLIs()
 	c.sub.RequestKeyframe()
-	rtctest.WaitFor(t, "a PLI at the publisher", func() bool { return p.PLIs() > before })
+	testutil.WaitFor(t, "a PLI at the publisher", func() bool { return p.PLIs() > before })
 }
 
 func TestCloseEndsSessions(t *testing.T) {
@@ -337,7 +337,7 @@ func TestCloseEndsSessions(t *testing.T) {
 	default:
 		t.Fatal("Close returned before the stream ended")
 	}
-	status, body, _ := post(t, e.url+"/whip/a2", "application/sdp", "", fmt.Sprint("x"))
+	status, body, _ := post(t, e.url+"/whip/a2", "application/sdp", "", "x")
 	if status < 400 {
 		t.Errorf("POST after Close: %d %s", status, body)
 	}

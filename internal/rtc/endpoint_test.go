@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/stemflow/stemflow/internal/rtc"
 	"github.com/stemflow/stemflow/internal/rtc/rtctest"
 )
@@ -30,8 +32,8 @@ const endpointOffer = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n" +
 	"m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\na=rtpmap:96 VP8/90000\r\n"
 
 func TestEndpoint(t *testing.T) {
-	rtctest.CheckLeaks(t)
-	rtctest.Watchdog(t, 30*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 30*time.Second)
 	errClosed := errors.New("test: endpoint closed")
 	var refuse atomic.Bool
 	ended := make(chan error, 4)

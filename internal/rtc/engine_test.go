@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/pion/interceptor"
 	"github.com/pion/webrtc/v4"
 
@@ -37,7 +39,7 @@ func candidateAddrs(t *testing.T, sdp string) []string {
 // answerWith makes a pion offerer and answers it with an engine's API.
 func answerWith(t *testing.T, e *rtc.Engine) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(10*time.Second))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Second))
 	defer cancel()
 	client := rtctest.NewEngine(t)
 	cm := &webrtc.MediaEngine{}
@@ -79,8 +81,8 @@ func answerWith(t *testing.T, e *rtc.Engine) string {
 }
 
 func TestAnswerCandidatesOnlyConfiguredIP(t *testing.T) {
-	rtctest.CheckLeaks(t)
-	rtctest.Watchdog(t, 30*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 30*time.Second)
 	for _, port := range []int{0, freeUDPPort(t)} {
 		e, err := rtc.New(rtc.Config{IPs: []string{"127.0.0.1"}, UDPPort: port})
 		if err != nil {
@@ -104,8 +106,8 @@ func TestAnswerCandidatesOnlyConfiguredIP(t *testing.T) {
 }
 
 func TestNAT1To1ReplacesHostAddress(t *testing.T) {
-	rtctest.CheckLeaks(t)
-	rtctest.Watchdog(t, 30*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 30*time.Second)
 	e, err := rtc.New(rtc.Config{IPs: []string{"127.0.0.1"}, NAT1To1IPs: []string{"203.0.113.7"}})
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/stemflow/stemflow/relay"
 )
 
@@ -37,7 +39,7 @@ func Serve(t testing.TB, prefix string, h http.Handler) string {
 // Context returns a context that ends after d (scaled) or when the test
 // ends.
 func Context(t testing.TB, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), Scale(d))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(d))
 	t.Cleanup(cancel)
 	return ctx
 }

@@ -1,6 +1,7 @@
-// Package cli implements the stemflow command line: dev, node, certs and
-// version. Only this package and cmd/ print to the terminal.
-package cli
+// The command line: dev, node, certs and version. Only cmd/stemflow prints
+// to the terminal.
+
+package main
 
 import (
 	"context"
@@ -15,12 +16,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/stemflow/stemflow/internal/node"
+	"github.com/stemflow/stemflow/node"
 	"github.com/stemflow/stemflow/relay"
 	"github.com/stemflow/stemflow/topology"
 )
 
-// Version is set at build time with -ldflags "-X .../internal/cli.Version=...".
+// Version is set at build time with -ldflags "-X main.Version=...".
 var Version = "0.1.0-dev"
 
 const usage = `stemflow — live video and chat across datacenters
@@ -34,8 +35,8 @@ Usage:
 Run 'stemflow COMMAND --help' for a command's flags.
 `
 
-// Main runs the command line and returns the exit code.
-func Main(args []string, stdout, stderr io.Writer) int {
+// runCLI runs the command line and returns the exit code.
+func runCLI(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2

@@ -3,62 +3,27 @@ package rtspserver
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/stemflow/stemflow/relay"
 )
-
-// scaled multiplies d by $STEMFLOW_TIMEOUT_SCALE (default 1), for slow
-// machines and -race runs.
-func scaled(d time.Duration) time.Duration {
-	f, err := strconv.ParseFloat(os.Getenv("STEMFLOW_TIMEOUT_SCALE"), 64)
-	if err != nil || f <= 0 {
-		f = 1
-	}
-	return time.Duration(float64(d) * f)
-}
 
 func testLogger(t *testing.T) *slog.Logger {
 	if testing.Verbose() {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-// watchdog fails the test with every goroutine's stack if it runs longer
-// than d, and checks at the end that the test's goroutines have exited.
-func watchdog(t *testing.T, d time.Duration) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	timer := time.AfterFunc(scaled(d), func() {
-		buf := make([]byte, 1<<20)
-		n := runtime.Stack(buf, true)
-		fmt.Fprintf(os.Stderr, "%s: watchdog fired after %s\n%s", t.Name(), scaled(d), buf[:n])
-		os.Exit(2)
-	})
-	t.Cleanup(func() {
-		timer.Stop()
-		deadline := time.Now().Add(scaled(5 * time.Second))
-		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-			time.Sleep(50 * time.Millisecond)
-		}
-		if n := runtime.NumGoroutine(); n > before {
-			buf := make([]byte, 1<<20)
-			m := runtime.Stack(buf, true)
-			t.Errorf("goroutine leak: %d goroutines, %d before\n%s", n, before, buf[:m])
-		}
-	})
 }
 
 // startServer starts a server on a free even port of 127.0.0.1 (UDP on the
@@ -114,8 +79,8 @@ func (f *ffmpeg) wait(t *testing.T, d time.Duration) error {
 	select {
 	case <-f.done:
 		return f.err
-	case <-time.After(scaled(d)):
-		t.Fatalf("ffmpeg still running after %s: %s\nstderr:\n%s", scaled(d), f.cmd, f.Stderr())
+	case <-time.After(testutil.Scale(d)):
+		t.Fatalf("ffmpeg still running after %s: %s\nstderr:\n%s", testutil.Scale(d), f.cmd, f.Stderr())
 		return nil
 	}
 }
@@ -127,7 +92,7 @@ func startFFmpeg(t *testing.T, args ...string) *ffmpeg {
 	if _, err := exec.LookPath("ffmpeg"); err != nil {
 		t.Skip("ffmpeg not installed")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), scaled(time.Minute))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(time.Minute))
 	f := &ffmpeg{done: make(chan struct{})}
 	f.cmd = exec.CommandContext(ctx, "ffmpeg", append([]string{"-hide_banner", "-nostdin", "-y"}, args...)...)
 	f.cmd.Stderr = f
@@ -179,7 +144,7 @@ func publishArgs(url, transport string, secs int) []string {
 // subscribe waits until the stream is live on hub and subscribes to it.
 func subscribe(t *testing.T, hub *relay.Hub, name string, d time.Duration) (*relay.Subscription, *relay.Queue) {
 	t.Helper()
-	deadline := time.Now().Add(scaled(d))
+	deadline := time.Now().Add(testutil.Scale(d))
 	for {
 		q := relay.NewQueue(8192)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
@@ -190,7 +155,7 @@ func subscribe(t *testing.T, hub *relay.Hub, name string, d time.Duration) (*rel
 			return sub, q
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("stream %q not live after %s: %v", name, scaled(d), err)
+			t.Fatalf("stream %q not live after %s: %v", name, testutil.Scale(d), err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

@@ -25,7 +25,7 @@ import (
 const netnsEnv = "STEMFLOW_E2E_NETNS"
 
 // artifactsEnv names the folder for screenshots; the default is
-// internal/e2e/artifacts.
+// node/e2e/artifacts.
 const artifactsEnv = "STEMFLOW_ARTIFACTS"
 
 // inNetns reports whether this is the inner run, inside the namespace.

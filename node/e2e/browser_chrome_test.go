@@ -10,9 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/chromedp/chromedp"
+	"github.com/stemflow/stemflow/internal/testutil"
 
-	"github.com/stemflow/stemflow/internal/rtc/rtctest"
+	"github.com/chromedp/chromedp"
 )
 
 // chromiumEnv overrides the browser binary (default /usr/bin/chromium).
@@ -128,7 +128,7 @@ func (b *browser) newTab(name string) *tab {
 // pages stream media forever; "commit" is enough).
 func (tb *tab) navigate(url string) {
 	tb.b.t.Helper()
-	ctx, cancel := context.WithTimeout(tb.ctx, rtctest.Scale(15*time.Second))
+	ctx, cancel := context.WithTimeout(tb.ctx, testutil.Scale(15*time.Second))
 	defer cancel()
 	if err := chromedp.Do(ctx, chromedp.Navigate(url)); err != nil {
 		tb.fatalf("cannot open %s: %v", url, err)
@@ -137,7 +137,7 @@ func (tb *tab) navigate(url string) {
 
 // eval evaluates a JavaScript expression and decodes its JSON value into v.
 func (tb *tab) eval(expr string, v any) error {
-	ctx, cancel := context.WithTimeout(tb.ctx, rtctest.Scale(5*time.Second))
+	ctx, cancel := context.WithTimeout(tb.ctx, testutil.Scale(5*time.Second))
 	defer cancel()
 	raw, err := chromedp.Run(ctx, chromedp.Evaluate[[]byte](expr))
 	if err != nil {
@@ -151,7 +151,7 @@ func (tb *tab) eval(expr string, v any) error {
 // fails the test after timeout, naming what it waited for and the last value.
 func waitFor[T any](tb *tab, what, expr string, timeout time.Duration, done func(T) bool) T {
 	tb.b.t.Helper()
-	deadline := time.Now().Add(rtctest.Scale(timeout))
+	deadline := time.Now().Add(testutil.Scale(timeout))
 	var last T
 	var lastErr error
 	for {
@@ -172,14 +172,14 @@ func waitFor[T any](tb *tab, what, expr string, timeout time.Duration, done func
 		}
 	}
 	state, _ := json.Marshal(last)
-	tb.fatalf("%s: not within %v; last value %s (error: %v)", what, rtctest.Scale(timeout), state, lastErr)
+	tb.fatalf("%s: not within %v; last value %s (error: %v)", what, testutil.Scale(timeout), state, lastErr)
 	panic("unreachable")
 }
 
 // screenshot saves a PNG of the tab's viewport as artifacts/<file>.
 func (tb *tab) screenshot(file string) string {
 	tb.b.t.Helper()
-	ctx, cancel := context.WithTimeout(tb.ctx, rtctest.Scale(10*time.Second))
+	ctx, cancel := context.WithTimeout(tb.ctx, testutil.Scale(10*time.Second))
 	defer cancel()
 	png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
 	if err != nil {

@@ -12,11 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/pion/rtp"
 	"github.com/pion/rtp/codecs"
 
-	"github.com/stemflow/stemflow/internal/node"
 	"github.com/stemflow/stemflow/internal/rtc/rtctest"
+	"github.com/stemflow/stemflow/node"
 )
 
 func pipelineLogger() *slog.Logger {
@@ -28,7 +30,7 @@ func pipelineLogger() *slog.Logger {
 // not collide.
 func startChain(t *testing.T, httpPort, rtspPort int) *node.Cluster {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(20*time.Second))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(20*time.Second))
 	defer cancel()
 	c, err := node.StartDev(ctx, node.DevConfig{
 		DCs: []string{"a", "b", "c"}, Bind: "127.0.0.1", HTTPPort: httpPort, RTSPPort: rtspPort,
@@ -44,7 +46,7 @@ func startChain(t *testing.T, httpPort, rtspPort int) *node.Cluster {
 // waitAnnounced waits until datacenter i knows that stream name is live.
 func waitAnnounced(t *testing.T, c *node.Cluster, i int, name string) {
 	t.Helper()
-	deadline := time.Now().Add(rtctest.Scale(10 * time.Second))
+	deadline := time.Now().Add(testutil.Scale(10 * time.Second))
 	for time.Now().Before(deadline) {
 		for _, s := range c.Nodes[i].Hub().Streams() {
 			if s.Name == name {
@@ -61,7 +63,7 @@ func waitAnnounced(t *testing.T, c *node.Cluster, i int, name string) {
 // lookahead holds back the first frames for about a second).
 func waitFlowing(t *testing.T, c *node.Cluster, i int, name string) {
 	t.Helper()
-	deadline := time.Now().Add(rtctest.Scale(10 * time.Second))
+	deadline := time.Now().Add(testutil.Scale(10 * time.Second))
 	for time.Now().Before(deadline) {
 		for _, s := range c.Nodes[i].Hub().Streams() {
 			if s.Name == name && s.Packets > 100 {
@@ -178,20 +180,20 @@ func checkVideo(t *testing.T, pkts []rtctest.Packet, window time.Duration, minFP
 func TestFFmpegRTSPAtAToWHEPAtC(t *testing.T) {
 	for i, transport := range []string{"udp", "tcp"} {
 		t.Run(transport, func(t *testing.T) {
-			rtctest.Watchdog(t, 60*time.Second)
+			testutil.Watchdog(t, 60*time.Second)
 			c := startChain(t, 18180+10*i, 18554+10*i)
 			ffmpegPublish(t, c.RTSPURL(0, "x"), transport == "tcp")
 			waitAnnounced(t, c, 2, "x")
 			waitFlowing(t, c, 0, "x")
-			ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(30*time.Second))
+			ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 			defer cancel()
 			v := view(t, ctx, c.HTTPURL(2)+"/whep/x")
 			select {
 			case <-v.FirstKeyframe():
-				if d := time.Since(v.Started); d > rtctest.Scale(time.Second) {
+				if d := time.Since(v.Started); d > testutil.Scale(time.Second) {
 					t.Errorf("first keyframe after %v, want within 1 s", d)
 				}
-			case <-time.After(rtctest.Scale(time.Second)):
+			case <-time.After(testutil.Scale(time.Second)):
 				t.Fatal("no H264 keyframe within 1 s")
 			}
 			codec, _ := v.VideoCodec()
@@ -214,9 +216,9 @@ func TestFFmpegRTSPAtAToWHEPAtC(t *testing.T) {
 }
 
 func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
-	rtctest.Watchdog(t, 60*time.Second)
+	testutil.Watchdog(t, 60*time.Second)
 	c := startChain(t, 18280, 18654)
-	ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(30*time.Second))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 	defer cancel()
 	pub, err := rtctest.Publish(ctx, rtctest.NewEngine(t), c.HTTPURL(0)+"/whip/y", rtctest.PublishOptions{})
 	if err != nil {
@@ -256,12 +258,12 @@ func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
 	v := view(t, ctx, c.HTTPURL(2)+"/whep/y")
 	select {
 	case <-v.FirstKeyframe():
-	case <-time.After(rtctest.Scale(time.Second)):
+	case <-time.After(testutil.Scale(time.Second)):
 		t.Fatal("WHEP viewer at c got no keyframe within 1 s")
 	}
 
 	// An RTSP reader at b decodes frames of the same stream.
-	rctx, rcancel := context.WithTimeout(ctx, rtctest.Scale(20*time.Second))
+	rctx, rcancel := context.WithTimeout(ctx, testutil.Scale(20*time.Second))
 	defer rcancel()
 	out, err := exec.CommandContext(rctx, "ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp",
 		"-i", c.RTSPURL(1, "y"), "-map", "0:v", "-frames:v", "30", "-f", "framemd5", "-").Output()
@@ -286,9 +288,9 @@ func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
 }
 
 func TestSecondPublisherElsewhereIsRefused(t *testing.T) {
-	rtctest.Watchdog(t, 60*time.Second)
+	testutil.Watchdog(t, 60*time.Second)
 	c := startChain(t, 18380, 18754)
-	ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(30*time.Second))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 	defer cancel()
 	eng := rtctest.NewEngine(t)
 	pub, err := rtctest.Publish(ctx, eng, c.HTTPURL(0)+"/whip/z", rtctest.PublishOptions{})

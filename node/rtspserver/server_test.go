@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/testutil"
+
 	"github.com/stemflow/stemflow/relay"
 )
 
@@ -139,7 +141,10 @@ func checkReport(t *testing.T, r *mediaReport, secs float64) {
 	if r.maxSize > 1200 {
 		t.Errorf("packets up to %d bytes, want at most 1200", r.maxSize)
 	}
-	if min := int(25 * secs); len(r.videoTimestamps) < min {
+	// ffmpeg -re falls below real time when the machine is busy (0.77x seen
+	// on 2 cores while Go compiled beside it), so ask for half the frame
+	// rate: enough to tell a flowing stream from a broken one.
+	if min := int(15 * secs); len(r.videoTimestamps) < min {
 		t.Errorf("%d video frames in %.0f s, want at least %d", len(r.videoTimestamps), secs, min)
 	}
 	if r.seqGaps != 0 {
@@ -153,7 +158,8 @@ func checkReport(t *testing.T, r *mediaReport, secs float64) {
 func TestPublishFFmpeg(t *testing.T) {
 	for _, transport := range []string{"udp", "tcp"} {
 		t.Run(transport, func(t *testing.T) {
-			watchdog(t, 60*time.Second)
+			testutil.CheckLeaks(t)
+			testutil.Watchdog(t, 60*time.Second)
 			hub := newHub(t, "a")
 			srv := startServer(t, hub, nil)
 			name := "cam-" + transport
@@ -171,7 +177,8 @@ func TestPublishFFmpeg(t *testing.T) {
 }
 
 func TestPublisherLeavingEndsStream(t *testing.T) {
-	watchdog(t, 60*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
 	hub := newHub(t, "a")
 	srv := startServer(t, hub, nil)
 	pub := startFFmpeg(t, publishArgs("rtsp://"+srv.Addr()+"/short", "udp", 3)...)
@@ -181,13 +188,14 @@ func TestPublisherLeavingEndsStream(t *testing.T) {
 	}
 	select {
 	case <-sub.Done():
-	case <-time.After(scaled(5 * time.Second)):
+	case <-time.After(testutil.Scale(5 * time.Second)):
 		t.Fatal("stream still live 5 s after the publisher left")
 	}
 }
 
 func TestRefusals(t *testing.T) {
-	watchdog(t, 90*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 90*time.Second)
 	hub := newHub(t, "a")
 	srv := startServer(t, hub, nil)
 	base := "rtsp://" + srv.Addr() + "/"
@@ -231,7 +239,8 @@ func TestRefusals(t *testing.T) {
 }
 
 func TestReadFFmpeg(t *testing.T) {
-	watchdog(t, 90*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 90*time.Second)
 	hub := newHub(t, "a")
 	srv := startServer(t, hub, nil)
 	base := "rtsp://" + srv.Addr() + "/"
@@ -276,13 +285,14 @@ func TestReadFFmpeg(t *testing.T) {
 }
 
 func TestPullSource(t *testing.T) {
-	watchdog(t, 90*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 90*time.Second)
 	camHub := newHub(t, "cam")
 	camera := startServer(t, camHub, nil)
 	hub := newHub(t, "a")
 	// The source starts before the camera has a stream: it must retry.
 	startServer(t, hub, map[string]string{"pulled": "rtsp://" + camera.Addr() + "/cam"})
-	time.Sleep(scaled(1500 * time.Millisecond))
+	time.Sleep(testutil.Scale(1500 * time.Millisecond))
 	if len(hub.Streams()) != 0 {
 		t.Fatalf("stream published before the camera had one: %+v", hub.Streams())
 	}
@@ -293,7 +303,8 @@ func TestPullSource(t *testing.T) {
 }
 
 func TestConfigErrors(t *testing.T) {
-	watchdog(t, 20*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 20*time.Second)
 	hub := newHub(t, "a")
 	for _, c := range []struct {
 		cfg  Config

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stemflow/stemflow/internal/rtc/rtctest"
+	"github.com/stemflow/stemflow/internal/testutil"
 )
 
 // TestBrowserPublishWatch publishes a fake camera from headless Chromium to
@@ -16,17 +16,17 @@ import (
 // stream exists, then decoded frames of a real size that keep coming, the stream in c's list, a clear 409 for a second publisher of
 // the same name in b, and the player falling back to "waiting" once the
 // publisher stops. Screenshots of every page go to $STEMFLOW_ARTIFACTS
-// (default internal/e2e/artifacts).
+// (default node/e2e/artifacts).
 func TestBrowserPublishWatch(t *testing.T) {
 	if !inNetns() {
 		requireChromium(t)
-		runInNetns(t, rtctest.Scale(100*time.Second))
+		runInNetns(t, testutil.Scale(100*time.Second))
 		return
 	}
-	rtctest.CheckLeaks(t)
-	rtctest.Watchdog(t, 90*time.Second)
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 90*time.Second)
 	requireLoopbackOnly(t)
-	ctx, cancel := context.WithTimeout(context.Background(), rtctest.Scale(85*time.Second))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(85*time.Second))
 	t.Cleanup(cancel)
 
 	urls := startCluster(t, ctx) // datacenters a, b, c

@@ -5,9 +5,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stemflow/stemflow/internal/node"
+	"github.com/stemflow/stemflow/internal/testutil"
 
-	"github.com/stemflow/stemflow/internal/rtc/rtctest"
+	"github.com/stemflow/stemflow/node"
 )
 
 // startCluster starts datacenters a, b and c (a–b–c) in this process and
@@ -15,7 +15,7 @@ import (
 // so fixed ports cannot collide with anything.
 func startCluster(t *testing.T, ctx context.Context) []string {
 	t.Helper()
-	sctx, cancel := context.WithTimeout(ctx, rtctest.Scale(20*time.Second))
+	sctx, cancel := context.WithTimeout(ctx, testutil.Scale(20*time.Second))
 	defer cancel()
 	c, err := node.StartDev(sctx, node.DevConfig{
 		DCs:      []string{"a", "b", "c"},

@@ -19,7 +19,7 @@ import (
 	"github.com/stemflow/stemflow/egress/whep"
 	"github.com/stemflow/stemflow/ingest/whip"
 	"github.com/stemflow/stemflow/internal/rtc"
-	"github.com/stemflow/stemflow/internal/rtspserver"
+	"github.com/stemflow/stemflow/node/rtspserver"
 	"github.com/stemflow/stemflow/player"
 	"github.com/stemflow/stemflow/relay"
 )

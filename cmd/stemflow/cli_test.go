@@ -1,4 +1,4 @@
-package cli
+package main
 
 import (
 	"os"
@@ -11,7 +11,7 @@ import (
 
 func run(args ...string) (code int, stdout, stderr string) {
 	var out, errb strings.Builder
-	code = Main(args, &out, &errb)
+	code = runCLI(args, &out, &errb)
 	return code, out.String(), errb.String()
 }
 

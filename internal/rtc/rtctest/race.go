@@ -1,5 +1,0 @@
-//go:build race
-
-package rtctest
-
-const raceEnabled = true
