@@ -8,7 +8,7 @@ import (
 )
 
 func TestSampleConfigsParse(t *testing.T) {
-	files, err := filepath.Glob("../../deploy/*.yaml")
+	files, err := filepath.Glob("../deploy/*.yaml")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no sample configs in deploy/: %v", err)
 	}
@@ -25,7 +25,7 @@ func TestSampleConfigsParse(t *testing.T) {
 }
 
 func TestConfigErrorsNameTheField(t *testing.T) {
-	base, err := os.ReadFile("../../deploy/node-us.yaml")
+	base, err := os.ReadFile("../deploy/node-us.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
