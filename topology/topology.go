@@ -1,7 +1,8 @@
-// Package topology decides which datacenters link to which. Until the
-// topology manager (relay trees computed from link measurements, kept in
-// etcd) lands, it offers the static layouts that `stemflow dev` and simple
-// deployments use.
+// Package topology decides which datacenters link to which and which way
+// each stream flows. tree.go computes relay trees from link measurements
+// (pure, no I/O: the topology manager will run it on what it reads from
+// etcd); this file holds the static layouts that `stemflow dev` and simple
+// deployments use until the manager lands.
 package topology
 
 import (
