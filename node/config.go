@@ -1,15 +1,20 @@
 package node
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"strconv"
 	"strings"
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/stemflow/stemflow/node/rtspserver"
 	"github.com/stemflow/stemflow/relay"
 	"github.com/stemflow/stemflow/topology"
 )
@@ -34,6 +39,9 @@ type Config struct {
 		// and +1001.
 		RTPAddress  string `yaml:"rtp_address"`
 		RTCPAddress string `yaml:"rtcp_address"`
+		// UDP, when false, serves RTSP over TCP only (publishers and readers
+		// use "-rtsp_transport tcp"); no UDP port is opened. Default true.
+		UDP *bool `yaml:"udp"`
 	} `yaml:"rtsp"`
 	Overlay struct {
 		Listen string `yaml:"listen"` // UDP, default ":7000"
@@ -68,32 +76,300 @@ type Config struct {
 	identity *relay.Identity
 }
 
-// LoadConfig reads and validates a YAML config file. Unknown keys are errors.
+// LoadConfig reads and validates a YAML config file. Its errors name the
+// file, the line and the key: unknown keys, values of the wrong type and
+// values that fail Validate. Relative paths in overlay.tls are relative to
+// the directory of the file.
 func LoadConfig(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := ParseConfig(data)
+	cfg, err := parseConfig(path, data)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, err
+	}
+	for _, p := range []*string{&cfg.Overlay.TLS.CA, &cfg.Overlay.TLS.Cert, &cfg.Overlay.TLS.Key} {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(filepath.Dir(path), *p)
+		}
 	}
 	return cfg, nil
 }
 
-// ParseConfig decodes YAML strictly, applies defaults and validates.
-func ParseConfig(data []byte) (*Config, error) {
-	var cfg Config
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil {
+// ParseConfig decodes YAML strictly, applies defaults and validates. Its
+// errors name the line as "config:LINE:".
+func ParseConfig(data []byte) (*Config, error) { return parseConfig("config", data) }
+
+func parseConfig(name string, data []byte) (*Config, error) {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, yamlError(name, err, nil)
+	}
+	if len(doc.Content) == 0 {
+		return nil, fmt.Errorf("%s is empty: write a node config (samples in deploy/, e.g. deploy/node-eu.yaml; keys: %s)",
+			name, strings.Join(yamlKeys(reflect.TypeFor[Config]()), ", "))
+	}
+	root := doc.Content[0]
+	if root.Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("%s:%d: a node config is a mapping of keys (%s), not a %s",
+			name, root.Line, strings.Join(yamlKeys(reflect.TypeFor[Config]()), ", "), kindName(root))
+	}
+	w := keyWalker{file: name, lines: map[string]int{}, valueKey: map[int]string{}}
+	w.walk(root, reflect.TypeFor[Config](), "")
+	if err := errors.Join(w.errs...); err != nil {
 		return nil, err
+	}
+	var cfg Config
+	if err := root.Decode(&cfg); err != nil {
+		return nil, yamlError(name, err, w.valueKey)
 	}
 	cfg.SetDefaults()
 	if err := cfg.Validate(); err != nil {
-		return nil, err
+		return nil, w.locate(err)
 	}
 	return &cfg, nil
+}
+
+// keyWalker checks a YAML tree against the Config struct: every key must be
+// a field's yaml name. It records the line of every key it passes, so that
+// later errors can name it.
+type keyWalker struct {
+	file     string
+	errs     []error
+	lines    map[string]int // dotted key ("rtsp.listen") → line
+	valueKey map[int]string // line of a scalar value → its dotted key
+}
+
+func (w *keyWalker) walk(n *yaml.Node, t reflect.Type, path string) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if n.Kind != yaml.MappingNode {
+		if n.Kind == yaml.ScalarNode {
+			w.valueKey[n.Line] = path
+		}
+		return
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			f, ok := fieldByYAMLName(t, k.Value)
+			if !ok {
+				where := "at the top level"
+				if path != "" {
+					where = "in " + path
+				}
+				w.errs = append(w.errs, fmt.Errorf("%s:%d: unknown key %q %s (known: %s)",
+					w.file, k.Line, k.Value, where, strings.Join(yamlKeys(t), ", ")))
+				continue
+			}
+			key := join(path, k.Value)
+			w.lines[key] = k.Line
+			w.walk(v, f.Type, key)
+		}
+	case reflect.Map:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key := join(path, n.Content[i].Value)
+			w.lines[key] = n.Content[i].Line
+			w.walk(n.Content[i+1], t.Elem(), key)
+		}
+	}
+}
+
+// locate prefixes the file and line to each *FieldError in err.
+func (w *keyWalker) locate(err error) error {
+	var errs []error
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	} else {
+		errs = []error{err}
+	}
+	out := make([]error, len(errs))
+	for i, e := range errs {
+		out[i] = fmt.Errorf("%s: %w", w.file, e)
+		var fe *FieldError
+		if !errors.As(e, &fe) {
+			continue
+		}
+		// The key itself, or the closest enclosing key the file has.
+		for key := fe.Field; key != ""; key = parent(key) {
+			if line, ok := w.lines[key]; ok {
+				out[i] = fmt.Errorf("%s:%d: %w", w.file, line, e)
+				break
+			}
+		}
+	}
+	return errors.Join(out...)
+}
+
+var yamlLine = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+
+// yamlError turns yaml.v3's "yaml: line 3: ..." and "line 3: cannot
+// unmarshal ..." into "FILE:3: KEY: ...".
+func yamlError(file string, err error, valueKey map[int]string) error {
+	var msgs []string
+	var te *yaml.TypeError
+	if errors.As(err, &te) {
+		msgs = te.Errors
+	} else {
+		msgs = []string{err.Error()}
+	}
+	out := make([]error, len(msgs))
+	for i, m := range msgs {
+		sub := yamlLine.FindStringSubmatch(m)
+		if sub == nil {
+			out[i] = fmt.Errorf("%s: %s", file, strings.TrimPrefix(m, "yaml: "))
+			continue
+		}
+		line, _ := strconv.Atoi(sub[1])
+		if key := valueKey[line]; key != "" {
+			out[i] = fmt.Errorf("%s:%d: %s: %s", file, line, key, sub[2])
+		} else {
+			out[i] = fmt.Errorf("%s:%d: %s", file, line, sub[2])
+		}
+	}
+	return errors.Join(out...)
+}
+
+func fieldByYAMLName(t reflect.Type, name string) (reflect.StructField, bool) {
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if f.IsExported() && yamlName(f) == name {
+			return f, true
+		}
+	}
+	return reflect.StructField{}, false
+}
+
+// yamlKeys lists the yaml names of a struct's fields, in order.
+func yamlKeys(t reflect.Type) []string {
+	var keys []string
+	for i := 0; i < t.NumField(); i++ {
+		if f := t.Field(i); f.IsExported() && yamlName(f) != "-" {
+			keys = append(keys, yamlName(f))
+		}
+	}
+	return keys
+}
+
+func yamlName(f reflect.StructField) string {
+	name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+	if name == "" {
+		return strings.ToLower(f.Name)
+	}
+	return name
+}
+
+func kindName(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.SequenceNode:
+		return "list"
+	case yaml.ScalarNode:
+		return "single value"
+	case yaml.AliasNode:
+		return "alias"
+	}
+	return "mapping"
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+func parent(key string) string {
+	i := strings.LastIndexByte(key, '.')
+	if i < 0 {
+		return ""
+	}
+	return key[:i]
+}
+
+// A FieldError is a problem with the value of one config key, named by its
+// dotted YAML path (e.g. "rtsp.rtp_address").
+type FieldError struct {
+	Field, Problem string
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Problem }
+
+// RTSPOverUDP reports whether the RTSP server takes RTP over UDP (rtsp.udp,
+// default true).
+func (c *Config) RTSPOverUDP() bool { return c.RTSP.UDP == nil || *c.RTSP.UDP }
+
+// validateRTSPUDP checks the UDP ports of RTSP: RTP on an even port, RTCP on
+// the next one, derived from rtsp.listen unless both addresses are set.
+func (c *Config) validateRTSPUDP(bad func(field, format string, args ...any)) {
+	if !c.RTSPOverUDP() {
+		return
+	}
+	const off = "or turn RTSP over UDP off with rtsp.udp: false (RTSP over TCP still works)"
+	rtp, rtcp := c.RTSP.RTPAddress, c.RTSP.RTCPAddress
+	switch {
+	case (rtp == "") != (rtcp == ""):
+		missing := "rtsp.rtcp_address"
+		if rtp == "" {
+			missing = "rtsp.rtp_address"
+		}
+		bad(missing, "not set: set rtsp.rtp_address and rtsp.rtcp_address together (an even port and the next one) or neither (they follow rtsp.listen), %s", off)
+	case rtp == "":
+		port, err := addrPort(c.RTSP.Listen)
+		if err != nil {
+			return // reported as rtsp.listen
+		}
+		if port == 0 || port%2 != 0 || port+rtspserver.RTCPPortOffset > 65535 {
+			bad("rtsp.listen", "port %d: RTP and RTCP over UDP take the RTSP port +%d and +%d, and RTP needs an even port: use an even rtsp.listen port of at most %d (8554 → UDP 9554 and 9555), set rtsp.rtp_address and rtsp.rtcp_address, %s",
+				port, rtspserver.RTPPortOffset, rtspserver.RTCPPortOffset, 65535-rtspserver.RTCPPortOffset-1, off)
+		}
+	default:
+		rtpPort, err := addrPort(rtp)
+		if err != nil {
+			bad("rtsp.rtp_address", "%q is not host:port", rtp)
+			return
+		}
+		rtcpPort, err := addrPort(rtcp)
+		if err != nil {
+			bad("rtsp.rtcp_address", "%q is not host:port", rtcp)
+			return
+		}
+		if rtpPort == 0 || rtpPort%2 != 0 {
+			bad("rtsp.rtp_address", "port %d: RTP over UDP needs an even port (and rtsp.rtcp_address the one after it), %s", rtpPort, off)
+		} else if rtcpPort != rtpPort+1 {
+			bad("rtsp.rtcp_address", "port %d: RTCP takes the port after rtsp.rtp_address's, %d, %s", rtcpPort, rtpPort+1, off)
+		}
+	}
+}
+
+// addrPort returns the port of host:port.
+func addrPort(addr string) (int, error) {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0, err
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil || port < 0 || port > 65535 {
+		return 0, fmt.Errorf("port %q out of range", p)
+	}
+	return port, nil
+}
+
+// ParseLogLevel reads a log level: debug, info, warn or error.
+func ParseLogLevel(s string) (slog.Level, error) {
+	switch s {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info":
+		return slog.LevelInfo, nil
+	case "warn":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("%q: use debug, info, warn or error", s)
 }
 
 // SetDefaults fills in unset fields.
@@ -112,20 +388,22 @@ func (c *Config) SetDefaults() {
 	}
 }
 
-// Validate reports the first problem in the config, naming the field.
+// Validate reports every problem in the config, each a *FieldError naming
+// the YAML key, joined with errors.Join.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(field, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+		errs = append(errs, &FieldError{Field: field, Problem: fmt.Sprintf(format, args...)})
 	}
 	if err := topology.ValidateName(c.Datacenter); err != nil {
 		bad("datacenter", "%v", err)
 	}
-	for field, addr := range map[string]string{"http.listen": c.HTTP.Listen, "rtsp.listen": c.RTSP.Listen, "overlay.listen": c.Overlay.Listen} {
-		if _, _, err := net.SplitHostPort(addr); err != nil {
-			bad(field, "%q is not host:port", addr)
+	for _, l := range []struct{ field, addr string }{{"http.listen", c.HTTP.Listen}, {"rtsp.listen", c.RTSP.Listen}, {"overlay.listen", c.Overlay.Listen}} {
+		if _, err := addrPort(l.addr); err != nil {
+			bad(l.field, "%q is not host:port", l.addr)
 		}
 	}
+	c.validateRTSPUDP(bad)
 	for name, url := range c.RTSP.Sources {
 		if err := relay.ValidateStreamName(name); err != nil {
 			bad("rtsp.sources", "%v", err)
@@ -148,21 +426,27 @@ func (c *Config) Validate() error {
 	if c.identity == nil && (c.Overlay.TLS.CA == "" || c.Overlay.TLS.Cert == "" || c.Overlay.TLS.Key == "") {
 		bad("overlay.tls", "ca, cert and key are required (make them with `stemflow certs`)")
 	}
-	for _, ip := range append(append([]string(nil), c.WebRTC.IPs...), c.WebRTC.NAT1To1IPs...) {
-		if net.ParseIP(ip) == nil {
-			bad("webrtc.ips", "%q is not an IP address", ip)
+	for _, ip := range c.WebRTC.IPs {
+		if p := net.ParseIP(ip); p == nil || p.IsUnspecified() {
+			bad("webrtc.ips", "%q is not a host IP address (list this machine's own addresses, e.g. its private IP)", ip)
+		}
+	}
+	for _, ip := range c.WebRTC.NAT1To1IPs {
+		if p := net.ParseIP(ip); p == nil || p.IsUnspecified() {
+			bad("webrtc.nat_1to1_ips", "%q is not an IP address", ip)
 		}
 	}
 	if len(c.WebRTC.IPs) == 0 {
 		bad("webrtc.ips", "list the host IPs that ICE may use (e.g. the node's private IP)")
 	}
+	if n := len(c.WebRTC.NAT1To1IPs); n > 1 && n != len(c.WebRTC.IPs) {
+		bad("webrtc.nat_1to1_ips", "%d addresses for %d in webrtc.ips: give one public address for all of webrtc.ips, or one per entry of webrtc.ips in the same order", n, len(c.WebRTC.IPs))
+	}
 	if c.WebRTC.UDPPort < 0 || c.WebRTC.UDPPort > 65535 {
 		bad("webrtc.udp_port", "%d out of range", c.WebRTC.UDPPort)
 	}
-	switch c.Log.Level {
-	case "debug", "info", "warn", "error":
-	default:
-		bad("log.level", "%q is not one of debug, info, warn, error", c.Log.Level)
+	if _, err := ParseLogLevel(c.Log.Level); err != nil {
+		bad("log.level", "%v", err)
 	}
 	return errors.Join(errs...)
 }

@@ -2,10 +2,12 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/stemflow/stemflow/relay"
@@ -13,16 +15,99 @@ import (
 )
 
 // DevConfig configures a development cluster: several datacenters in one
-// process on one address.
+// process on one address. Its fields are the flags of `stemflow dev`, and
+// Validate's messages name those flags.
 type DevConfig struct {
-	DCs  []string // default a, b, c
-	Bind string   // default 127.0.0.1
-	// HTTPPort and RTSPPort are the base ports: datacenter i listens on
-	// base+i (defaults 8080 and 8554).
+	DCs  []string // --dcs; default a, b, c
+	Bind string   // --bind; default 127.0.0.1
+	// HTTPPort and RTSPPort (--http-port, --rtsp-port) are the base ports:
+	// datacenter i listens on base+i (defaults 8080 and 8554). RTP and RTCP
+	// over UDP take the pair RTSPPort+1000+2i (rounded up to even) and the
+	// port after it.
 	HTTPPort, RTSPPort int
+	// FreePorts makes every listener take a port the system picks (HTTP and
+	// RTSP on port 0, RTP/RTCP on a free even/odd pair), so that tests run
+	// beside a `stemflow dev` and each other. HTTPPort and RTSPPort are then
+	// ignored; HTTPURL and RTSPURL report the ports taken.
+	FreePorts bool
 	// PublishToken, when set, is required of WHIP publishers.
 	PublishToken string
 	Logger       *slog.Logger
+}
+
+// Dev port layout: RTP over UDP starts this far above the base RTSP port.
+const devRTPOffset = 1000
+
+func (cfg *DevConfig) setDefaults() {
+	if len(cfg.DCs) == 0 {
+		cfg.DCs = []string{"a", "b", "c"}
+	}
+	if cfg.Bind == "" {
+		cfg.Bind = "127.0.0.1"
+	}
+	if cfg.HTTPPort == 0 && !cfg.FreePorts {
+		cfg.HTTPPort = 8080
+	}
+	if cfg.RTSPPort == 0 && !cfg.FreePorts {
+		cfg.RTSPPort = 8554
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = NewLogger("info")
+	}
+}
+
+// firstRTP returns the RTP port of datacenter 0: RTP needs an even port.
+func (cfg *DevConfig) firstRTP() int {
+	p := cfg.RTSPPort + devRTPOffset
+	return p + p%2
+}
+
+// Validate checks the cluster's address and port ranges before anything
+// starts, naming the flag at fault. Zero ports are out of range: StartDev
+// fills in defaults before it validates.
+func (cfg DevConfig) Validate() error {
+	n := len(cfg.DCs)
+	if n == 0 {
+		n = 3
+	}
+	if ip := net.ParseIP(cfg.Bind); ip == nil || ip.IsUnspecified() {
+		return fmt.Errorf("--bind %q: give an IP address of this machine, e.g. 127.0.0.1 (browsers are offered it for WebRTC, so not 0.0.0.0)", cfg.Bind)
+	}
+	if cfg.FreePorts {
+		return nil
+	}
+	lastHTTP, lastRTSP := cfg.HTTPPort+n-1, cfg.RTSPPort+n-1
+	if cfg.HTTPPort < 1 || lastHTTP > 65535 {
+		return fmt.Errorf("--http-port %d: %s out of range (1–65535)", cfg.HTTPPort, portRange(cfg.HTTPPort, lastHTTP))
+	}
+	if cfg.RTSPPort < 1 || lastRTSP > 65535 {
+		return fmt.Errorf("--rtsp-port %d: %s out of range (1–65535)", cfg.RTSPPort, portRange(cfg.RTSPPort, lastRTSP))
+	}
+	if rtp := cfg.firstRTP(); rtp+2*n-1 > 65535 {
+		return fmt.Errorf("--rtsp-port %d: RTSP over UDP would use ports %d–%d (RTP and RTCP from the RTSP port +%d), out of range (1–65535): use an --rtsp-port of at most %d",
+			cfg.RTSPPort, rtp, rtp+2*n-1, devRTPOffset, 65535-devRTPOffset-2*n+1)
+	}
+	if cfg.HTTPPort <= lastRTSP && cfg.RTSPPort <= lastHTTP {
+		return fmt.Errorf("--http-port %d and --rtsp-port %d overlap: HTTP uses ports %s and RTSP %s (datacenter i uses port+i): keep them at least %d apart",
+			cfg.HTTPPort, cfg.RTSPPort, span(cfg.HTTPPort, lastHTTP), span(cfg.RTSPPort, lastRTSP), n)
+	}
+	return nil
+}
+
+// portRange says "ports 8080–8082 are" or "port 8080 is".
+func portRange(first, last int) string {
+	if first == last {
+		return fmt.Sprintf("port %d is", first)
+	}
+	return "ports " + span(first, last) + " are"
+}
+
+// span says "8080–8082", or "8080" for one port.
+func span(first, last int) string {
+	if first == last {
+		return strconv.Itoa(first)
+	}
+	return fmt.Sprintf("%d–%d", first, last)
 }
 
 // Cluster is a running development cluster.
@@ -35,20 +120,9 @@ type Cluster struct {
 // static chain (a–b–c), with certificates from a CA made in memory, and
 // returns once every node serves HTTP and every overlay link is up.
 func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
-	if len(cfg.DCs) == 0 {
-		cfg.DCs = []string{"a", "b", "c"}
-	}
-	if cfg.Bind == "" {
-		cfg.Bind = "127.0.0.1"
-	}
-	if cfg.HTTPPort == 0 {
-		cfg.HTTPPort = 8080
-	}
-	if cfg.RTSPPort == 0 {
-		cfg.RTSPPort = 8554
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = NewLogger("info")
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
 	ca, err := relay.NewClusterCA()
 	if err != nil {
@@ -77,30 +151,7 @@ func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 			c.Close()
 			return nil, err
 		}
-		nc := &Config{Datacenter: dc, identity: &id}
-		nc.HTTP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(cfg.HTTPPort+i))
-		nc.RTSP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(cfg.RTSPPort+i))
-		// RTP over UDP needs an even port and the next one: 9554+2i, 9555+2i
-		// with the default base, clear of the RTSP ports.
-		rtp := cfg.RTSPPort + 1000 + 2*i
-		rtp += rtp % 2
-		nc.RTSP.RTPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp))
-		nc.RTSP.RTCPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp+1))
-		nc.Overlay.Listen = net.JoinHostPort(cfg.Bind, "0")
-		nc.Overlay.Neighbours = map[string]string{}
-		for _, nb := range neighbours[dc] {
-			if addr, ok := overlayAddrs[nb]; ok {
-				nc.Overlay.Neighbours[nb] = addr
-			}
-		}
-		nc.WebRTC.IPs = []string{cfg.Bind}
-		nc.Auth.PublishToken = cfg.PublishToken
-		nc.SetDefaults()
-		if err := nc.Validate(); err != nil {
-			c.Close()
-			return nil, fmt.Errorf("datacenter %s: %w", dc, err)
-		}
-		n, err := Start(nc, cfg.Logger)
+		n, err := c.startNode(i, id, neighbours[dc], overlayAddrs)
 		if err != nil {
 			c.Close()
 			return nil, fmt.Errorf("datacenter %s: %w", dc, err)
@@ -128,6 +179,69 @@ func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 	}
 }
 
+// startNode starts datacenter i. With FreePorts it retries when a port it
+// found free was taken before the node bound it.
+func (c *Cluster) startNode(i int, id relay.Identity, neighbours []string, overlayAddrs map[string]string) (*Node, error) {
+	cfg := &c.cfg
+	for attempt := 1; ; attempt++ {
+		nc := &Config{Datacenter: cfg.DCs[i], identity: &id}
+		httpPort, rtspPort, rtp := cfg.HTTPPort+i, cfg.RTSPPort+i, cfg.firstRTP()+2*i
+		if cfg.FreePorts {
+			var err error
+			httpPort, rtspPort = 0, 0
+			if rtp, err = freeUDPPair(cfg.Bind); err != nil {
+				return nil, err
+			}
+		}
+		nc.HTTP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(httpPort))
+		nc.RTSP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtspPort))
+		nc.RTSP.RTPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp))
+		nc.RTSP.RTCPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp+1))
+		nc.Overlay.Listen = net.JoinHostPort(cfg.Bind, "0")
+		nc.Overlay.Neighbours = map[string]string{}
+		for _, nb := range neighbours {
+			if addr, ok := overlayAddrs[nb]; ok {
+				nc.Overlay.Neighbours[nb] = addr
+			}
+		}
+		nc.WebRTC.IPs = []string{cfg.Bind}
+		nc.Auth.PublishToken = cfg.PublishToken
+		nc.SetDefaults()
+		if err := nc.Validate(); err != nil {
+			return nil, err
+		}
+		n, err := Start(nc, cfg.Logger)
+		if err != nil && cfg.FreePorts && attempt < 3 && errors.Is(err, syscall.EADDRINUSE) {
+			continue
+		}
+		return n, err
+	}
+}
+
+// freeUDPPair returns an even UDP port of ip that, with the port after it,
+// was free a moment ago: RTP and RTCP over UDP need such a pair.
+func freeUDPPair(ip string) (int, error) {
+	for range 200 {
+		a, err := net.ListenPacket("udp", net.JoinHostPort(ip, "0"))
+		if err != nil {
+			return 0, fmt.Errorf("finding free UDP ports for RTP: %w", err)
+		}
+		p := a.LocalAddr().(*net.UDPAddr).Port
+		if p%2 != 0 || p == 65535 {
+			a.Close()
+			continue
+		}
+		b, err := net.ListenPacket("udp", net.JoinHostPort(ip, strconv.Itoa(p+1)))
+		a.Close()
+		if err != nil {
+			continue
+		}
+		b.Close()
+		return p, nil
+	}
+	return 0, fmt.Errorf("found no free even/odd UDP port pair on %s for RTP and RTCP", ip)
+}
+
 // HTTPURL returns the base URL of datacenter i's HTTP server.
 func (c *Cluster) HTTPURL(i int) string {
 	return "http://" + c.Nodes[i].HTTPAddr().String()
@@ -135,7 +249,7 @@ func (c *Cluster) HTTPURL(i int) string {
 
 // RTSPURL returns the RTSP URL of a stream at datacenter i.
 func (c *Cluster) RTSPURL(i int, stream string) string {
-	return fmt.Sprintf("rtsp://%s/%s", net.JoinHostPort(c.cfg.Bind, strconv.Itoa(c.cfg.RTSPPort+i)), stream)
+	return fmt.Sprintf("rtsp://%s/%s", c.Nodes[i].RTSPAddr(), stream)
 }
 
 // Datacenters returns the cluster's datacenter names.

@@ -69,6 +69,9 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("overlay.tls: %w", err)
 		}
+		if err := loaded.Check(cfg.Datacenter); err != nil {
+			return nil, fmt.Errorf("overlay.tls.cert %s %w", cfg.Overlay.TLS.Cert, err)
+		}
 		id = &loaded
 	}
 	n.hub = relay.NewHub(relay.Config{Datacenter: cfg.Datacenter, Logger: log})
@@ -81,9 +84,12 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	log.Info("overlay listening", "address", n.ovl.Addr().String(), "neighbours", len(cfg.Overlay.Neighbours))
 
-	n.rtc, err = rtc.New(rtc.Config{IPs: cfg.WebRTC.IPs, NAT1To1IPs: cfg.WebRTC.NAT1To1IPs, UDPPort: cfg.WebRTC.UDPPort})
-	if err != nil {
+	n.rtc, err = rtc.New(rtc.Config{IPs: cfg.WebRTC.IPs, NAT1To1IPs: cfg.WebRTC.NAT1To1IPs, UDPPort: cfg.WebRTC.UDPPort, Logger: log})
+	if errors.Is(err, rtc.ErrIPNotLocal) {
+		return nil, fmt.Errorf("webrtc.ips: %w (list this machine's own addresses there; public addresses that map to them go in webrtc.nat_1to1_ips)", err)
+	} else if err != nil {
 		return nil, fmt.Errorf("webrtc: %w", err)
 	}
 	n.whip = whip.New(whip.Config{Hub: n.hub, RTC: n.rtc, Token: cfg.Auth.PublishToken, Logger: log})
@@ -93,6 +99,7 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 		Address:        cfg.RTSP.Listen,
 		UDPRTPAddress:  cfg.RTSP.RTPAddress,
 		UDPRTCPAddress: cfg.RTSP.RTCPAddress,
+		DisableUDP:     !cfg.RTSPOverUDP(),
 		Hub:            n.hub,
 		Sources:        cfg.RTSP.Sources,
 		Logger:         log,
@@ -117,6 +124,8 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 			log.Error("http server stopped", "err", err)
 		}
 	}()
+	log.Info("HTTP listening", "address", n.httpLn.Addr().String())
+	log.Info("node ready", "http", n.httpLn.Addr().String(), "rtsp", n.rtsp.Addr(), "overlay", n.ovl.Addr().String())
 	return n, nil
 }
 
@@ -161,6 +170,9 @@ func (n *Node) Hub() *relay.Hub { return n.hub }
 
 // HTTPAddr returns the address the HTTP server listens on.
 func (n *Node) HTTPAddr() net.Addr { return n.httpLn.Addr() }
+
+// RTSPAddr returns the address (host:port) the RTSP server listens on.
+func (n *Node) RTSPAddr() string { return n.rtsp.Addr() }
 
 // OverlayAddr returns the UDP address of the node's overlay endpoint.
 func (n *Node) OverlayAddr() net.Addr { return n.ovl.Addr() }

@@ -27,7 +27,9 @@ var (
 type Config struct {
 	// Datacenter is this node's datacenter name, e.g. "a".
 	Datacenter string
-	Logger     *slog.Logger
+	// Logger carries the node's attributes (dc); the hub adds only its own
+	// (component=relay).
+	Logger *slog.Logger
 	// GOPMaxPackets bounds the GOP cache of each stream (default 4096).
 	GOPMaxPackets int
 	// Linger is how long a relayed stream stays subscribed upstream after its
@@ -61,7 +63,7 @@ func NewHub(cfg Config) *Hub {
 	}
 	return &Hub{
 		cfg:     cfg,
-		log:     cfg.Logger.With("component", "relay", "dc", cfg.Datacenter),
+		log:     cfg.Logger.With("component", "relay"),
 		streams: make(map[string]*Stream),
 		routes:  make(map[string]map[string][]string),
 		links:   make(map[string]link),

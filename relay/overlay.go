@@ -72,7 +72,7 @@ func StartOverlay(h *Hub, cfg OverlayConfig) (*Overlay, error) {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	o := &Overlay{hub: h, cfg: cfg, log: h.log.With("component", "overlay"), tr: tr, ln: ln, ctx: ctx, cancel: cancel}
+	o := &Overlay{hub: h, cfg: cfg, log: cfg.Logger.With("component", "overlay"), tr: tr, ln: ln, ctx: ctx, cancel: cancel}
 	o.wg.Add(1)
 	go o.accept()
 	names := make([]string, 0, len(cfg.Neighbours))

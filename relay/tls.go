@@ -136,6 +136,41 @@ func LoadIdentity(caFile, certFile, keyFile string) (Identity, error) {
 	return Identity{Cert: cert, CA: pool}, nil
 }
 
+// Check reports whether the identity can serve datacenter dc: its
+// certificate must name dc first and be signed by its cluster CA. Peers
+// refuse a node that fails either, so a node checks itself at start-up. The
+// error reads as a predicate of the certificate: "is for datacenter ...".
+func (id Identity) Check(dc string) error {
+	if len(id.Cert.Certificate) == 0 {
+		return errors.New("holds no certificate")
+	}
+	leaf := id.Cert.Leaf
+	if leaf == nil {
+		var err error
+		if leaf, err = x509.ParseCertificate(id.Cert.Certificate[0]); err != nil {
+			return err
+		}
+	}
+	if len(leaf.DNSNames) == 0 {
+		return fmt.Errorf("names no datacenter: use the certificate made for %q by `stemflow certs`", dc)
+	}
+	if name := leaf.DNSNames[0]; name != dc {
+		return fmt.Errorf("is for datacenter %q but this node is datacenter %q: use the certificate and key made for %q (%s.pem, %s-key.pem from `stemflow certs`)",
+			name, dc, dc, dc, dc)
+	}
+	inter := x509.NewCertPool()
+	for _, der := range id.Cert.Certificate[1:] {
+		if c, err := x509.ParseCertificate(der); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: id.CA, Intermediates: inter,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}}); err != nil {
+		return fmt.Errorf("is not signed by the cluster CA (were they made by different `stemflow certs` runs?): %w", err)
+	}
+	return nil
+}
+
 func (id Identity) serverConfig() *tls.Config {
 	return &tls.Config{
 		Certificates: []tls.Certificate{id.Cert},

@@ -60,11 +60,28 @@ func runCLI(args []string, stdout, stderr io.Writer) int {
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
+	if errors.Is(err, errUsage) {
+		return 2 // the flag package printed the error and the usage
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "stemflow:", err)
 		return 1
 	}
 	return 0
+}
+
+// errUsage marks a command line the flag package could not parse; it has
+// already said why.
+var errUsage = errors.New("usage")
+
+// parse parses a command's flags. Errors other than --help are returned as
+// errUsage: the flag package has printed them with the usage.
+func parse(fs *flag.FlagSet, args []string) error {
+	err := fs.Parse(args)
+	if err != nil && !errors.Is(err, flag.ErrHelp) {
+		return errUsage
+	}
+	return err
 }
 
 func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
@@ -89,7 +106,7 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	rtspPort := fs.Int("rtsp-port", 8554, "RTSP port of the first datacenter; datacenter i uses port+i")
 	token := fs.String("publish-token", "", "Bearer token WHIP publishers must present (none if empty)")
 	logLevel := fs.String("log", "info", "log level: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
+	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
@@ -99,14 +116,21 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--dcs: %w", err)
 	}
+	if _, err := node.ParseLogLevel(*logLevel); err != nil {
+		return fmt.Errorf("--log %w", err)
+	}
+	cfg := node.DevConfig{
+		DCs: names, Bind: *bind, HTTPPort: *httpPort, RTSPPort: *rtspPort,
+		PublishToken: *token, Logger: node.NewLogger(*logLevel),
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
 	ctx, stop := signalContext()
 	defer stop()
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	c, err := node.StartDev(startCtx, node.DevConfig{
-		DCs: names, Bind: *bind, HTTPPort: *httpPort, RTSPPort: *rtspPort,
-		PublishToken: *token, Logger: node.NewLogger(*logLevel),
-	})
+	c, err := node.StartDev(startCtx, cfg)
 	if err != nil {
 		return err
 	}
@@ -117,10 +141,21 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-func printBanner(w io.Writer, c *node.Cluster) {
+// bannerCluster is what the banner reads of a running cluster.
+type bannerCluster interface {
+	Datacenters() []string
+	HTTPURL(i int) string
+	RTSPURL(i int, stream string) string
+}
+
+func printBanner(w io.Writer, c bannerCluster) {
 	dcs := c.Datacenters()
 	last := len(dcs) - 1
-	fmt.Fprintf(w, "Stemflow dev: %d datacenters linked %s\n\n", len(dcs), strings.Join(dcs, " – "))
+	if len(dcs) == 1 {
+		fmt.Fprintf(w, "Stemflow dev: 1 datacenter (%s), no overlay links\n\n", dcs[0])
+	} else {
+		fmt.Fprintf(w, "Stemflow dev: %d datacenters linked in a chain: %s\n\n", len(dcs), strings.Join(dcs, " – "))
+	}
 	for i, dc := range dcs {
 		fmt.Fprintf(w, "  %-4s %-24s %s\n", dc, c.HTTPURL(i), c.RTSPURL(i, "{stream}"))
 	}
@@ -139,7 +174,7 @@ Streams: %[5]s/   (ready: GET /healthz on every datacenter)
 func runNode(args []string, stderr io.Writer) error {
 	fs := newFlagSet("node", "node --config FILE", stderr)
 	path := fs.String("config", "", "YAML config file (see deploy/)")
-	if err := fs.Parse(args); err != nil {
+	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if *path == "" {
@@ -165,7 +200,8 @@ func runCerts(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("certs", "certs --dcs a,b,c --out DIR", stderr)
 	dcs := fs.String("dcs", "", "datacenters to make node certificates for")
 	out := fs.String("out", "", "directory to write ca.pem, ca-key.pem and DC.pem, DC-key.pem into")
-	if err := fs.Parse(args); err != nil {
+	force := fs.Bool("force", false, "overwrite files already in --out (a new CA invalidates every certificate the old one signed)")
+	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if *dcs == "" || *out == "" {
@@ -175,6 +211,11 @@ func runCerts(args []string, stdout, stderr io.Writer) error {
 	names, err := topology.ParseDatacenters(*dcs)
 	if err != nil {
 		return fmt.Errorf("--dcs: %w", err)
+	}
+	if !*force {
+		if err := refuseOverwrite(*out, names); err != nil {
+			return err
+		}
 	}
 	if err := os.MkdirAll(*out, 0o700); err != nil {
 		return err
@@ -202,4 +243,31 @@ func runCerts(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "wrote the cluster CA and certificates for %s to %s\n", strings.Join(names, ", "), *out)
 	return nil
+}
+
+// refuseOverwrite fails when a file `stemflow certs` would write into dir
+// exists already, naming the first one (the CA first).
+func refuseOverwrite(dir string, dcs []string) error {
+	names := []string{"ca.pem", "ca-key.pem"}
+	for _, dc := range dcs {
+		names = append(names, dc+".pem", dc+"-key.pem")
+	}
+	var existing []string
+	for _, name := range names {
+		p := filepath.Join(dir, name)
+		if _, err := os.Lstat(p); err == nil {
+			existing = append(existing, p)
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("certs: %w", err)
+		}
+	}
+	switch len(existing) {
+	case 0:
+		return nil
+	case 1:
+		return fmt.Errorf("certs: %s already exists; pass --force to overwrite it (a new CA invalidates every certificate the old one signed) or choose another --out", existing[0])
+	default:
+		return fmt.Errorf("certs: %s already exists, and %d more of the files it would write; pass --force to overwrite them (a new CA invalidates every certificate the old one signed) or choose another --out",
+			existing[0], len(existing)-1)
+	}
 }

@@ -31,6 +31,10 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// ErrIPNotLocal is returned by New for a configured IP that no network
+// interface of this machine has.
+var ErrIPNotLocal = errors.New("is not assigned to any network interface of this machine")
+
 // Engine builds pion APIs restricted to the configured IPs. It is safe for
 // concurrent use. Close it after every PeerConnection built from it is closed.
 type Engine struct {
@@ -155,8 +159,8 @@ func interfacesOf(ips []net.IP) ([]string, error) {
 			}
 		}
 		if !found {
-			return nil, fmt.Errorf("rtc: IP %s is not assigned to any network interface of this machine: "+
-				"configure an address the node owns (use NAT1To1IPs to announce a public one)", ip)
+			return nil, fmt.Errorf("rtc: IP %s %w: "+
+				"configure an address the node owns (announce a public address that maps to it as a NAT 1:1 IP)", ip, ErrIPNotLocal)
 		}
 	}
 	return names, nil
