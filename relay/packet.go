@@ -4,6 +4,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // MaxPacketSize is the largest RTP packet the relay carries, header included.
@@ -32,6 +33,7 @@ type Buffer struct {
 	Track    uint8
 	Keyframe bool
 	refs     atomic.Int32
+	arrival  time.Duration // when the packet reached this node (see Pacer)
 	n        int
 	data     [MaxPacketSize]byte
 }
@@ -45,6 +47,7 @@ func NewBuffer(p *Packet) *Buffer {
 	b.refs.Store(1)
 	b.Track = p.Track
 	b.Keyframe = p.Keyframe
+	b.arrival = sinceEpoch()
 	b.n = copy(b.data[:], p.Data)
 	return b
 }

@@ -104,6 +104,9 @@ func (s *Stream) writePacket(p *Packet) {
 	shared.Retain()
 	s.gop.AddBuffer(shared)
 	for _, sub := range s.subs {
+		if sub.deferred {
+			continue
+		}
 		if sub.bw != nil {
 			shared.Retain()
 			sub.bw.WriteBuffer(shared)
@@ -129,16 +132,21 @@ func (s *Stream) requestKeyframe() {
 	}
 }
 
-// attach adds a subscriber, replaying the GOP cache to it first.
+// attach adds a subscriber, replaying the GOP cache to it first (a
+// DeferredSubscriber gets nothing until it calls Subscription.Start).
 func (s *Stream) attach(sub Subscriber) *Subscription {
 	ss := &Subscription{s: s, sub: sub}
 	ss.bw, _ = sub.(BufferWriter)
+	_, ss.deferred = sub.(DeferredSubscriber)
 	s.mu.Lock()
 	if s.lingerTimer != nil {
 		s.lingerTimer.Stop()
 		s.lingerTimer = nil
 	}
 	for _, b := range s.gop.Packets() {
+		if ss.deferred {
+			break
+		}
 		if ss.bw != nil {
 			b.Retain()
 			ss.bw.WriteBuffer(b)
@@ -180,13 +188,45 @@ func (s *Stream) subscriberCount() int {
 	return n
 }
 
+// DeferredSubscriber is a Subscriber that is sent nothing from its
+// subscription until it calls [Subscription.Start], which hands it the GOP
+// cache to replay at its own pace (see [Pacer]). A WebRTC viewer subscribes
+// when it is offered and starts once connected, so nothing piles up in its
+// queue meanwhile.
+type DeferredSubscriber interface {
+	Subscriber
+	// DeferStart marks the subscriber as deferred; it is never called.
+	DeferStart()
+}
+
 // Subscription is one subscriber's attachment to a stream. It is safe for
 // concurrent use.
 type Subscription struct {
-	s      *Stream
-	sub    Subscriber
-	bw     BufferWriter // sub, when it takes shared buffers
-	closed atomic.Bool
+	s        *Stream
+	sub      Subscriber
+	bw       BufferWriter // sub, when it takes shared buffers
+	deferred bool         // guarded by s.mu: a DeferredSubscriber not yet started
+	closed   atomic.Bool
+}
+
+// Start starts a DeferredSubscriber's packets: it appends the stream's GOP
+// cache to gop, one reference to each packet that the caller must Release,
+// and from then on the subscriber gets every packet after them, with none
+// lost or doubled between the two. Start is for DeferredSubscribers; a
+// second call, or a call for another subscriber, returns gop unchanged.
+func (ss *Subscription) Start(gop []*Buffer) []*Buffer {
+	s := ss.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !ss.deferred {
+		return gop
+	}
+	ss.deferred = false
+	for _, b := range s.gop.Packets() {
+		b.Retain()
+		gop = append(gop, b)
+	}
+	return gop
 }
 
 // Description returns the stream's tracks.

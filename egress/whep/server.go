@@ -9,6 +9,12 @@
 // packetization-mode=1 H264 format, preferring 42e01f, whatever profile the
 // stream is: browsers offer no High profile but decode it.
 //
+// A new viewer is sent the stream's cached GOP once it is connected (SRTP
+// running), paced by relay.Pacer: the keyframe first, the rest at 4× the
+// stream's own rate, then live packets with nothing lost or reordered, so
+// that a viewer whose socket has the kernel's default receive buffer loses
+// nothing to the burst.
+//
 // The forward path is built for many viewers per stream: each viewer has its
 // own bounded relay.Queue, drained by the viewer's own goroutine into its own
 // webrtc.TrackLocal (a slow viewer drops and counts its own packets and
@@ -50,9 +56,12 @@ type Config struct {
 	Token  string
 	Logger *slog.Logger
 	// QueueSize is the number of packets a viewer may lag behind before its
-	// packets are dropped (default 1024: a 2 s GOP replay of a 2 Mbit/s
-	// stream fits). The queue holds pointers to pooled buffers: 8 bytes per
-	// slot while empty.
+	// packets are dropped (default 1024). The GOP replay does not go through
+	// the queue (the viewer takes it from the hub once connected); the queue
+	// holds the live packets that wait behind the paced replay (about a
+	// quarter of the GOP: ~150 packets for 2 s at 4 Mbit/s, ~1000 for a GOP
+	// at the hub's 4096-packet limit) and a slow viewer's lag. It holds
+	// pointers to pooled buffers: 8 bytes per slot while empty.
 	QueueSize int
 	// SubscribeTimeout bounds the wait for a stream's description, which
 	// may come from another datacenter (default 5s).
@@ -72,7 +81,7 @@ type Server struct {
 	caches map[*relay.Stream]*streamCache
 	// Totals of the viewers that have ended (those with ended set), so that
 	// Stats counts every viewer once.
-	endedSent, endedDropped, endedResent, endedKeyReqs uint64
+	endedSent, endedDropped, endedResent, endedKeyReqs, endedWriteErrs uint64
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -118,6 +127,9 @@ type Stats struct {
 	Retransmissions uint64
 	// KeyframeRequests counts PLIs and FIRs received from viewers.
 	KeyframeRequests uint64
+	// WriteErrors counts packets lost because writing them to a viewer's
+	// connection failed (a send error, or SRTP not running).
+	WriteErrors uint64
 }
 
 // Stats returns the server's counters, summed over live and ended viewers.
@@ -130,6 +142,7 @@ func (s *Server) Stats() Stats {
 		PacketsDropped:   s.endedDropped,
 		Retransmissions:  s.endedResent,
 		KeyframeRequests: s.endedKeyReqs,
+		WriteErrors:      s.endedWriteErrs,
 	}
 	for _, v := range live {
 		if v.ended {
@@ -140,6 +153,7 @@ func (s *Server) Stats() Stats {
 		st.PacketsDropped += v.q.Dropped()
 		st.Retransmissions += v.resent.Load()
 		st.KeyframeRequests += v.keyReqs.Load()
+		st.WriteErrors += v.writeErrs.Load()
 	}
 	return st
 }
@@ -155,13 +169,11 @@ func (s *Server) play(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*
 	stream := rs.Stream()
 	q := relay.NewQueue(s.cfg.QueueSize)
 	sctx, cancel := context.WithTimeout(ctx, s.cfg.SubscribeTimeout)
-	sub, err := s.cfg.Hub.Subscribe(sctx, stream, q)
+	sub, err := s.cfg.Hub.Subscribe(sctx, stream, viewerQueue{q})
 	cancel()
 	if err != nil {
 		return nil, "", subscribeError(stream, err)
 	}
-	// What the GOP replay put in the queue starts with a keyframe.
-	replayed := q.Len() > 0
 	fail := func(err error) (*viewer, string, error) {
 		sub.Close()
 		q.Drain()
@@ -177,7 +189,7 @@ func (s *Server) play(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*
 	if err != nil {
 		return fail(err)
 	}
-	v := newViewer(s, rs, sub, q, cache, replayed)
+	v := newViewer(s, rs, sub, q, cache)
 	m := &webrtc.MediaEngine{}
 	for _, c := range choices {
 		fb := []webrtc.RTCPFeedback(nil)

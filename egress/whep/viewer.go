@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,29 +26,45 @@ type viewer struct {
 	srv *Server
 	ctx context.Context // the session's, for the forward path
 
-	sub      *relay.Subscription
-	q        *relay.Queue
-	cache    *streamCache
-	replayed bool // the GOP replay queued a keyframe before anything else
-	tracks   [relay.MaxTracks]*outTrack
-	pc       *webrtc.PeerConnection
-	rtcpWG   sync.WaitGroup
+	sub    *relay.Subscription
+	q      *relay.Queue
+	cache  *streamCache
+	tracks [relay.MaxTracks]*outTrack
+	pc     *webrtc.PeerConnection
+	rtcpWG sync.WaitGroup
 
-	sent, resent, keyReqs atomic.Uint64
-	ended                 bool // guarded by srv.mu: counted in srv's totals
+	// srtpReady is closed once pion runs SRTP: writes before it are lost.
+	srtpReady chan struct{}
+	srtpOnce  sync.Once
+
+	// Used by Run only.
+	replay []*relay.Buffer // the GOP replay's packets not yet sent
+	pacer  relay.Pacer
+	joined time.Time
+
+	sent, resent, keyReqs, writeErrs atomic.Uint64
+	ended                            bool // guarded by srv.mu: counted in srv's totals
 }
 
 var _ rtc.Runner = (*viewer)(nil)
 
-func newViewer(s *Server, rs *rtc.Session, sub *relay.Subscription, q *relay.Queue, cache *streamCache, replayed bool) *viewer {
+// viewerQueue is a viewer's queue as a relay.DeferredSubscriber: the hub
+// sends it nothing until the viewer has connected and called Start.
+type viewerQueue struct{ *relay.Queue }
+
+func (viewerQueue) DeferStart() {}
+
+var _ relay.DeferredSubscriber = viewerQueue{}
+
+func newViewer(s *Server, rs *rtc.Session, sub *relay.Subscription, q *relay.Queue, cache *streamCache) *viewer {
 	return &viewer{
-		Session:  rs,
-		srv:      s,
-		ctx:      rs.Context(),
-		sub:      sub,
-		q:        q,
-		cache:    cache,
-		replayed: replayed,
+		Session:   rs,
+		srv:       s,
+		ctx:       rs.Context(),
+		sub:       sub,
+		q:         q,
+		cache:     cache,
+		srtpReady: make(chan struct{}),
 	}
 }
 
@@ -103,15 +121,14 @@ func (v *viewer) start(ctx context.Context, api *webrtc.API, offer string) (stri
 	return answer, nil
 }
 
-// Run owns the viewer: it waits for the connection, then forwards queued
-// packets until the viewer or the stream ends.
+// Run owns the viewer: it waits until SRTP runs, then sends the GOP replay
+// paced (see relay.Pacer) and the live packets after it, until the viewer
+// or the stream ends.
 func (v *viewer) Run() {
 	defer v.cleanup()
-	v.Logger().Debug("viewer session started", "replayed", v.replayed)
-
 	timer := time.NewTimer(v.srv.cfg.ConnectTimeout)
 	select {
-	case <-v.Connected():
+	case <-v.srtpReady:
 		timer.Stop()
 	case <-timer.C:
 		v.Cancel(errConnectTimeout)
@@ -125,29 +142,53 @@ func (v *viewer) Run() {
 		return
 	}
 
-	if !v.replayed || v.q.Dropped() > 0 {
-		// Nothing decodable queued (no GOP cached yet, or the queue
-		// overflowed while connecting): start at the next keyframe, and ask
-		// for one now.
-		if v.q.Dropped() > 0 {
-			v.q.Drain()
-		}
+	v.replay = v.sub.Start(v.replay[:0])
+	v.joined = time.Now()
+	v.Logger().Info("WHEP viewer joined", "remote", v.remote(), "replay_packets", len(v.replay))
+	if len(v.replay) == 0 {
+		// No GOP cached yet: start at the next keyframe, and ask for one.
 		for _, t := range v.tracks {
 			if t != nil && t.kind == webrtc.RTPCodecTypeVideo {
 				t.waitKey = true
 			}
 		}
 		v.sub.RequestKeyframe()
+	} else {
+		v.pacer.Start(v.replay[0])
 	}
 
 	drops := time.NewTicker(5 * time.Second)
 	defer drops.Stop()
+	pace := time.NewTimer(0)
+	<-pace.C
 	var lastDropped uint64
 	c := v.q.C()
 	for {
-		select {
-		case b := <-c:
-			n := v.forward(b)
+		var b *relay.Buffer
+		if len(v.replay) > 0 {
+			b, v.replay[0], v.replay = v.replay[0], nil, v.replay[1:]
+		} else {
+			select {
+			case b = <-c:
+			case <-v.ctx.Done():
+				return
+			case <-v.sub.Done():
+				v.Cancel(errStreamEnded)
+				return
+			case <-drops.C:
+				if d := v.q.Dropped(); d > lastDropped {
+					v.Logger().Warn("viewer too slow: dropped packets", "dropped", d-lastDropped, "total", d)
+					lastDropped = d
+				}
+				continue
+			}
+		}
+		if w := v.pacer.Wait(b); w > 0 && !v.sleep(pace, w) {
+			b.Release()
+			return
+		}
+		n := v.forward(b)
+		if v.pacer.Live() {
 			// Drain what else is queued without going back to select.
 		drain:
 			for range 64 {
@@ -158,23 +199,38 @@ func (v *viewer) Run() {
 					break drain
 				}
 			}
-			v.sent.Add(uint64(n))
-		case <-v.ctx.Done():
-			return
-		case <-v.sub.Done():
-			v.Cancel(errStreamEnded)
-			return
-		case <-drops.C:
-			if d := v.q.Dropped(); d > lastDropped {
-				v.Logger().Warn("viewer too slow: dropped packets", "dropped", d-lastDropped, "total", d)
-				lastDropped = d
-			}
 		}
+		v.sent.Add(uint64(n))
 	}
 }
 
+// sleep waits d on t, or until the viewer or the stream ends: then it
+// reports false.
+func (v *viewer) sleep(t *time.Timer, d time.Duration) bool {
+	t.Reset(d)
+	select {
+	case <-t.C:
+		return true
+	case <-v.ctx.Done():
+	case <-v.sub.Done():
+		v.Cancel(errStreamEnded)
+	}
+	t.Stop()
+	return false
+}
+
+// remote returns the viewer's address as ICE selected it.
+func (v *viewer) remote() string {
+	pair, err := v.pc.SCTP().Transport().ICETransport().GetSelectedCandidatePair()
+	if err != nil || pair == nil || pair.Remote == nil {
+		return ""
+	}
+	return net.JoinHostPort(pair.Remote.Address, strconv.Itoa(int(pair.Remote.Port)))
+}
+
 // forward writes one queued packet to the viewer and releases it. It
-// returns 1 when a packet was sent. It does not allocate.
+// returns 1 when a packet was sent, and counts a failed write. It does not
+// allocate.
 func (v *viewer) forward(b *relay.Buffer) int {
 	t := v.tracks[b.Track&(relay.MaxTracks-1)]
 	if t == nil || t.waitKey && !b.Keyframe {
@@ -182,17 +238,11 @@ func (v *viewer) forward(b *relay.Buffer) int {
 		return 0
 	}
 	t.waitKey = false
+	// n == 0 with no error: pion has no SRTP session (Run waits for it).
 	n, err := t.write(b.Data())
-	if n == 0 && err == nil {
-		// pion starts SRTP just after reporting the connection: wait for
-		// it rather than lose the keyframe.
-		for i := 0; i < 1000 && n == 0 && err == nil && v.ctx.Err() == nil; i++ {
-			time.Sleep(2 * time.Millisecond)
-			n, err = t.write(b.Data())
-		}
-	}
 	b.Release()
 	if err != nil || n == 0 {
+		v.writeErrs.Add(1)
 		return 0
 	}
 	return 1
@@ -200,7 +250,15 @@ func (v *viewer) forward(b *relay.Buffer) int {
 
 // readRTCP answers the viewer's RTCP for one sender: PLI and FIR become a
 // keyframe request to the publisher, NACKs are answered from the cache.
+//
+// It first waits for pion's SRTP session, which pion starts just after it
+// reports the connection: the sender's SetReadDeadline blocks until then
+// (pion's srtpWriterFuture), and returns an error if the sender stops first.
 func (v *viewer) readRTCP(t *outTrack, sender *webrtc.RTPSender) {
+	if err := sender.SetReadDeadline(time.Time{}); err != nil {
+		return
+	}
+	v.srtpOnce.Do(func() { close(v.srtpReady) })
 	buf := make([]byte, 1500)
 	for {
 		n, _, err := sender.Read(buf)
@@ -249,6 +307,10 @@ func (v *viewer) readRTCP(t *outTrack, sender *webrtc.RTPSender) {
 func (v *viewer) cleanup() {
 	v.sub.Close()
 	v.q.Drain()
+	for _, b := range v.replay {
+		b.Release()
+	}
+	v.replay = nil
 	if err := v.pc.Close(); err != nil {
 		v.Logger().Debug("close peer connection", "err", err)
 	}
@@ -261,7 +323,13 @@ func (v *viewer) cleanup() {
 	s.endedDropped += v.q.Dropped()
 	s.endedResent += v.resent.Load()
 	s.endedKeyReqs += v.keyReqs.Load()
+	s.endedWriteErrs += v.writeErrs.Load()
 	s.mu.Unlock()
-	v.Logger().Debug("viewer session ended", "reason", context.Cause(v.ctx),
-		"sent", v.sent.Load(), "dropped", v.q.Dropped(), "resent", v.resent.Load())
+	reason := context.Cause(v.ctx)
+	if v.joined.IsZero() {
+		v.Logger().Info("WHEP viewer never started", "reason", reason)
+		return
+	}
+	v.Logger().Info("WHEP viewer left", "reason", reason, "watched", time.Since(v.joined).Round(time.Millisecond),
+		"sent", v.sent.Load(), "dropped", v.q.Dropped(), "write_errors", v.writeErrs.Load(), "resent", v.resent.Load())
 }

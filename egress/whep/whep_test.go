@@ -47,6 +47,7 @@ type source struct {
 	keyReqs atomic.Int64
 	force   atomic.Bool
 	frames  atomic.Int64
+	lastKey atomic.Int64 // frames sent before the last keyframe
 	maxSend atomic.Int64 // longest WriteRTP call, ns
 	stop    chan struct{}
 	wg      sync.WaitGroup
@@ -63,6 +64,7 @@ type sourceOptions struct {
 	FPS            int           // default 30
 	SkipFirstFrame bool          // start with P frames: no GOP cached until a keyframe request
 	Period         time.Duration // overrides FPS pacing
+	FrameBytes     int           // bytes of a P frame, default 8300 (2 Mbit/s at 30 fps)
 }
 
 func startSource(t testing.TB, hub *relay.Hub, name string, o sourceOptions) *source {
@@ -85,7 +87,7 @@ func startSource(t testing.TB, hub *relay.Hub, name string, o sourceOptions) *so
 	if o.Period == 0 {
 		o.Period = time.Second / time.Duration(o.FPS)
 	}
-	src := rtctest.H264Source{GOP: o.GOP, FPS: o.FPS}
+	src := rtctest.H264Source{GOP: o.GOP, FPS: o.FPS, FrameBytes: o.FrameBytes}
 	if o.SkipFirstFrame {
 		src.NextFrame()
 	}
@@ -98,7 +100,10 @@ func startSource(t testing.TB, hub *relay.Hub, name string, o sourceOptions) *so
 			if s.force.Swap(false) {
 				src.ForceKeyframe()
 			}
-			pkts, _ := src.NextFrame()
+			pkts, key := src.NextFrame()
+			if key {
+				s.lastKey.Store(s.frames.Load())
+			}
 			for _, b := range pkts {
 				start := time.Now()
 				if err := s.pub.WriteRTP(0, b); err != nil {
