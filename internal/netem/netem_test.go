@@ -1,0 +1,202 @@
+package netem
+
+import (
+	"encoding/binary"
+	"math"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/internal/testutil"
+)
+
+// pair returns an impaired sender and a plain receiver on loopback, and a
+// function that collects what the receiver gets: each packet's one-way
+// delay (the sender stamps its send time) and sequence number.
+type arrival struct {
+	seq   uint64
+	delay time.Duration
+	at    time.Time
+	size  int
+}
+
+func pair(t *testing.T, im Impairment) (*Conn, *net.UDPConn, func(stop time.Duration) []arrival) {
+	t.Helper()
+	send, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	recv, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = recv.SetReadBuffer(8 << 20)
+	c := New(send)
+	c.rng = rand.New(rand.NewPCG(1, 2)) // the same losses every run
+	t.Cleanup(func() { c.Close(); recv.Close() })
+	if err := c.Set(recv.LocalAddr().(*net.UDPAddr).AddrPort(), im); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu  sync.Mutex
+		got []arrival
+	)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for {
+			n, err := recv.Read(buf)
+			if err != nil {
+				return
+			}
+			now := time.Now()
+			sent := time.Unix(0, int64(binary.BigEndian.Uint64(buf[8:])))
+			mu.Lock()
+			got = append(got, arrival{seq: binary.BigEndian.Uint64(buf), delay: now.Sub(sent), at: now, size: n})
+			mu.Unlock()
+		}
+	}()
+	collect := func(quiet time.Duration) []arrival {
+		time.Sleep(quiet)
+		recv.Close()
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		return got
+	}
+	return c, recv, collect
+}
+
+func sendPacket(t *testing.T, c *Conn, to net.Addr, seq uint64, size int) {
+	t.Helper()
+	b := make([]byte, size)
+	binary.BigEndian.PutUint64(b, seq)
+	binary.BigEndian.PutUint64(b[8:], uint64(time.Now().UnixNano()))
+	if _, err := c.WriteTo(b, to); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func within(t *testing.T, what string, got, want, tolerance float64) {
+	t.Helper()
+	if math.Abs(got-want) > tolerance*want {
+		t.Errorf("%s: measured %.4g, set %.4g (off by more than %.0f %%)", what, got, want, tolerance*100)
+	} else {
+		t.Logf("%s: measured %.4g, set %.4g", what, got, want)
+	}
+}
+
+func TestDelayAndJitter(t *testing.T) {
+	testutil.Watchdog(t, 30*time.Second)
+	const delay, jitter = 100 * time.Millisecond, 5 * time.Millisecond
+	c, recv, collect := pair(t, Impairment{Delay: delay, Jitter: jitter})
+	for i := range 200 {
+		sendPacket(t, c, recv.LocalAddr(), uint64(i), 200)
+		time.Sleep(2 * time.Millisecond)
+	}
+	got := collect(delay + 200*time.Millisecond)
+	if len(got) != 200 {
+		t.Fatalf("%d of 200 packets arrived on a lossless link", len(got))
+	}
+	delays := make([]time.Duration, len(got))
+	for i, a := range got {
+		if a.seq != uint64(i) {
+			t.Fatalf("packet %d arrived in position %d: jitter reordered", a.seq, i)
+		}
+		delays[i] = a.delay
+	}
+	// The median, not the mean: on a busy machine a goroutine now and then
+	// runs late, which is the machine's delay, not the emulator's.
+	sort.Slice(delays, func(i, j int) bool { return delays[i] < delays[j] })
+	within(t, "median delay (ms)", float64(delays[len(delays)/2])/1e6, float64(delay)/1e6, 0.05)
+	if lo := delays[0]; lo < delay-jitter-time.Millisecond {
+		t.Errorf("fastest packet took %v, below delay − jitter", lo)
+	}
+	if spread := delays[len(delays)*95/100] - delays[len(delays)*5/100]; spread < jitter {
+		t.Errorf("5th–95th percentile spread %v: the ±%v jitter does not show", spread, jitter)
+	}
+}
+
+func TestLoss(t *testing.T) {
+	testutil.Watchdog(t, 30*time.Second)
+	const n, loss = 10000, 20.0
+	c, recv, collect := pair(t, Impairment{Loss: loss})
+	for i := range n {
+		sendPacket(t, c, recv.LocalAddr(), uint64(i), 100)
+		if i%100 == 99 {
+			time.Sleep(time.Millisecond) // stay well inside the receive buffer
+		}
+	}
+	got := collect(200 * time.Millisecond)
+	within(t, "loss (%)", 100*(1-float64(len(got))/n), loss, 0.05)
+	if s := c.Stats(); s.Lost+s.Sent != n || int(s.Sent) != len(got) {
+		t.Errorf("stats %+v for %d sent and %d received", s, n, len(got))
+	}
+}
+
+func TestRate(t *testing.T) {
+	testutil.Watchdog(t, 30*time.Second)
+	const rate = 4_000_000 // bit/s
+	c, recv, collect := pair(t, Impairment{RateBps: rate, QueueBytes: 30_000})
+	// Offer twice the rate for 2 s: the bottleneck passes its rate and
+	// drops what overflows its queue. The sender catches up with its
+	// schedule after each sleep, so a busy machine does not lower the
+	// offered rate.
+	start := time.Now()
+	seq := uint64(0)
+	for time.Since(start) < 2*time.Second {
+		for due := uint64(time.Since(start).Seconds() * 2 * rate / 8 / 1200); seq < due; seq++ {
+			sendPacket(t, c, recv.LocalAddr(), seq, 1200)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	got := collect(200 * time.Millisecond)
+	if len(got) < 100 {
+		t.Fatalf("only %d packets arrived", len(got))
+	}
+	// Throughput between the first and the last arrival.
+	bytes := 0
+	for _, a := range got[1:] {
+		bytes += a.size
+	}
+	span := got[len(got)-1].at.Sub(got[0].at).Seconds()
+	within(t, "rate (Mbit/s)", float64(bytes*8)/span/1e6, rate/1e6, 0.05)
+	if s := c.Stats(); s.QueueDropped == 0 {
+		t.Errorf("twice the rate offered, but the queue dropped nothing: %+v", s)
+	}
+	for i, a := range got {
+		if i > 0 && a.seq <= got[i-1].seq {
+			t.Fatalf("reordered at %d", i)
+		}
+	}
+}
+
+func TestDownAndReset(t *testing.T) {
+	c, recv, collect := pair(t, Impairment{Down: true})
+	sendPacket(t, c, recv.LocalAddr(), 0, 100)
+	dst := recv.LocalAddr().(*net.UDPAddr).AddrPort()
+	if err := c.Set(dst, Impairment{}); err != nil {
+		t.Fatal(err)
+	}
+	sendPacket(t, c, recv.LocalAddr(), 1, 100)
+	got := collect(100 * time.Millisecond)
+	if len(got) != 1 || got[0].seq != 1 {
+		t.Fatalf("got %v, want only the packet sent after the link came back", got)
+	}
+	if s := c.Stats(); s.DownDropped != 1 {
+		t.Errorf("stats %+v, want one packet dropped while down", s)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, im := range []Impairment{{Delay: -1}, {Delay: 1, Jitter: 2}, {Loss: 101}, {Loss: -1}, {RateBps: -1}} {
+		if err := (&Conn{links: map[netip.AddrPort]*link{}}).Set(netip.MustParseAddrPort("127.0.0.1:1"), im); err == nil {
+			t.Errorf("Set(%+v) accepted", im)
+		}
+	}
+}
