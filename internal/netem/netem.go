@@ -276,8 +276,8 @@ func (s schedule) Len() int { return len(s) }
 func (s schedule) Less(i, j int) bool {
 	return s[i].at.Before(s[j].at) || s[i].at.Equal(s[j].at) && s[i].seq < s[j].seq
 }
-func (s schedule) Swap(i, j int)      { s[i], s[j] = s[j], s[i] }
-func (s *schedule) Push(x any)        { *s = append(*s, x.(*packet)) }
+func (s schedule) Swap(i, j int) { s[i], s[j] = s[j], s[i] }
+func (s *schedule) Push(x any)   { *s = append(*s, x.(*packet)) }
 func (s *schedule) Pop() any {
 	old := *s
 	p := old[len(old)-1]
