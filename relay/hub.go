@@ -237,6 +237,9 @@ type StreamInfo struct {
 	Hops    []string `json:"hops,omitempty"`
 	Packets uint64   `json:"packets"`
 	Bytes   uint64   `json:"bytes"`
+	// BFrames is true when the stream's H264 video has B-frames, which
+	// browsers do not play over WebRTC (see FlagBFrames).
+	BFrames bool `json:"b_frames"`
 }
 
 // Streams lists every stream live in the overlay as this node knows it,
@@ -258,7 +261,7 @@ func (h *Hub) Streams() []StreamInfo {
 	h.mu.Unlock()
 	for _, s := range local {
 		info := StreamInfo{Name: s.name, Origin: s.origin, Local: true, Subscribers: s.subscriberCount(),
-			Hops: s.hops, Packets: s.packets.Load(), Bytes: s.bytes.Load()}
+			Hops: s.hops, Packets: s.packets.Load(), Bytes: s.bytes.Load(), BFrames: s.Flags()&FlagBFrames != 0}
 		select {
 		case <-s.ready:
 			info.Tracks = append(info.Tracks, s.desc.Tracks...)
@@ -325,6 +328,7 @@ func (p *Publisher) WriteRTP(track int, data []byte) error {
 	*pkt = Packet{Track: uint8(track), Data: data}
 	if t := &p.s.desc.Tracks[track]; t.Kind == KindVideo {
 		pkt.Keyframe = IsKeyframe(t.MimeType, payload)
+		p.inspect(t, payload)
 	}
 	p.s.writePacket(pkt)
 	*pkt = Packet{}

@@ -191,7 +191,14 @@ func (l *quicLink) handleControl(m *controlMsg) {
 				l.hub.removeStream(u.s, fmt.Errorf("datacenter %s sent a bad description: %w", l.peer, err))
 				return
 			}
-			u.ready.Do(func() { u.s.setReady(m.Desc) })
+			u.ready.Do(func() {
+				u.s.setFlags(Flags(m.Flags)) // before subscribers can see the stream
+				u.s.setReady(m.Desc)
+			})
+		}
+	case msgStreamFlags:
+		if u := l.upSub(m.SubID, false); u != nil {
+			u.s.setFlags(Flags(m.Flags))
 		}
 	case msgSubscribeError:
 		if u := l.upSub(m.SubID, true); u != nil {
@@ -393,19 +400,27 @@ func (l *quicLink) serveSubscribe(id uint32, name string) {
 			return
 		}
 		d.sub.Store(sub)
-		l.sendCtl(&controlMsg{Type: msgSubscribeOK, SubID: id, Desc: sub.Description()})
-		select {
-		case <-sub.Done():
-			l.mu.Lock()
-			delete(l.downs, id)
-			l.mu.Unlock()
-			reason := "stream ended"
-			if err := sub.Err(); err != nil {
-				reason = err.Error()
+		flags, flagsChanged := sub.Stream().watchFlags()
+		l.sendCtl(&controlMsg{Type: msgSubscribeOK, SubID: id, Desc: sub.Description(), Flags: uint32(flags)})
+		for {
+			select {
+			case <-flagsChanged:
+				flags, flagsChanged = sub.Stream().watchFlags()
+				l.sendCtl(&controlMsg{Type: msgStreamFlags, SubID: id, Flags: uint32(flags)})
+				continue
+			case <-sub.Done():
+				l.mu.Lock()
+				delete(l.downs, id)
+				l.mu.Unlock()
+				reason := "stream ended"
+				if err := sub.Err(); err != nil {
+					reason = err.Error()
+				}
+				l.sendCtl(&controlMsg{Type: msgStreamEnd, SubID: id, Reason: reason})
+			case <-d.closed:
+			case <-l.ctx.Done():
 			}
-			l.sendCtl(&controlMsg{Type: msgStreamEnd, SubID: id, Reason: reason})
-		case <-d.closed:
-		case <-l.ctx.Done():
+			break
 		}
 		sub.Close()
 	}()

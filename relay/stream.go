@@ -39,6 +39,10 @@ type Stream struct {
 	packets atomic.Uint64
 	bytes   atomic.Uint64
 
+	flags        atomic.Uint32 // Flags; see flags.go
+	flagsMu      sync.Mutex    // guards flagsChanged
+	flagsChanged chan struct{} // closed when flags change; nil until watched
+
 	mu          sync.Mutex // guards the following fields
 	subs        []*Subscription
 	gop         GOPCache

@@ -121,6 +121,9 @@ const (
 	msgUnsubscribe     = 7
 	msgStreamEnd       = 8
 	msgKeyframeRequest = 9
+	// msgStreamFlags carries a subscribed stream's flags when they change
+	// after the subscribe-ok (which carries them too).
+	msgStreamFlags = 10
 )
 
 // maxControlMessage bounds one control message on the wire.
@@ -145,6 +148,7 @@ type controlMsg struct {
 	Code       uint64   // subscribe error
 	Reason     string   // subscribe error, stream end
 	Desc       Description
+	Flags      uint32 // subscribe ok, stream flags: the stream's Flags
 }
 
 func appendString(b []byte, s string) []byte {
@@ -180,6 +184,10 @@ func appendControl(b []byte, m *controlMsg) []byte {
 			body = binary.AppendUvarint(body, uint64(t.Channels))
 			body = appendString(body, t.Fmtp)
 		}
+		body = binary.AppendUvarint(body, uint64(m.Flags))
+	case msgStreamFlags:
+		body = binary.AppendUvarint(body, uint64(m.SubID))
+		body = binary.AppendUvarint(body, uint64(m.Flags))
 	case msgSubscribeError:
 		body = binary.AppendUvarint(body, uint64(m.SubID))
 		body = binary.AppendUvarint(body, m.Code)
@@ -295,6 +303,10 @@ func parseControl(body []byte) (*controlMsg, error) {
 			t.Fmtp = d.string(4096)
 			m.Desc.Tracks = append(m.Desc.Tracks, t)
 		}
+		m.Flags = d.uint32()
+	case msgStreamFlags:
+		m.SubID = d.uint32()
+		m.Flags = d.uint32()
 	case msgSubscribeError:
 		m.SubID = d.uint32()
 		m.Code = d.uvarint()

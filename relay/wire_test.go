@@ -15,6 +15,8 @@ var sampleControl = []controlMsg{
 	{Type: msgUnannounce, Stream: "x"},
 	{Type: msgSubscribe, SubID: 7, Stream: "x"},
 	{Type: msgSubscribeOK, SubID: 7, Desc: h264Desc},
+	{Type: msgSubscribeOK, SubID: 8, Desc: h264Desc, Flags: uint32(FlagBFrames)},
+	{Type: msgStreamFlags, SubID: 7, Flags: uint32(FlagBFrames)},
 	{Type: msgSubscribeError, SubID: 7, Code: codeNotFound, Reason: "stream not found"},
 	{Type: msgUnsubscribe, SubID: 7},
 	{Type: msgStreamEnd, SubID: 7, Reason: "publisher left"},
@@ -45,8 +47,10 @@ func TestControlRejectsGarbage(t *testing.T) {
 		{msgSubscribe, 0x80},      // truncated varint
 		{msgSubscribe, 1, 5, 'x'}, // truncated string
 		{msgUnsubscribe, 1, 0},    // trailing byte
-		{msgSubscribeOK, 1, 9},    // too many tracks
-		{msgAnnounce, 1, 'x', 65}, // too many hops
+		{msgStreamFlags, 1},       // no flags
+		{msgStreamFlags, 1, 0x80, 0x80, 0x80, 0x80, 0x10},    // flags over 32 bits
+		{msgSubscribeOK, 1, 9},                               // too many tracks
+		{msgAnnounce, 1, 'x', 65},                            // too many hops
 		{msgSubscribe, 0x80, 0x80, 0x80, 0x80, 0x10, 1, 'x'}, // id over 32 bits
 	} {
 		if m, err := parseControl(body); err == nil {

@@ -1,0 +1,92 @@
+package relay
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/internal/testutil"
+
+	"github.com/pion/rtp"
+)
+
+// h264Packet makes an RTP packet of the first video track with the given
+// payload.
+func h264Packet(t *testing.T, seq uint16, ts uint32, payload []byte) []byte {
+	t.Helper()
+	b, err := (&rtp.Packet{Header: rtp.Header{Version: 2, PayloadType: 96, SequenceNumber: seq, Timestamp: ts, SSRC: 1}, Payload: payload}).Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+var (
+	idrSlice = []byte{0x65, 0x88, 0x84, 0x21} // first_mb 0, slice_type 7 (I)
+	pSlice   = []byte{0x41, 0x9a, 0x42, 0x17} // slice_type 5 (P)
+	bSlice   = []byte{0x01, 0x9e, 0x42, 0x17} // slice_type 6 (B)
+)
+
+// listed returns how hub h lists stream x.
+func listed(h *Hub) StreamInfo {
+	for _, s := range h.Streams() {
+		if s.Name == "x" {
+			return s
+		}
+	}
+	return StreamInfo{}
+}
+
+// TestBFramesFlagCrossesTheOverlay publishes at a and watches at c (a – b –
+// c): a B slice that appears after c subscribed reaches b and c in a
+// stream-flags message; a subscription made later gets the flag with the
+// stream's description, before its first packet.
+func TestBFramesFlagCrossesTheOverlay(t *testing.T) {
+	testutil.CheckLeaks(t)
+	hubs := chain(t, "a", "b", "c")
+	a, b, c := hubs[0], hubs[1], hubs[2]
+	pub, err := a.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	testutil.WaitFor(t, "c learns of x", func() bool { return listed(c).Name == "x" })
+
+	pub.WriteRTP(0, h264Packet(t, 1, 0, idrSlice))
+	pub.WriteRTP(0, h264Packet(t, 2, 3000, pSlice))
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
+	defer cancel()
+	q := NewQueue(64)
+	sub, err := c.Subscribe(ctx, "x", q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := sub.Stream().Flags(); f != 0 || listed(a).BFrames || listed(c).BFrames {
+		t.Fatalf("a stream of I and P slices is flagged %v (a lists %+v, c %+v)", f, listed(a), listed(c))
+	}
+
+	// x264 with its defaults: the first B slice comes a few frames in.
+	pub.WriteRTP(0, h264Packet(t, 3, 9000, bSlice))
+	if !listed(a).BFrames {
+		t.Fatalf("a B slice published at a: a lists %+v, want b_frames", listed(a))
+	}
+	testutil.WaitFor(t, "b and c list x with b_frames", func() bool { return listed(b).BFrames && listed(c).BFrames })
+	if f := sub.Stream().Flags(); f != FlagBFrames {
+		t.Fatalf("c's subscription sees flags %v, want %v", f, FlagBFrames)
+	}
+
+	// Everyone leaves; b and c stop relaying x after the linger time.
+	sub.Close()
+	testutil.WaitFor(t, "b and c stop relaying x", func() bool { return !listed(b).Local && !listed(c).Local })
+
+	// A new viewer at c: the flag arrives with the description, hop by hop,
+	// before any packet.
+	sub, err = c.Subscribe(ctx, "x", NewQueue(64))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if f := sub.Stream().Flags(); f != FlagBFrames || !listed(c).BFrames || !listed(b).BFrames {
+		t.Fatalf("a new subscription at c sees flags %v (b lists %+v, c %+v), want b_frames at once", f, listed(b), listed(c))
+	}
+}
