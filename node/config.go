@@ -65,7 +65,7 @@ type Config struct {
 	} `yaml:"webrtc"`
 	Auth struct {
 		// PublishToken, when set, is the Bearer token WHIP publishers must
-		// present.
+		// present, and the password RTSP publishers must give.
 		PublishToken string `yaml:"publish_token"`
 	} `yaml:"auth"`
 	Log struct {

@@ -102,6 +102,7 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 		DisableUDP:     !cfg.RTSPOverUDP(),
 		Hub:            n.hub,
 		Sources:        cfg.RTSP.Sources,
+		PublishToken:   cfg.Auth.PublishToken,
 		Logger:         log,
 	})
 	if err != nil {

@@ -16,7 +16,11 @@ import (
 // Config configures a Handler.
 type Config struct {
 	// Hub receives the published streams. Required.
-	Hub    *relay.Hub
+	Hub *relay.Hub
+	// Token, when set, is the password publishers must give, with any user
+	// name, in RTSP Basic or Digest authentication: ffmpeg and OBS take it
+	// in the URL, rtsp://user:TOKEN@host:8554/x. Empty lets anyone publish.
+	Token  string
 	Logger *slog.Logger
 }
 
@@ -25,12 +29,14 @@ type Config struct {
 // path: rtsp://host:8554/x publishes stream "x". The server's handler calls
 // the On* methods; they are safe for concurrent use.
 type Handler struct {
-	hub *relay.Hub
-	log *slog.Logger
+	hub   *relay.Hub
+	log   *slog.Logger
+	token string
 
-	mu       sync.Mutex // guards the following fields
-	sessions map[*gortsplib.ServerSession]*ingestStream
-	closed   bool
+	mu         sync.Mutex // guards the following fields
+	sessions   map[*gortsplib.ServerSession]*ingestStream
+	challenged map[*gortsplib.ServerConn]challenge
+	closed     bool
 }
 
 // NewHandler returns a Handler publishing into cfg.Hub.
@@ -40,19 +46,25 @@ func NewHandler(cfg Config) *Handler {
 		log = slog.Default()
 	}
 	return &Handler{
-		hub:      cfg.Hub,
-		log:      log.With("component", "ingest/rtsp"),
-		sessions: make(map[*gortsplib.ServerSession]*ingestStream),
+		hub:        cfg.Hub,
+		log:        log.With("component", "ingest/rtsp"),
+		token:      cfg.Token,
+		sessions:   make(map[*gortsplib.ServerSession]*ingestStream),
+		challenged: make(map[*gortsplib.ServerConn]challenge),
 	}
 }
 
-// OnAnnounce checks the announced stream and publishes it into the hub. A
-// stream with no H264, VP8 or Opus track is refused with 415, a name that is
-// live (here or in another datacenter) or invalid with 403, all with a
-// reason phrase saying what to do.
+// OnAnnounce checks the publisher's credentials and the announced stream,
+// and publishes it into the hub. Missing or wrong credentials (when a token
+// is set) are refused with 401, a stream with no H264, VP8 or Opus track
+// with 415, a name that is live (here or in another datacenter) or invalid
+// with 403, all with a reason phrase saying what to do.
 func (h *Handler) OnAnnounce(ctx *gortsplib.ServerHandlerOnAnnounceCtx) (*base.Response, error) {
 	name := strings.TrimPrefix(ctx.Path, "/")
 	log := h.log.With("stream", name, "remote", ctx.Conn.NetConn().RemoteAddr().String())
+	if res, err := h.authorize(ctx, log); res != nil {
+		return res, err
+	}
 	if err := relay.ValidateStreamName(name); err != nil {
 		// Not 400: ffmpeg prints the reason phrase only for codes above 400.
 		log.Info("publisher refused", "error", err)

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/bluenviron/gortsplib/v4"
 	"github.com/bluenviron/gortsplib/v4/pkg/base"
 	"github.com/bluenviron/gortsplib/v4/pkg/description"
+	"github.com/bluenviron/gortsplib/v4/pkg/liberrors"
 	"github.com/pion/rtp"
 
 	"github.com/stemflow/stemflow/relay"
@@ -58,7 +60,7 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 	}
 	u, err := base.ParseURL(cfg.URL)
 	if err != nil || (u.Scheme != "rtsp" && u.Scheme != "rtsps") || u.Host == "" {
-		return nil, fmt.Errorf("rtsp source %q: URL %q is not an rtsp:// URL with a host (e.g. rtsp://camera.example:554/stream)", cfg.Name, cfg.URL)
+		return nil, fmt.Errorf("rtsp source %q: URL %q is not an rtsp:// URL with a host (e.g. rtsp://user:pass@camera.example:554/stream)", cfg.Name, redactURL(cfg.URL))
 	}
 	switch cfg.Transport {
 	case "", "udp", "tcp":
@@ -146,6 +148,13 @@ func (s *Source) pull() error {
 
 	desc, _, err := c.Describe(s.url)
 	if err != nil {
+		var bad liberrors.ErrClientBadStatusCode
+		if errors.As(err, &bad) && bad.Code == base.StatusUnauthorized {
+			if s.url.User == nil {
+				return fmt.Errorf("DESCRIBE: %w: the camera wants a user name and password: put them in the source URL, rtsp://user:pass@host/path", err)
+			}
+			return fmt.Errorf("DESCRIBE: %w: the camera refused the user name and password of the source URL", err)
+		}
 		return fmt.Errorf("DESCRIBE: %w", err)
 	}
 	tracks, skipped, err := plan(desc)
@@ -182,6 +191,21 @@ func (s *Source) pull() error {
 	}
 	s.log.Info("pulling camera stream", "tracks", len(tracks))
 	return c.Wait()
+}
+
+// redactURL hides the password of a URL that may not parse, for messages.
+func redactURL(s string) string {
+	if u, err := url.Parse(s); err == nil {
+		return u.Redacted()
+	}
+	scheme, rest, ok := strings.Cut(s, "://")
+	if !ok {
+		return s
+	}
+	if i := strings.LastIndex(rest, "@"); i >= 0 {
+		return scheme + "://xxxxx@" + rest[i+1:]
+	}
+	return s
 }
 
 func ptr[T any](v T) *T { return &v }

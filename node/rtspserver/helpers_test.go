@@ -26,14 +26,49 @@ func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
+// logBuffer collects a server's log lines for assertions (and echoes them
+// to stderr with -v).
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if testing.Verbose() {
+		os.Stderr.Write(p)
+	}
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Logger returns a debug-level logger writing into l.
+func (l *logBuffer) Logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
 // startServer starts a server on a free even port of 127.0.0.1 (UDP on the
 // port + 1000 and + 1001).
 func startServer(t *testing.T, hub *relay.Hub, sources map[string]string) *Server {
 	t.Helper()
+	return startServerConfig(t, Config{Hub: hub, Logger: testLogger(t), Sources: sources})
+}
+
+// startServerConfig starts a server with cfg on a free even port of
+// 127.0.0.1 (cfg.Address is overwritten).
+func startServerConfig(t *testing.T, cfg Config) *Server {
+	t.Helper()
 	var lastErr error
 	for range 30 {
 		port := 20000 + 2*rand.IntN(10000)
-		s, err := New(Config{Address: "127.0.0.1:" + strconv.Itoa(port), Hub: hub, Logger: testLogger(t), Sources: sources})
+		cfg.Address = "127.0.0.1:" + strconv.Itoa(port)
+		s, err := New(cfg)
 		if err == nil {
 			t.Cleanup(s.Close)
 			return s

@@ -50,6 +50,10 @@ type Config struct {
 	UDPRTPAddress, UDPRTCPAddress string
 	// DisableUDP serves RTSP over TCP only.
 	DisableUDP bool
+	// PublishToken, when set, is the password RTSP publishers must give
+	// (with any user name, in RTSP Basic or Digest authentication; ffmpeg:
+	// rtsp://user:TOKEN@host:8554/name). Readers need none.
+	PublishToken string
 	// SubscribeTimeout is how long a DESCRIBE waits for a stream from
 	// another datacenter (default 5s).
 	SubscribeTimeout time.Duration
@@ -99,7 +103,7 @@ func New(cfg Config) (*Server, error) {
 
 	s := &Server{log: log.With("component", "rtspserver"), addr: cfg.Address}
 	var bound net.Listener
-	s.ingest = ingest.NewHandler(ingest.Config{Hub: cfg.Hub, Logger: log})
+	s.ingest = ingest.NewHandler(ingest.Config{Hub: cfg.Hub, Token: cfg.PublishToken, Logger: log})
 	s.rtsp = &gortsplib.Server{
 		RTSPAddress:    cfg.Address,
 		UDPRTPAddress:  rtpAddr,
@@ -166,6 +170,7 @@ type handler struct {
 }
 
 var (
+	_ gortsplib.ServerHandlerOnConnClose        = (*handler)(nil)
 	_ gortsplib.ServerHandlerOnDescribe         = (*handler)(nil)
 	_ gortsplib.ServerHandlerOnAnnounce         = (*handler)(nil)
 	_ gortsplib.ServerHandlerOnSetup            = (*handler)(nil)
@@ -176,6 +181,10 @@ var (
 	_ gortsplib.ServerHandlerOnDecodeError      = (*handler)(nil)
 	_ gortsplib.ServerHandlerOnStreamWriteError = (*handler)(nil)
 )
+
+func (h *handler) OnConnClose(ctx *gortsplib.ServerHandlerOnConnCloseCtx) {
+	h.s.ingest.OnConnClose(ctx)
+}
 
 func (h *handler) OnDescribe(ctx *gortsplib.ServerHandlerOnDescribeCtx) (*base.Response, *gortsplib.ServerStream, error) {
 	return h.s.egress.OnDescribe(ctx)

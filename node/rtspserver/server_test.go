@@ -315,6 +315,8 @@ func TestConfigErrors(t *testing.T) {
 		{Config{Address: "127.0.0.1:8554", Hub: hub, UDPRTPAddress: "127.0.0.1:9000"}, "set both"},
 		{Config{Address: "nonsense", Hub: hub}, "want host:port"},
 		{Config{Address: "127.0.0.1:0", Hub: hub, DisableUDP: true, Sources: map[string]string{"cam": "http://x"}}, "not an rtsp:// URL"},
+		{Config{Address: "127.0.0.1:0", Hub: hub, DisableUDP: true, Sources: map[string]string{"cam": "http://admin:s3cret@cam/x"}}, `"http://admin:xxxxx@cam/x" is not an rtsp:// URL`},
+		{Config{Address: "127.0.0.1:0", Hub: hub, DisableUDP: true, Sources: map[string]string{"cam": "rtsp://admin:s3cret@cam:port/x"}}, `"rtsp://xxxxx@cam:port/x" is not an rtsp:// URL`},
 	} {
 		s, err := New(c.cfg)
 		if err == nil {
