@@ -27,8 +27,12 @@ func (r *mediaReport) String() string {
 		r.videoPackets, len(r.videoTimestamps), r.audioPackets, r.maxSize, r.idrWithParams, r.idrWithout, r.seqGaps, r.firstIsKeyframe)
 }
 
-// collect reads the subscription's packets for d and analyses them.
-func collect(t *testing.T, sub *relay.Subscription, q *relay.Queue, d time.Duration) *mediaReport {
+// collect reads the subscription's packets until it has seen frames video
+// frames and as many Opus packets, and analyses them. It counts rather than
+// times: a busy machine runs ffmpeg -re below real time (0.3x seen at a load
+// of 60 on 2 cores), so a stream is broken only when it stalls, after 30 s
+// (scaled).
+func collect(t *testing.T, sub *relay.Subscription, q *relay.Queue, frames int) *mediaReport {
 	t.Helper()
 	desc := sub.Description()
 	video, audio := desc.TrackOf(relay.KindVideo), desc.TrackOf(relay.KindAudio)
@@ -48,17 +52,21 @@ func collect(t *testing.T, sub *relay.Subscription, q *relay.Queue, d time.Durat
 		lastSeq uint16
 		seen    = map[uint32]map[byte]bool{} // NAL types seen per timestamp
 	)
-	timeout := time.After(d)
+	timeout := time.After(testutil.Scale(30 * time.Second))
 	firstVideo := true
 	for {
-		var b *relay.Buffer
-		select {
-		case b = <-q.C():
-		case <-timeout:
+		if len(r.videoTimestamps) >= frames && r.audioPackets >= frames {
 			if q.Dropped() != 0 {
 				t.Errorf("test queue dropped %d packets", q.Dropped())
 			}
 			return r
+		}
+		var b *relay.Buffer
+		select {
+		case b = <-q.C():
+		case <-timeout:
+			t.Fatalf("stream stalled: %d video frames and %d Opus packets of %d in %s: %v",
+				len(r.videoTimestamps), r.audioPackets, frames, testutil.Scale(30*time.Second), r)
 		case <-sub.Done():
 			t.Fatalf("stream ended: %v", sub.Err())
 		}
@@ -126,7 +134,7 @@ func naluTypes(p []byte) []byte {
 	}
 }
 
-func checkReport(t *testing.T, r *mediaReport, secs float64) {
+func checkReport(t *testing.T, r *mediaReport) {
 	t.Helper()
 	t.Log(r)
 	if !r.firstIsKeyframe {
@@ -141,17 +149,8 @@ func checkReport(t *testing.T, r *mediaReport, secs float64) {
 	if r.maxSize > 1200 {
 		t.Errorf("packets up to %d bytes, want at most 1200", r.maxSize)
 	}
-	// ffmpeg -re falls below real time when the machine is busy (0.77x seen
-	// on 2 cores while Go compiled beside it), so ask for half the frame
-	// rate: enough to tell a flowing stream from a broken one.
-	if min := int(15 * secs); len(r.videoTimestamps) < min {
-		t.Errorf("%d video frames in %.0f s, want at least %d", len(r.videoTimestamps), secs, min)
-	}
 	if r.seqGaps != 0 {
 		t.Errorf("%d gaps in the video sequence numbers", r.seqGaps)
-	}
-	if r.audioPackets < int(25*secs) {
-		t.Errorf("%d Opus packets in %.0f s, want at least %d", r.audioPackets, secs, int(25*secs))
 	}
 }
 
@@ -165,8 +164,8 @@ func TestPublishFFmpeg(t *testing.T) {
 			name := "cam-" + transport
 			pub := startFFmpeg(t, publishArgs("rtsp://"+srv.Addr()+"/"+name, transport, 30)...)
 			sub, q := subscribe(t, hub, name, 15*time.Second)
-			r := collect(t, sub, q, 3*time.Second)
-			checkReport(t, r, 3)
+			r := collect(t, sub, q, 90)
+			checkReport(t, r)
 			select {
 			case <-pub.done:
 				t.Fatalf("ffmpeg exited early: %v", pub.err)
@@ -199,7 +198,7 @@ func TestRefusals(t *testing.T) {
 	hub := newHub(t, "a")
 	srv := startServer(t, hub, nil)
 	base := "rtsp://" + srv.Addr() + "/"
-	startFFmpeg(t, publishArgs(base+"good", "tcp", 60)...)
+	startFFmpeg(t, publishArgs(base+"good", "tcp", 600)...)
 	sub, q := subscribe(t, hub, "good", 15*time.Second)
 
 	cases := []struct {
@@ -232,8 +231,7 @@ func TestRefusals(t *testing.T) {
 
 	// The live stream kept flowing.
 	q.Drain()
-	r := collect(t, sub, q, 2*time.Second)
-	if len(r.videoTimestamps) < 40 || r.audioPackets < 40 {
+	if r := collect(t, sub, q, 60); r.seqGaps != 0 {
 		t.Errorf("live stream disturbed by the refusals: %v", r)
 	}
 }
@@ -244,7 +242,7 @@ func TestReadFFmpeg(t *testing.T) {
 	hub := newHub(t, "a")
 	srv := startServer(t, hub, nil)
 	base := "rtsp://" + srv.Addr() + "/"
-	startFFmpeg(t, publishArgs(base+"show", "udp", 60)...)
+	startFFmpeg(t, publishArgs(base+"show", "udp", 600)...)
 	subscribe(t, hub, "show", 15*time.Second)
 
 	// 90 frames span the GOP replayed at the start and live frames after
@@ -296,10 +294,10 @@ func TestPullSource(t *testing.T) {
 	if len(hub.Streams()) != 0 {
 		t.Fatalf("stream published before the camera had one: %+v", hub.Streams())
 	}
-	startFFmpeg(t, publishArgs("rtsp://"+camera.Addr()+"/cam", "udp", 60)...)
+	startFFmpeg(t, publishArgs("rtsp://"+camera.Addr()+"/cam", "udp", 600)...)
 	sub, q := subscribe(t, hub, "pulled", 30*time.Second)
-	r := collect(t, sub, q, 3*time.Second)
-	checkReport(t, r, 3)
+	r := collect(t, sub, q, 90)
+	checkReport(t, r)
 }
 
 func TestConfigErrors(t *testing.T) {
