@@ -92,6 +92,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.ep.ServeH
 func (s *Server) publish(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*session, string, error) {
 	video, audio := chooseCodecs(offer)
 	if video == nil && audio == nil {
+		if receivesOnly(offer) {
+			// WHEP is mounted beside WHIP at /whep/ (node/).
+			return nil, "", rtc.Errorf(http.StatusBadRequest, "whip: the offer only receives media (a=recvonly); "+
+				"a WHIP publisher must send (sendonly or sendrecv): did you mean WHEP at /whep/%s?", rs.Stream())
+		}
 		return nil, "", rtc.Errorf(http.StatusBadRequest,
 			"whip: offer has no %s: publish with one of these codecs", rtc.SupportedCodecs)
 	}
@@ -161,6 +166,24 @@ func chooseCodecs(o *rtc.Offer) (video, audio *rtc.Codec) {
 		}
 	}
 	return video, audio
+}
+
+// receivesOnly reports whether no audio or video section of o sends and
+// at least one receives: a viewer's offer (WHEP) sent to WHIP.
+func receivesOnly(o *rtc.Offer) bool {
+	recv := false
+	for _, m := range o.Media {
+		if m.Kind == 0 {
+			continue
+		}
+		switch m.Direction {
+		case "sendonly", "sendrecv":
+			return false
+		case "recvonly":
+			recv = true
+		}
+	}
+	return recv
 }
 
 // ingestInterceptors returns what a publisher's PeerConnection needs: NACKs

@@ -191,6 +191,8 @@ func TestBadRequests(t *testing.T) {
 	noCodec := sdpHead + "m=video 9 UDP/TLS/RTP/SAVPF 98 99\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\n" +
 		"a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=setup:actpass\r\n" +
 		"a=rtpmap:98 VP9/90000\r\na=rtpmap:99 H264/90000\r\na=fmtp:99 packetization-mode=0;profile-level-id=42e01f\r\n"
+	recvOnly := sdpHead + "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n" +
+		"a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=setup:actpass\r\na=rtpmap:96 VP8/90000\r\n"
 	endpoint := e.url + "/whip/new"
 	for _, tc := range []struct {
 		name, url, ct, token, body string
@@ -205,6 +207,8 @@ func TestBadRequests(t *testing.T) {
 		{"malformed", endpoint, "application/sdp", token, "this is not sdp", 400, "not valid SDP"},
 		{"empty", endpoint, "application/sdp", token, "", 400, "empty body"},
 		{"no codec", endpoint, "application/sdp", token, noCodec, 400, "offer has no H264 (packetization-mode=1), VP8 or Opus"},
+		{"recvonly", endpoint, "application/sdp", token, recvOnly, 400,
+			"whip: the offer only receives media (a=recvonly); a WHIP publisher must send (sendonly or sendrecv): did you mean WHEP at /whep/new?"},
 		{"bad name", e.url + "/whip/bad%20name", "application/sdp", token, noCodec, 400, "stream name"},
 		{"no name", e.url + "/whip/", "application/sdp", token, noCodec, 400, "stream name is empty"},
 	} {
