@@ -7,30 +7,45 @@ package relay
 // together in a few slots, whatever order they arrive in, ignores duplicates,
 // and gives up on a packet whose slot is needed for a newer one.
 
-// fragment calls send once for each datagram needed to carry pkt under the
-// header h within budget bytes per datagram. The header's fragment fields are
-// set as needed. scratch must hold at least budget bytes.
-func fragment(h mediaHeader, pkt []byte, budget int, scratch []byte, send func([]byte) error) error {
-	if mediaHeaderLen+len(pkt) <= budget {
-		h.Flags &^= flagFragment
-		return send(append(h.append(scratch[:0]), pkt...))
+// fragments returns how many datagrams of at most budget bytes carry a
+// packet of n bytes, and how many of its bytes go in each.
+func fragments(n, budget int) (count, chunk int, err error) {
+	if mediaHeaderLen+n <= budget {
+		return 1, n, nil
 	}
 	room := budget - mediaHeaderLen - fragHeaderLen
-	count := (len(pkt) + room - 1) / room
-	if count > maxFragments || room <= 0 {
-		return errPacketTooLargeForBudget
+	if room <= 0 {
+		return 0, 0, errPacketTooLargeForBudget
 	}
-	chunk := (len(pkt) + count - 1) / count
+	count = (n + room - 1) / room
+	if count > maxFragments {
+		return 0, 0, errPacketTooLargeForBudget
+	}
+	return count, (n + count - 1) / count, nil
+}
+
+// appendDatagram appends datagram i of the count that carry pkt (see
+// fragments) under the header h to b. The header's fragment fields are set
+// as needed.
+func appendDatagram(b []byte, h mediaHeader, pkt []byte, i, count, chunk int) []byte {
+	if count == 1 {
+		h.Flags &^= flagFragment
+		return append(h.append(b), pkt...)
+	}
 	h.Flags |= flagFragment
-	h.FragCount = uint8(count)
-	for i := 0; i < count; i++ {
-		h.FragIndex = uint8(i)
-		part := pkt[i*chunk : min((i+1)*chunk, len(pkt))]
-		if err := send(append(h.append(scratch[:0]), part...)); err != nil {
-			return err
-		}
+	h.FragIndex, h.FragCount = uint8(i), uint8(count)
+	return append(h.append(b), pkt[i*chunk:min((i+1)*chunk, len(pkt))]...)
+}
+
+// fragment calls send once for each datagram needed to carry pkt under the
+// header h within budget bytes per datagram. scratch must hold at least
+// budget bytes.
+func fragment(h mediaHeader, pkt []byte, budget int, scratch []byte, send func([]byte) error) error {
+	count, chunk, err := fragments(len(pkt), budget)
+	for i := 0; err == nil && i < count; i++ {
+		err = send(appendDatagram(scratch[:0], h, pkt, i, count, chunk))
 	}
-	return nil
+	return err
 }
 
 var errPacketTooLargeForBudget = errorString("packet needs more than 8 datagrams")
@@ -47,6 +62,7 @@ type reassembler struct {
 	clock   uint64
 	out     [MaxPacketSize]byte
 	evicted uint64 // incomplete packets given up on
+	dups    uint64 // fragments that arrived twice, or after their packet
 }
 
 type fragSlot struct {
@@ -76,12 +92,17 @@ func (r *reassembler) add(h *mediaHeader, part []byte) ([]byte, bool) {
 		}
 		s.used, s.done, s.subID, s.seq, s.count, s.have, s.age = true, false, h.SubID, h.HopSeq, h.FragCount, 0, r.clock
 	}
-	if s.done || h.FragCount != s.count {
+	if s.done {
+		r.dups++
+		return nil, false
+	}
+	if h.FragCount != s.count {
 		return nil, false // inconsistent fragment: ignore it
 	}
 	bit := uint8(1) << h.FragIndex
 	if s.have&bit != 0 {
-		return nil, false // duplicate
+		r.dups++
+		return nil, false
 	}
 	s.have |= bit
 	s.lens[h.FragIndex] = uint16(copy(s.parts[h.FragIndex][:], part))

@@ -18,40 +18,59 @@ const (
 	// ctlQueueSize bounds the control messages waiting to be written to a
 	// neighbour; a neighbour that lets it fill up is dropped.
 	ctlQueueSize = 4096
-	// mediaQueueSize bounds the media packets waiting to be sent to a
-	// neighbour; beyond it packets are dropped and counted.
-	mediaQueueSize = 1024
-	// initialBudget is the datagram payload quic-go accepts before path-MTU
-	// discovery has run.
-	initialBudget = 1200
+	// receiveQueueSize bounds the datagrams taken from quic-go's receive
+	// queue (which holds 128) and waiting to be handled.
+	receiveQueueSize = 8192
 	// subscribeTimeout bounds how long a neighbour's subscription may wait for
 	// a stream further upstream.
 	subscribeTimeout = 5 * time.Second
 )
 
-// LinkStats counts what crossed one link. All counters only grow.
+// LinkStats counts what crossed one link. All counters only grow. Every
+// packet or datagram dropped on the link is counted once, by where it was
+// dropped: the sender's QueueDropped and SendErrors, the receiver's
+// ReceiveDropped, UnknownSubscription, Duplicates, FragmentsGivenUp and
+// Malformed. HopLost is what the receiver misses: the sender's drops, plus
+// what the network and quic-go's receive queue lost.
 type LinkStats struct {
-	Peer            string `json:"peer"`
-	PacketsSent     uint64 `json:"packets_sent"`
-	DatagramsSent   uint64 `json:"datagrams_sent"`
-	PacketsReceived uint64 `json:"packets_received"`
-	// SendDropped counts packets dropped because the neighbour's queue was
-	// full (a slow link).
-	SendDropped uint64 `json:"send_dropped"`
-	// HopLost counts packets missing from the hop sequence on arrival: lost
-	// on the wire or in quic-go's datagram queue.
+	Peer              string `json:"peer"`
+	PacketsSent       uint64 `json:"packets_sent"`
+	DatagramsSent     uint64 `json:"datagrams_sent"`
+	PacketsReceived   uint64 `json:"packets_received"`
+	DatagramsReceived uint64 `json:"datagrams_received"`
+	// DatagramBudget is the largest datagram the link sends now, in bytes:
+	// what quic-go allows, which grows after path-MTU discovery. Packets
+	// that do not fit are split into fragments.
+	DatagramBudget int `json:"datagram_budget"`
+
+	// QueueDropped counts packets dropped because their subscription's
+	// queue on the link was full: a link slower than the stream, or a burst
+	// longer than the queue.
+	QueueDropped uint64 `json:"queue_dropped"`
+	// SendErrors counts packets quic-go refused to send.
+	SendErrors uint64 `json:"send_errors"`
+	// HopLost counts packets missing from the hop sequence on arrival:
+	// dropped by the sender, lost on the wire or in quic-go's receive queue.
 	HopLost uint64 `json:"hop_lost"`
-	// Malformed counts datagrams that failed to parse.
-	Malformed uint64 `json:"malformed"`
+	// ReceiveDropped counts datagrams dropped because this node did not
+	// keep up with the link.
+	ReceiveDropped uint64 `json:"receive_dropped"`
+	// UnknownSubscription counts datagrams for a subscription this node
+	// does not have (any more): sent before an unsubscribe arrived.
+	UnknownSubscription uint64 `json:"unknown_subscription"`
+	// Duplicates counts datagrams that arrived twice, or too late to tell.
+	Duplicates uint64 `json:"duplicates"`
 	// FragmentsGivenUp counts fragmented packets that never completed.
-	FragmentsGivenUp uint64        `json:"fragments_given_up"`
-	RTT              time.Duration `json:"rtt_ns"`
+	FragmentsGivenUp uint64 `json:"fragments_given_up"`
+	// Malformed counts datagrams that failed to parse.
+	Malformed uint64        `json:"malformed"`
+	RTT       time.Duration `json:"rtt_ns"`
 }
 
-// quicLink is the connection to one neighbouring datacenter. It owns three
-// goroutines: the control reader, the control writer and the media sender;
-// the datagram reader is the fourth. Close (or the connection dying) stops all
-// of them.
+// quicLink is the connection to one neighbouring datacenter. It owns five
+// goroutines: the control reader, the control writer, the media sender, the
+// datagram reader and the media receiver. Close (or the connection dying)
+// stops all of them.
 type quicLink struct {
 	hub  *Hub
 	conn *quic.Conn
@@ -64,11 +83,16 @@ type quicLink struct {
 	wg     sync.WaitGroup
 
 	ctlOut chan *controlMsg
-	out    chan outItem
+	tx     *linkSender
+	rx     *linkReceiver
 
 	nextSubID atomic.Uint32
 
-	sent, dgramsSent, received, dropped, lost, malformed, fragLost atomic.Uint64
+	// Counters: see LinkStats.
+	sent, dgramsSent, queueDropped, sendErrors                    atomic.Uint64
+	received, dgramsReceived, receiveDropped, lost, unknown, dups atomic.Uint64
+	malformed, fragLost                                           atomic.Uint64
+	budget                                                        atomic.Int64
 
 	mu    sync.Mutex          // guards the following fields
 	ups   map[uint32]*upSub   // streams we receive from the neighbour
@@ -77,14 +101,9 @@ type quicLink struct {
 
 var _ link = (*quicLink)(nil)
 
-type outItem struct {
-	d *downSub
-	b *Buffer
-}
-
 func newLink(h *Hub, conn *quic.Conn, ctl *quic.Stream, peer string) *quicLink {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	return &quicLink{
+	l := &quicLink{
 		hub:    h,
 		conn:   conn,
 		ctl:    ctl,
@@ -93,18 +112,24 @@ func newLink(h *Hub, conn *quic.Conn, ctl *quic.Stream, peer string) *quicLink {
 		ctx:    ctx,
 		cancel: cancel,
 		ctlOut: make(chan *controlMsg, ctlQueueSize),
-		out:    make(chan outItem, mediaQueueSize),
 		ups:    make(map[uint32]*upSub),
 		downs:  make(map[uint32]*downSub),
 	}
+	l.tx = newLinkSender(l, conn)
+	l.rx = newLinkReceiver(l)
+	return l
 }
 
 // run serves the link until the connection ends. br reads the control stream
 // past the hello.
 func (l *quicLink) run(br *bufio.Reader) error {
-	l.wg.Add(3)
+	l.wg.Add(4)
 	go l.writeControl()
-	go l.sendMedia()
+	go func() {
+		defer l.wg.Done()
+		l.tx.run(l.ctx)
+	}()
+	go l.readDatagrams()
 	go l.receiveMedia()
 	l.hub.addLink(l)
 	err := l.readControl(br)
@@ -239,14 +264,6 @@ func (l *quicLink) closeSubscriptions(cause error) {
 	for _, u := range ups {
 		l.hub.removeStream(u.s, fmt.Errorf("link to datacenter %s lost: %w", l.peer, cause))
 	}
-	for {
-		select {
-		case it := <-l.out:
-			it.b.Release()
-		default:
-			return
-		}
-	}
 }
 
 // announce, unannounce and subscribe implement link for the hub.
@@ -288,47 +305,6 @@ func (u *upSub) requestKeyframe() {
 func (u *upSub) stop() {
 	if u.l.upSub(u.id, true) != nil {
 		u.l.sendCtl(&controlMsg{Type: msgUnsubscribe, SubID: u.id})
-	}
-}
-
-// receiveMedia drains quic-go's datagram queue, which holds only 128 and
-// drops silently when full, so it does nothing but parse and fan out.
-func (l *quicLink) receiveMedia() {
-	defer l.wg.Done()
-	var (
-		h   mediaHeader
-		ra  reassembler
-		pkt Packet // reused: it escapes to the subscribers' interface calls
-	)
-	for {
-		b, err := l.conn.ReceiveDatagram(l.ctx)
-		if err != nil {
-			return
-		}
-		payload, err := parseMediaHeader(b, &h)
-		if err != nil {
-			l.malformed.Add(1)
-			continue
-		}
-		l.mu.Lock()
-		u := l.ups[h.SubID]
-		l.mu.Unlock()
-		if u == nil {
-			continue // unsubscribed, or not yet known
-		}
-		if !u.fresh(h.HopSeq, h.Flags&flagFragment != 0, &l.lost) {
-			continue // duplicate
-		}
-		if h.Flags&flagFragment != 0 {
-			var ok bool
-			if payload, ok = ra.add(&h, payload); !ok {
-				l.fragLost.Store(ra.evicted)
-				continue
-			}
-		}
-		l.received.Add(1)
-		pkt = Packet{Track: h.Track, Keyframe: h.Flags&flagKeyframe != 0, Data: payload}
-		u.s.writePacket(&pkt)
 	}
 }
 
@@ -423,11 +399,13 @@ func (l *quicLink) serveSubscribe(id uint32, name string) {
 			break
 		}
 		sub.Close()
+		d.close()
 	}()
 }
 
 // downSub is a stream the neighbour receives from this node. It is the
-// hub's Subscriber: packets go to the link's bounded media queue.
+// hub's Subscriber: packets go to its own bounded queue on the link, which
+// the link's sender serves.
 type downSub struct {
 	id        uint32
 	l         *quicLink
@@ -435,7 +413,8 @@ type downSub struct {
 	closeOnce sync.Once
 	sub       atomic.Pointer[Subscription] // set once subscribed
 
-	hopSeq uint32 // owned by the media sender
+	q       subQueue
+	deficit int // owned by the sender
 }
 
 var _ Subscriber = (*downSub)(nil)
@@ -444,17 +423,23 @@ func (d *downSub) WritePacket(p *Packet) { d.WriteBuffer(NewBuffer(p)) }
 
 var _ BufferWriter = (*downSub)(nil)
 
-// WriteBuffer queues a reference to b for the media sender.
+// WriteBuffer queues a reference to b for the link's sender, or drops it
+// when the subscription's queue is full.
 func (d *downSub) WriteBuffer(b *Buffer) {
-	select {
-	case d.l.out <- outItem{d: d, b: b}:
-	default:
-		b.Release()
-		d.l.dropped.Add(1)
+	switch d.q.push(b) {
+	case pushScheduled:
+		d.l.tx.schedule(d)
+	case pushFull:
+		d.l.queueDropped.Add(1)
 	}
 }
 
-func (d *downSub) close() { d.closeOnce.Do(func() { close(d.closed) }) }
+// close ends the subscription's queue (once the hub no longer writes to
+// it, nothing is left in it).
+func (d *downSub) close() {
+	d.closeOnce.Do(func() { close(d.closed) })
+	d.q.close()
+}
 
 func (d *downSub) requestKeyframe() {
 	if sub := d.sub.Load(); sub != nil {
@@ -462,56 +447,25 @@ func (d *downSub) requestKeyframe() {
 	}
 }
 
-// sendMedia is the one goroutine that writes datagrams to the neighbour.
-// SendDatagram blocks once quic-go has 32 queued; the bounded queue in front
-// of it drops instead, so the hub's fan-out never waits on a slow link.
-func (l *quicLink) sendMedia() {
-	defer l.wg.Done()
-	budget := initialBudget
-	scratch := make([]byte, 0, 2048)
-	send := func(b []byte) error {
-		l.dgramsSent.Add(1)
-		return l.conn.SendDatagram(b)
-	}
-	for {
-		select {
-		case it := <-l.out:
-			it.d.hopSeq++
-			h := mediaHeader{Track: it.b.Track, SubID: it.d.id, HopSeq: it.d.hopSeq}
-			if it.b.Keyframe {
-				h.Flags |= flagKeyframe
-			}
-			err := fragment(h, it.b.Data(), budget, scratch, send)
-			var tooLarge *quic.DatagramTooLargeError
-			if errors.As(err, &tooLarge) && int(tooLarge.MaxDatagramPayloadSize) < budget {
-				budget = int(tooLarge.MaxDatagramPayloadSize)
-				err = fragment(h, it.b.Data(), budget, scratch, send)
-			}
-			it.b.Release()
-			if err != nil {
-				if l.ctx.Err() != nil {
-					return
-				}
-				l.dropped.Add(1)
-				continue
-			}
-			l.sent.Add(1)
-		case <-l.ctx.Done():
-			return
-		}
-	}
-}
-
 func (l *quicLink) stats() LinkStats {
-	return LinkStats{
-		Peer:             l.peer,
-		PacketsSent:      l.sent.Load(),
-		DatagramsSent:    l.dgramsSent.Load(),
-		PacketsReceived:  l.received.Load(),
-		SendDropped:      l.dropped.Load(),
-		HopLost:          l.lost.Load(),
-		Malformed:        l.malformed.Load(),
-		FragmentsGivenUp: l.fragLost.Load(),
-		RTT:              l.conn.ConnectionStats().SmoothedRTT,
+	st := LinkStats{
+		Peer:                l.peer,
+		PacketsSent:         l.sent.Load(),
+		DatagramsSent:       l.dgramsSent.Load(),
+		PacketsReceived:     l.received.Load(),
+		DatagramsReceived:   l.dgramsReceived.Load(),
+		DatagramBudget:      int(l.budget.Load()),
+		QueueDropped:        l.queueDropped.Load(),
+		SendErrors:          l.sendErrors.Load(),
+		HopLost:             l.lost.Load(),
+		ReceiveDropped:      l.receiveDropped.Load(),
+		UnknownSubscription: l.unknown.Load(),
+		Duplicates:          l.dups.Load(),
+		FragmentsGivenUp:    l.fragLost.Load(),
+		Malformed:           l.malformed.Load(),
 	}
+	if l.conn != nil { // nil in tests of the link without the network
+		st.RTT = l.conn.ConnectionStats().SmoothedRTT
+	}
+	return st
 }

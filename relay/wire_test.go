@@ -108,7 +108,7 @@ func FuzzMediaHeader(f *testing.F) {
 }
 
 // fragments splits pkt as the sender would.
-func fragments(t *testing.T, pkt []byte, budget int, seq uint32) [][]byte {
+func splitPacket(t *testing.T, pkt []byte, budget int, seq uint32) [][]byte {
 	var out [][]byte
 	h := mediaHeader{SubID: 3, HopSeq: seq}
 	err := fragment(h, pkt, budget, make([]byte, 0, 2048), func(b []byte) error {
@@ -151,7 +151,7 @@ func TestFragmentsLostReorderedDuplicated(t *testing.T) {
 	}
 	var dgrams [][]byte
 	for i, p := range pkts {
-		f := fragments(t, p, initialBudget, uint32(i))
+		f := splitPacket(t, p, minDatagramPayload, uint32(i))
 		if len(f) != 2 {
 			t.Fatalf("1472-byte packet took %d datagrams, want 2", len(f))
 		}
@@ -195,7 +195,7 @@ func TestFragmentsLostReorderedDuplicated(t *testing.T) {
 
 func TestFragmentSmallBudget(t *testing.T) {
 	p := rtpPacket(t, 1, 0, false, 1500)
-	f := fragments(t, p, 400, 1)
+	f := splitPacket(t, p, 400, 1)
 	if len(f) != 4 {
 		t.Fatalf("got %d fragments, want 4", len(f))
 	}
@@ -213,7 +213,7 @@ func BenchmarkFragmentReassemble(b *testing.B) {
 	b.SetBytes(int64(len(p)))
 	for i := 0; b.Loop(); i++ {
 		h := mediaHeader{SubID: 1, HopSeq: uint32(i)}
-		fragment(h, p, initialBudget, scratch, func(d []byte) error {
+		fragment(h, p, minDatagramPayload, scratch, func(d []byte) error {
 			var hh mediaHeader
 			payload, _ := parseMediaHeader(d, &hh)
 			r.add(&hh, payload)

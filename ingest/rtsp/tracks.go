@@ -13,9 +13,9 @@ import (
 )
 
 // MaxPacketSize is the largest RTP packet (header included) that the ingest
-// writes into the relay: small enough for WebRTC viewers and for the overlay's
-// QUIC datagrams.
-const MaxPacketSize = 1200
+// writes into the relay: one overlay datagram on every link, and small enough
+// for WebRTC viewers.
+const MaxPacketSize = relay.OverlayPacketSize
 
 // ErrNoSupportedTrack is returned (wrapped) when an RTSP stream has no track
 // the relay can carry.

@@ -111,7 +111,7 @@ func New(cfg Config) (*Server, error) {
 		// Room for a GOP replay to a new reader.
 		WriteQueueSize: 4096,
 		// The relay carries packets of up to 1500 bytes; ingest makes them
-		// at most 1200.
+		// at most relay.OverlayPacketSize.
 		MaxPacketSize: 1472,
 		Listen: func(network, address string) (net.Listener, error) {
 			l, err := net.Listen(network, address)

@@ -146,8 +146,8 @@ func checkReport(t *testing.T, r *mediaReport) {
 	if r.idrWithout != 0 {
 		t.Errorf("%d IDR frames without SPS/PPS in-band before them", r.idrWithout)
 	}
-	if r.maxSize > 1200 {
-		t.Errorf("packets up to %d bytes, want at most 1200", r.maxSize)
+	if r.maxSize > relay.OverlayPacketSize {
+		t.Errorf("packets up to %d bytes, want at most %d (one overlay datagram)", r.maxSize, relay.OverlayPacketSize)
 	}
 	if r.seqGaps != 0 {
 		t.Errorf("%d gaps in the video sequence numbers", r.seqGaps)

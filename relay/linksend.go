@@ -1,0 +1,353 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// The media sender of a link. Every downstream subscription on a link has
+// its own bounded queue; one goroutine serves the queues that hold packets
+// by deficit round robin (in bytes), so one stream's keyframe burst waits
+// behind its own packets and not in front of another stream's audio. The
+// hop sequence number is assigned when a packet is queued, so a packet
+// dropped here shows downstream as hop loss like one lost on the wire.
+//
+// The sender paces datagrams with a token bucket: quic-go's datagram receive
+// queue holds 128 and drops silently, so a burst of hundreds of datagrams
+// arriving at once is what loses packets between relays (see the receiver).
+
+const (
+	// subQueueSize bounds the packets waiting on a link for one downstream
+	// subscription: a 10,000 packets/s stream's 200 ms, or a GOP replay of
+	// 2048 packets. Beyond it packets are dropped and counted.
+	subQueueSize = 2048
+	// drrQuantum is the bytes each waiting subscription may send per round.
+	// It is at least one packet, so every round serves every queue.
+	drrQuantum = MaxPacketSize
+	// paceRate and paceBurst shape a link's datagrams: a burst of up to
+	// paceBurst leaves at once, the rest at paceRate per second. 100,000
+	// datagrams/s is ~1 Gbit/s of full datagrams, 10× the highest-rate
+	// stream tested; a burst of 32 fills a quarter of quic-go's receive queue.
+	paceRate  = 100_000
+	paceBurst = 32
+	// budgetRefresh is how often the sender asks quic-go how large a
+	// datagram may be: path-MTU discovery raises the limit after the
+	// handshake, and a path change may lower it.
+	budgetRefresh = time.Second
+)
+
+// minDatagramPayload is the datagram payload quic-go v0.65 accepts on every
+// connection from the handshake on: packets of its default initial size,
+// 1280 bytes, less 37 bytes of QUIC overhead. (quic-go falls back to
+// 1200-byte packets, 1163 bytes of payload, only when the local interface
+// cannot send 1280; the link's budget then follows, and larger packets are
+// fragmented.) Path-MTU discovery raises it to ~1400 within a few round
+// trips.
+const minDatagramPayload = 1280 - 37
+
+// OverlayPacketSize is the largest RTP packet (header included) that crosses
+// every overlay hop in one QUIC datagram from a link's first packet on.
+// Ingest protocols that packetize media themselves (RTSP) make packets no
+// larger; larger ones (up to [MaxPacketSize]) are split into fragments.
+const OverlayPacketSize = minDatagramPayload - mediaHeaderLen
+
+// maxBudget is the largest datagram the sender ever needs.
+const maxBudget = mediaHeaderLen + MaxPacketSize
+
+// limitProbe is larger than any QUIC datagram (at most 16,383 bytes in
+// quic-go): SendDatagram refuses it at once, naming the current limit, and
+// never sends it. Its first byte, wire version 0, would make it malformed
+// anyway.
+var limitProbe [1 << 14]byte
+
+// datagramSender is what the sender needs of a QUIC connection.
+type datagramSender interface {
+	SendDatagram(b []byte) error
+}
+
+type sendSlot struct {
+	b   *Buffer
+	seq uint32
+}
+
+// subQueue is one downstream subscription's queue on a link. Publishers'
+// goroutines push; the link's sender pops.
+type subQueue struct {
+	mu     sync.Mutex // guards the following fields
+	slots  [subQueueSize]sendSlot
+	head   int
+	n      int
+	seq    uint32 // hop sequence number of the last packet pushed or dropped
+	active bool   // on the sender's lists: set while packets wait
+	closed bool
+}
+
+type pushResult uint8
+
+const (
+	pushQueued    pushResult = iota
+	pushScheduled            // queued into an idle queue: tell the sender
+	pushFull                 // dropped: the queue is full
+	pushClosed               // dropped: the subscription ended
+)
+
+// push numbers b with the next hop sequence number and queues it, or
+// releases it when the queue is full or closed.
+func (q *subQueue) push(b *Buffer) pushResult {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		b.Release()
+		return pushClosed
+	}
+	q.seq++
+	if q.n == len(q.slots) {
+		q.mu.Unlock()
+		b.Release()
+		return pushFull
+	}
+	q.slots[(q.head+q.n)%len(q.slots)] = sendSlot{b: b, seq: q.seq}
+	q.n++
+	r := pushQueued
+	if !q.active {
+		q.active, r = true, pushScheduled
+	}
+	q.mu.Unlock()
+	return r
+}
+
+// pop takes the first packet if it is no larger than deficit bytes. more
+// reports whether packets are left; when it is false the queue is idle and
+// the next push schedules it again.
+func (q *subQueue) pop(deficit int) (s sendSlot, ok, more bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.n == 0 {
+		q.active = false
+		return s, false, false
+	}
+	first := &q.slots[q.head]
+	if first.b.n > deficit {
+		return s, false, true
+	}
+	s, *first = *first, sendSlot{}
+	q.head = (q.head + 1) % len(q.slots)
+	q.n--
+	if q.n == 0 {
+		q.active = false
+	}
+	return s, true, q.n > 0
+}
+
+// close releases the queued packets and drops every later one.
+func (q *subQueue) close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	for ; q.n > 0; q.n-- {
+		q.slots[q.head].b.Release()
+		q.slots[q.head] = sendSlot{}
+		q.head = (q.head + 1) % len(q.slots)
+	}
+}
+
+// linkSender writes a link's media datagrams from one goroutine.
+type linkSender struct {
+	l    *quicLink // counters
+	conn datagramSender
+	wake chan struct{} // a queue became active
+
+	mu      sync.Mutex // guards pending
+	pending []*downSub // queues that became active since the last round
+
+	// Owned by the sending goroutine.
+	round, next []*downSub
+	budget      int
+	refreshAt   time.Time
+	pace        pacer
+	scratch     [maxBudget]byte
+}
+
+func newLinkSender(l *quicLink, conn datagramSender) *linkSender {
+	s := &linkSender{
+		l:    l,
+		conn: conn,
+		wake: make(chan struct{}, 1),
+		pace: pacer{rate: paceRate, burst: paceBurst, tokens: paceBurst},
+	}
+	s.setBudget(minDatagramPayload)
+	return s
+}
+
+// schedule puts a queue that just became active on the next round.
+func (s *linkSender) schedule(d *downSub) {
+	s.mu.Lock()
+	s.pending = append(s.pending, d)
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run sends until ctx ends.
+func (s *linkSender) run(ctx context.Context) {
+	for {
+		if len(s.round) == 0 {
+			s.takePending()
+		}
+		if len(s.round) == 0 {
+			select {
+			case <-s.wake:
+				continue
+			case <-ctx.Done():
+				return
+			}
+		}
+		if err := s.serveRound(ctx); err != nil {
+			return
+		}
+	}
+}
+
+func (s *linkSender) takePending() {
+	s.mu.Lock()
+	s.round = append(s.round, s.pending...)
+	clear(s.pending)
+	s.pending = s.pending[:0]
+	s.mu.Unlock()
+}
+
+// serveRound gives every active queue its quantum, once. It fails only when
+// ctx ends.
+func (s *linkSender) serveRound(ctx context.Context) error {
+	for i, d := range s.round {
+		s.round[i] = nil
+		d.deficit += drrQuantum
+		for {
+			slot, ok, more := d.q.pop(d.deficit)
+			if ok {
+				d.deficit -= slot.b.n
+				if err := s.sendPacket(ctx, d.id, slot); err != nil {
+					return err
+				}
+			}
+			if !more {
+				d.deficit = 0
+				break
+			}
+			if !ok {
+				s.next = append(s.next, d)
+				break
+			}
+		}
+	}
+	s.round, s.next = s.next, s.round[:0]
+	s.takePending()
+	return nil
+}
+
+// sendPacket sends one queued packet, in as many datagrams as the budget
+// needs, and releases it. It fails only when ctx ends.
+func (s *linkSender) sendPacket(ctx context.Context, subID uint32, slot sendSlot) error {
+	defer slot.b.Release()
+	h := mediaHeader{Track: slot.b.Track, SubID: subID, HopSeq: slot.seq}
+	if slot.b.Keyframe {
+		h.Flags |= flagKeyframe
+	}
+	if now := time.Now(); now.After(s.refreshAt) {
+		s.refreshAt = now.Add(budgetRefresh)
+		s.refreshBudget()
+	}
+	pkt := slot.b.Data()
+	count, chunk, err := fragments(len(pkt), s.budget)
+	retried := false
+	for i := 0; err == nil && i < count; i++ {
+		if err = s.pace.wait(ctx); err != nil {
+			return err
+		}
+		err = s.conn.SendDatagram(appendDatagram(s.scratch[:0], h, pkt, i, count, chunk))
+		if tooLarge, ok := errors.AsType[*quic.DatagramTooLargeError](err); ok && i == 0 && !retried {
+			// The limit fell since the last refresh: start the packet
+			// again within the new one.
+			retried = true
+			s.setBudget(tooLarge.MaxDatagramPayloadSize)
+			count, chunk, err = fragments(len(pkt), s.budget)
+			i = -1
+			continue
+		}
+		if err == nil {
+			s.l.dgramsSent.Add(1)
+		}
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.l.sendErrors.Add(1)
+		return nil
+	}
+	s.l.sent.Add(1)
+	return nil
+}
+
+// refreshBudget asks quic-go for the datagram payload it accepts now.
+func (s *linkSender) refreshBudget() {
+	err := s.conn.SendDatagram(limitProbe[:])
+	if tooLarge, ok := errors.AsType[*quic.DatagramTooLargeError](err); ok {
+		s.setBudget(tooLarge.MaxDatagramPayloadSize)
+	}
+}
+
+// setBudget takes quic-go's datagram limit as the budget, within what the
+// sender can use.
+func (s *linkSender) setBudget(limit int64) {
+	s.budget = int(max(min(limit, maxBudget), mediaHeaderLen+fragHeaderLen+1))
+	s.l.budget.Store(int64(s.budget))
+}
+
+// pacer is a token bucket of datagrams, used by one goroutine.
+type pacer struct {
+	rate   float64 // datagrams per second; 0 does not pace
+	burst  float64
+	tokens float64
+	last   time.Time
+	timer  *time.Timer
+}
+
+// wait takes one token, sleeping until there is one. It fails only when ctx
+// ends.
+func (p *pacer) wait(ctx context.Context) error {
+	if p.rate == 0 {
+		return nil
+	}
+	p.refill()
+	if p.tokens < 1 {
+		d := time.Duration((1 - p.tokens) / p.rate * float64(time.Second))
+		if p.timer == nil {
+			p.timer = time.NewTimer(d)
+		} else {
+			p.timer.Reset(d)
+		}
+		select {
+		case <-p.timer.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		p.refill()
+	}
+	p.tokens--
+	return nil
+}
+
+func (p *pacer) refill() {
+	now := time.Now()
+	if !p.last.IsZero() {
+		p.tokens = min(p.burst, p.tokens+now.Sub(p.last).Seconds()*p.rate)
+	}
+	p.last = now
+}
