@@ -9,6 +9,8 @@ import (
 
 func TestSampleConfigsParse(t *testing.T) {
 	files, err := filepath.Glob("../deploy/*.yaml")
+	loopback, _ := filepath.Glob("../deploy/loopback/*.yaml")
+	files = append(files, loopback...)
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no sample configs in deploy/: %v", err)
 	}

@@ -25,15 +25,15 @@ func pipelineLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
-// startChain starts datacenters a–b–c in process on loopback with the given
-// base ports; each test uses its own so that packages testing in parallel do
-// not collide.
-func startChain(t *testing.T, httpPort, rtspPort int) *node.Cluster {
+// startChain starts datacenters a–b–c in process on loopback, every
+// listener on a port the system picks, so that tests run beside a `stemflow
+// dev` and each other.
+func startChain(t *testing.T) *node.Cluster {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(20*time.Second))
 	defer cancel()
 	c, err := node.StartDev(ctx, node.DevConfig{
-		DCs: []string{"a", "b", "c"}, Bind: "127.0.0.1", HTTPPort: httpPort, RTSPPort: rtspPort,
+		DCs: []string{"a", "b", "c"}, Bind: "127.0.0.1", FreePorts: true,
 		Logger: pipelineLogger(),
 	})
 	if err != nil {
@@ -178,10 +178,10 @@ func checkVideo(t *testing.T, pkts []rtctest.Packet, window time.Duration, minFP
 }
 
 func TestFFmpegRTSPAtAToWHEPAtC(t *testing.T) {
-	for i, transport := range []string{"udp", "tcp"} {
+	for _, transport := range []string{"udp", "tcp"} {
 		t.Run(transport, func(t *testing.T) {
 			testutil.Watchdog(t, 60*time.Second)
-			c := startChain(t, 18180+10*i, 18554+10*i)
+			c := startChain(t)
 			ffmpegPublish(t, c.RTSPURL(0, "x"), transport == "tcp")
 			waitAnnounced(t, c, 2, "x")
 			waitFlowing(t, c, 0, "x")
@@ -217,7 +217,7 @@ func TestFFmpegRTSPAtAToWHEPAtC(t *testing.T) {
 
 func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
 	testutil.Watchdog(t, 60*time.Second)
-	c := startChain(t, 18280, 18654)
+	c := startChain(t)
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 	defer cancel()
 	pub, err := rtctest.Publish(ctx, rtctest.NewEngine(t), c.HTTPURL(0)+"/whip/y", rtctest.PublishOptions{})
@@ -289,7 +289,7 @@ func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
 
 func TestSecondPublisherElsewhereIsRefused(t *testing.T) {
 	testutil.Watchdog(t, 60*time.Second)
-	c := startChain(t, 18380, 18754)
+	c := startChain(t)
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 	defer cancel()
 	eng := rtctest.NewEngine(t)
