@@ -6,7 +6,6 @@ package node
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,7 +19,6 @@ import (
 	"github.com/stemflow/stemflow/ingest/whip"
 	"github.com/stemflow/stemflow/internal/rtc"
 	"github.com/stemflow/stemflow/node/rtspserver"
-	"github.com/stemflow/stemflow/player"
 	"github.com/stemflow/stemflow/relay"
 )
 
@@ -128,42 +126,6 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 	log.Info("HTTP listening", "address", n.httpLn.Addr().String())
 	log.Info("node ready", "http", n.httpLn.Addr().String(), "rtsp", n.rtsp.Addr(), "overlay", n.ovl.Addr().String())
 	return n, nil
-}
-
-func (n *Node) routes() http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/whip/", n.whip)
-	mux.Handle("/whep/", n.whep)
-	mux.HandleFunc("GET /api/v1/streams", n.serveStreams)
-	mux.HandleFunc("GET /api/v1/links", n.serveLinks)
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		fmt.Fprintln(w, "ok")
-	})
-	mux.Handle("/", player.Handler())
-	return mux
-}
-
-func writeJSON(w http.ResponseWriter, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Access-Control-Allow-Origin", "*")
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
-}
-
-func (n *Node) serveStreams(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, struct {
-		Datacenter string             `json:"datacenter"`
-		Streams    []relay.StreamInfo `json:"streams"`
-	}{n.cfg.Datacenter, n.hub.Streams()})
-}
-
-func (n *Node) serveLinks(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, struct {
-		Datacenter string            `json:"datacenter"`
-		Links      []relay.LinkStats `json:"links"`
-	}{n.cfg.Datacenter, n.hub.Links()})
 }
 
 // Hub returns the node's relay hub.

@@ -222,24 +222,31 @@ func (h *Hub) removeStream(s *Stream, reason error) {
 	s.end(reason)
 }
 
-// StreamInfo describes a live stream for listings.
+// StreamInfo describes a live stream for listings. The HTTP API's JSON shape
+// is not this struct's: node/api.go builds its own view from it.
 type StreamInfo struct {
-	Name string `json:"name"`
+	Name string
 	// Origin is the datacenter the stream is published at.
-	Origin string `json:"origin"`
+	Origin string
 	// Local is true when the stream's packets reach this node now: it is
 	// published here, or relayed here for local subscribers.
-	Local       bool    `json:"local"`
-	Tracks      []Track `json:"tracks,omitempty"`
-	Subscribers int     `json:"subscribers"`
+	Local       bool
+	Tracks      []Track
+	Subscribers int
 	// Hops is the path of datacenters from the origin to this node, both
 	// included.
-	Hops    []string `json:"hops,omitempty"`
-	Packets uint64   `json:"packets"`
-	Bytes   uint64   `json:"bytes"`
+	Hops []string
+	// Since is when the stream started flowing at this node (Local only):
+	// published here, or first subscribed from upstream. A relayed stream
+	// that lingers out and is subscribed again starts afresh.
+	Since time.Time
+	// Packets and Bytes count the RTP packets that reached the stream at
+	// this node since Since: from its publisher, or from upstream.
+	Packets uint64
+	Bytes   uint64
 	// BFrames is true when the stream's H264 video has B-frames, which
 	// browsers do not play over WebRTC (see FlagBFrames).
-	BFrames bool `json:"b_frames"`
+	BFrames bool
 }
 
 // Streams lists every stream live in the overlay as this node knows it,
@@ -261,7 +268,7 @@ func (h *Hub) Streams() []StreamInfo {
 	h.mu.Unlock()
 	for _, s := range local {
 		info := StreamInfo{Name: s.name, Origin: s.origin, Local: true, Subscribers: s.subscriberCount(),
-			Hops: s.hops, Packets: s.packets.Load(), Bytes: s.bytes.Load(), BFrames: s.Flags()&FlagBFrames != 0}
+			Hops: s.hops, Since: s.since, Packets: s.packets.Load(), Bytes: s.bytes.Load(), BFrames: s.Flags()&FlagBFrames != 0}
 		select {
 		case <-s.ready:
 			info.Tracks = append(info.Tracks, s.desc.Tracks...)

@@ -25,7 +25,8 @@ type source interface {
 type Stream struct {
 	hub    *Hub
 	name   string
-	origin string // datacenter the stream was published at
+	origin string    // datacenter the stream was published at
+	since  time.Time // when the stream was created here
 
 	hops     []string      // datacenters from the origin to this node
 	ready    chan struct{} // closed once desc or err is set
@@ -55,6 +56,7 @@ func newStream(h *Hub, name, origin string) *Stream {
 		hub:    h,
 		name:   name,
 		origin: origin,
+		since:  time.Now(),
 		ready:  make(chan struct{}),
 		done:   make(chan struct{}),
 		gop:    GOPCache{Max: h.cfg.GOPMaxPackets},

@@ -25,9 +25,17 @@
     return e;
   }
 
+  /** A track's label, e.g. "H264" or "opus" (see docs/api.md). */
   function trackLabel(t) {
-    const mime = String(t.MimeType || t.mimeType || '');
-    return mime.replace(/^(video|audio)\//, '');
+    return String(t.codec || t.kind || '?');
+  }
+
+  /** The viewers cell: local viewers of every protocol, the split in its title. */
+  function viewersCell(s) {
+    const v = s.viewers || {};
+    const whep = Number(v.whep) || 0;
+    const rtsp = Number(v.rtsp) || 0;
+    return el('td', { className: 'num', textContent: String(whep + rtsp), title: `WebRTC (WHEP) ${whep}, RTSP ${rtsp}` });
   }
 
   function row(s, here, now) {
@@ -53,7 +61,7 @@
       origin,
       el('td', { className: 'path', textContent: hops }),
       tracks,
-      el('td', { className: 'num', textContent: String(s.subscribers ?? 0) }),
+      viewersCell(s),
       el('td', { className: 'num', textContent: first || !s.local ? '–' : stemflow.formatBitrate(bps) }),
       el('td', { className: 'num' }, el('a', { href: watch, textContent: 'Watch ▸' })),
     );
