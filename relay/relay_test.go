@@ -212,6 +212,15 @@ func TestRelayAcrossChain(t *testing.T) {
 		}
 		return true
 	})
+	// b's unsubscribe takes a moment to reach a: wait until a has let go.
+	testutil.WaitFor(t, "a stops sending x to b", func() bool {
+		for _, s := range a.Streams() {
+			if s.Name == "x" && s.Subscribers > 0 {
+				return false
+			}
+		}
+		return true
+	})
 	before := linkSent(a, "b")
 	for i := 0; i < 20; i++ {
 		pub.WriteRTP(0, rtpPacket(t, uint16(400+i), 0, false, 100))
