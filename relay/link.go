@@ -89,7 +89,7 @@ type quicLink struct {
 	nextSubID atomic.Uint32
 
 	// Counters: see LinkStats.
-	sent, dgramsSent, queueDropped, sendErrors                    atomic.Uint64
+	offered, sent, dgramsSent, queueDropped, sendErrors           atomic.Uint64
 	received, dgramsReceived, receiveDropped, lost, unknown, dups atomic.Uint64
 	malformed, fragLost                                           atomic.Uint64
 	budget                                                        atomic.Int64
@@ -426,6 +426,7 @@ var _ BufferWriter = (*downSub)(nil)
 // WriteBuffer queues a reference to b for the link's sender, or drops it
 // when the subscription's queue is full.
 func (d *downSub) WriteBuffer(b *Buffer) {
+	d.l.offered.Add(1)
 	switch d.q.push(b) {
 	case pushScheduled:
 		d.l.tx.schedule(d)

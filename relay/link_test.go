@@ -5,8 +5,11 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
+	"time"
 
 	"github.com/quic-go/quic-go"
 )
@@ -72,7 +75,7 @@ func newLinkPair(t *testing.T) *linkPair {
 	t.Cleanup(func() { p.a.Close(); p.b.Close() })
 	p.tx = newLink(p.a, nil, nil, "b")
 	p.tx.tx = newLinkSender(p.tx, p.conn)
-	p.tx.tx.pace.rate = 0
+	p.tx.tx.pace.floor = 0
 	p.rx = newLink(p.b, nil, nil, "a")
 	return p
 }
@@ -228,4 +231,68 @@ func TestReceiverCountsEveryDrop(t *testing.T) {
 	if fmt.Sprint(rec.seqs[0]) != "[0 1 4 3]" {
 		t.Fatalf("viewer got %v, want [0 1 4 3]", rec.seqs[0])
 	}
+}
+
+// stampConn notes when each datagram was sent.
+type stampConn struct {
+	mu    sync.Mutex
+	times []time.Time
+}
+
+func (c *stampConn) SendDatagram(b []byte) error {
+	if len(b) > 1400 {
+		return &quic.DatagramTooLargeError{MaxDatagramPayloadSize: 1400}
+	}
+	c.mu.Lock()
+	c.times = append(c.times, time.Now())
+	c.mu.Unlock()
+	return nil
+}
+
+// TestPacerSpreadsFrameBursts offers a link 30 frames a second of 333
+// packets each, every frame at once, and checks on a fake clock that the
+// sender spreads each frame out: quic-go's receive queue a hop on holds 128
+// datagrams, and a frame arriving at once overflows it.
+func TestPacerSpreadsFrameBursts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := NewHub(Config{Datacenter: "a", Logger: quietLogger()})
+		defer h.Close()
+		l := newLink(h, nil, nil, "b")
+		conn := &stampConn{}
+		l.tx = newLinkSender(l, conn)
+		d := &downSub{id: 1, l: l, closed: make(chan struct{})}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			l.tx.run(ctx)
+			close(done)
+		}()
+		const frames, perFrame = 30, 333
+		pkt := Packet{Data: rtpPacket(t, 1, 1, false, OverlayPacketSize)}
+		for f := 0; f < frames; f++ {
+			for i := 0; i < perFrame; i++ {
+				d.WritePacket(&pkt)
+			}
+			time.Sleep(time.Second / 30)
+		}
+		synctest.Wait()
+		cancel()
+		<-done
+
+		if st := l.stats(); st.PacketsSent != frames*perFrame || st.QueueDropped != 0 {
+			t.Fatalf("sent %d of %d packets, dropped %d", st.PacketsSent, frames*perFrame, st.QueueDropped)
+		}
+		// The most datagrams that left within any millisecond.
+		most := 0
+		for i, j := 0, 0; j < len(conn.times); j++ {
+			for conn.times[j].Sub(conn.times[i]) >= time.Millisecond {
+				i++
+			}
+			most = max(most, j-i+1)
+		}
+		t.Logf("at most %d datagrams within a millisecond (a frame is %d)", most, perFrame)
+		if most > 64 {
+			t.Fatalf("%d datagrams left within a millisecond, want at most 64 (half of quic-go's receive queue)", most)
+		}
+	})
 }

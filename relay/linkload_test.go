@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -50,6 +51,39 @@ func (r *seqRecorder) missing(track, n int) (lost, reordered int) {
 		}
 	}
 	return lost, reordered
+}
+
+// publishFrames sends frames video frames of perFrame packets of size bytes
+// each at fps frames per second, every frame written at once as an RTSP
+// publisher's ingest writes it. The first packet of every fps-th frame is a
+// keyframe. Sequence numbers run from 0.
+func publishFrames(t testing.TB, pub *Publisher, frames, perFrame, fps, size int) {
+	pkts := make([][]byte, 0, frames*perFrame)
+	for f := 0; f < frames; f++ {
+		for i := 0; i < perFrame; i++ {
+			seq := f*perFrame + i
+			pkts = append(pkts, rtpPacket(t, uint16(seq), uint32(f*90000/fps), i == 0 && f%fps == 0, size))
+		}
+	}
+	start := time.Now()
+	interval := time.Second / time.Duration(fps)
+	for f := 0; f < frames; f++ {
+		if d := time.Until(start.Add(time.Duration(f) * interval)); d > 0 {
+			time.Sleep(d)
+		}
+		for _, p := range pkts[f*perFrame : (f+1)*perFrame] {
+			if err := pub.WriteRTP(0, p); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}
+}
+
+// hopReport describes one hop from the sender's and the receiver's stats.
+func hopReport(tx, rx LinkStats) string {
+	return fmt.Sprintf("sent %d packets in %d datagrams, queue dropped %d, send errors %d; received %d, hop lost %d, receive dropped %d",
+		tx.PacketsSent, tx.DatagramsSent, tx.QueueDropped, tx.SendErrors, rx.PacketsReceived, rx.HopLost, rx.ReceiveDropped)
 }
 
 // waitSettled waits until a track has n packets or has stopped growing.

@@ -76,7 +76,12 @@ func (b *Buffer) Release() {
 }
 
 // rtpPayload returns the payload of an RTP packet and its timestamp, or
-// ok=false when the packet is malformed.
+// ok=false when the packet is malformed. The hub runs it on every published
+// packet. It is hand-written rather than pion/rtp's Header.Unmarshal because
+// BenchmarkRTPPayload, on a packet with two header extensions as WebRTC
+// publishers send, measured 10-29 ns and no allocation here against
+// 430-1170 ns and 2 allocations (96 B) for Unmarshal, which builds the
+// extension list.
 func rtpPayload(b []byte) (payload []byte, ts uint32, ok bool) {
 	if len(b) < 12 || b[0]>>6 != 2 {
 		return nil, 0, false
