@@ -428,7 +428,10 @@ var _ BufferWriter = (*downSub)(nil)
 func (d *downSub) WriteBuffer(b *Buffer) {
 	d.l.offered.Add(1)
 	switch d.q.push(b) {
+	case pushQueued:
+		d.l.tx.backlog.Add(1)
 	case pushScheduled:
+		d.l.tx.backlog.Add(1)
 		d.l.tx.schedule(d)
 	case pushFull:
 		d.l.queueDropped.Add(1)
@@ -439,7 +442,7 @@ func (d *downSub) WriteBuffer(b *Buffer) {
 // it, nothing is left in it).
 func (d *downSub) close() {
 	d.closeOnce.Do(func() { close(d.closed) })
-	d.q.close()
+	d.l.tx.backlog.Add(-int64(d.q.close()))
 }
 
 func (d *downSub) requestKeyframe() {

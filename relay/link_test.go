@@ -296,3 +296,40 @@ func TestPacerSpreadsFrameBursts(t *testing.T) {
 		}
 	})
 }
+
+// TestPacerDrainsReplayWithinDelayBound queues a GOP replay of 2000 packets
+// at once: pacing spreads it, at a rate that rises with what waits (at the
+// floor rate alone it would take 100 ms).
+func TestPacerDrainsReplayWithinDelayBound(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := NewHub(Config{Datacenter: "a", Logger: quietLogger()})
+		defer h.Close()
+		l := newLink(h, nil, nil, "b")
+		conn := &stampConn{}
+		l.tx = newLinkSender(l, conn)
+		d := &downSub{id: 1, l: l, closed: make(chan struct{})}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			l.tx.run(ctx)
+			close(done)
+		}()
+		start := time.Now()
+		pkt := Packet{Data: rtpPacket(t, 1, 1, false, 1000)}
+		for i := 0; i < 2000; i++ {
+			d.WritePacket(&pkt)
+		}
+		synctest.Wait()
+		time.Sleep(time.Second)
+		cancel()
+		<-done
+		if len(conn.times) != 2000 {
+			t.Fatalf("sent %d of 2000", len(conn.times))
+		}
+		if took := conn.times[len(conn.times)-1].Sub(start); took > 3*paceMaxDelay {
+			t.Fatalf("a replay of 2000 packets took %v to leave, want at most %v", took, 3*paceMaxDelay)
+		} else {
+			t.Logf("a replay of 2000 packets left over %v", took)
+		}
+	})
+}

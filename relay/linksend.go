@@ -43,6 +43,11 @@ const (
 	// paceMaxBurst bounds a burst after the pacer's timer fired late: half
 	// of quic-go's receive queue.
 	paceMaxBurst = 64
+	// paceMaxDelay bounds the delay pacing adds: the rate is at least what
+	// waits on the link divided by it, so a GOP replay, or a link behind its
+	// load because timers fire late on a busy machine, drains in a few
+	// times paceMaxDelay.
+	paceMaxDelay = 25 * time.Millisecond
 	paceWindow   = 100 * time.Millisecond
 	// budgetRefresh is how often the sender asks quic-go how large a
 	// datagram may be: path-MTU discovery raises the limit after the
@@ -153,16 +158,19 @@ func (q *subQueue) pop(deficit int) (s sendSlot, ok, more bool) {
 	return s, true, q.n > 0
 }
 
-// close releases the queued packets and drops every later one.
-func (q *subQueue) close() {
+// close releases the queued packets, and drops every later one. It returns
+// how many it released.
+func (q *subQueue) close() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.closed = true
+	released := q.n
 	for ; q.n > 0; q.n-- {
 		q.slots[q.head].b.Release()
 		q.slots[q.head] = sendSlot{}
 		q.head = (q.head + 1) % len(q.slots)
 	}
+	return released
 }
 
 // linkSender writes a link's media datagrams from one goroutine.
@@ -173,6 +181,8 @@ type linkSender struct {
 
 	mu      sync.Mutex // guards pending
 	pending []*downSub // queues that became active since the last round
+
+	backlog atomic.Int64 // packets in the link's queues
 
 	// Owned by the sending goroutine.
 	round, next []*downSub
@@ -241,6 +251,7 @@ func (s *linkSender) serveRound(ctx context.Context) error {
 		for {
 			slot, ok, more := d.q.pop(d.deficit)
 			if ok {
+				s.backlog.Add(-1)
 				d.deficit -= slot.b.n
 				if err := s.sendPacket(ctx, d.id, slot); err != nil {
 					return err
@@ -277,7 +288,7 @@ func (s *linkSender) sendPacket(ctx context.Context, subID uint32, slot sendSlot
 	count, chunk, err := fragments(len(pkt), s.budget)
 	retried := false
 	for i := 0; err == nil && i < count; i++ {
-		if err = s.pace.wait(ctx); err != nil {
+		if err = s.pace.wait(ctx, s.backlog.Load()); err != nil {
 			return err
 		}
 		err = s.conn.SendDatagram(appendDatagram(s.scratch[:0], h, pkt, i, count, chunk))
@@ -340,15 +351,16 @@ func newPacer(offered *atomic.Uint64) pacer {
 	return pacer{floor: paceFloor, factor: paceFactor, burst: paceBurst, offered: offered, rate: paceFloor, tokens: paceBurst}
 }
 
-// wait takes one token, sleeping until there is one. It fails only when ctx
-// ends.
-func (p *pacer) wait(ctx context.Context) error {
+// wait takes one token, sleeping until there is one; backlog is how many
+// packets wait on the link. It fails only when ctx ends.
+func (p *pacer) wait(ctx context.Context, backlog int64) error {
 	if p.floor == 0 {
 		return nil
 	}
-	p.refill(p.burst)
+	rate := max(p.rate, float64(backlog)/paceMaxDelay.Seconds())
+	p.refillAt(rate, p.burst)
 	if p.tokens < 1 {
-		d := time.Duration((1 - p.tokens) / p.rate * float64(time.Second))
+		d := time.Duration((1 - p.tokens) / rate * float64(time.Second))
 		if p.timer == nil {
 			p.timer = time.NewTimer(d)
 		} else {
@@ -360,26 +372,26 @@ func (p *pacer) wait(ctx context.Context) error {
 			return ctx.Err()
 		}
 		// Timers here fire a millisecond or more late under load: keep
-		// what the oversleep earned, up to paceMaxBurst, or the pacer
-		// would cap the link below its load.
-		p.refill(paceMaxBurst)
+		// what the oversleep earned, up to paceMaxBurst or 2 ms worth, or
+		// the pacer would cap the link below its load.
+		p.refillAt(rate, max(paceMaxBurst, rate*0.002))
 	}
 	p.tokens--
 	return nil
 }
 
-// refill adds the tokens earned since the last call, up to limit, and, once per
+// refillAt adds the tokens earned at rate since the last call, up to limit, and, once per
 // paceWindow, sets the rate from the offered load: the larger of the last
 // window's and a smoothed one, so that the rate rises at once with the load
 // and falls slowly.
-func (p *pacer) refill(limit float64) {
+func (p *pacer) refillAt(rate, limit float64) {
 	now := time.Now()
 	if p.last.IsZero() {
 		p.last, p.windowStart, p.windowBase = now, now, p.offered.Load()
 		return
 	}
 	if p.tokens < limit {
-		p.tokens = min(limit, p.tokens+now.Sub(p.last).Seconds()*p.rate)
+		p.tokens = min(limit, p.tokens+now.Sub(p.last).Seconds()*rate)
 	}
 	p.last = now
 	if dt := now.Sub(p.windowStart); dt >= paceWindow {
