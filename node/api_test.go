@@ -393,6 +393,16 @@ func TestMetrics(t *testing.T) {
 	}
 	sentBefore, _ := value(fa, "stemflow_link_sent_packets_total", "peer", "b")
 	fb := scrape(t, b)
+	// Each node serves its own registry: only its own datacenter's series.
+	for name, f := range fb {
+		for _, m := range f.Metric {
+			for _, lp := range m.Label {
+				if lp.GetName() == "dc" && lp.GetValue() != "b" {
+					t.Errorf("b's /metrics has %s{dc=%q}", name, lp.GetValue())
+				}
+			}
+		}
+	}
 	if _, ok := value(fb, "stemflow_viewers", "stream", "x"); ok {
 		t.Errorf("b has viewer series for x before it flows there")
 	}
