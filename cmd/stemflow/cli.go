@@ -162,7 +162,8 @@ func printBanner(w io.Writer, c bannerCluster) {
 	fmt.Fprintf(w, `
 Publish a stream "x" at %[1]s:
   browser: %[2]s/publish/x
-  ffmpeg:  ffmpeg -re -f lavfi -i testsrc=size=1280x720:rate=30 -f lavfi -i sine -pix_fmt yuv420p -c:v libx264 -g 60 -c:a libopus -f rtsp %[3]s
+  ffmpeg:  ffmpeg -re -f lavfi -i testsrc=size=1280x720:rate=30 -f lavfi -i sine -pix_fmt yuv420p -c:v libx264 -bf 0 -g 60 -c:a libopus -f rtsp %[3]s
+           (-bf 0: browsers cannot decode H264 B-frames over WebRTC, and libx264 makes them by default)
   OBS 30+: Settings → Stream → Service "WHIP", Server %[2]s/whip/x
 Watch it at %[4]s:
   browser: %[5]s/watch/x

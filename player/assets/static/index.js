@@ -56,6 +56,14 @@
     for (const t of Array.isArray(s.tracks) ? s.tracks : []) {
       tracks.append(el('span', { className: 'tag', textContent: trackLabel(t) }));
     }
+    if (s.b_frames) {
+      tracks.append(el('span', {
+        className: 'tag warn b-frames',
+        textContent: 'B-frames: no browser playback',
+        title: 'The H264 video has B-frames, which browsers do not decode over WebRTC. ' +
+          'The publisher fixes it with ffmpeg -bf 0 (or -tune zerolatency). RTSP players play it as it is.',
+      }));
+    }
     return el('tr', {},
       el('td', { className: 'name' }, el('a', { href: watch, textContent: s.name })),
       origin,

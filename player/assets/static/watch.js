@@ -16,17 +16,20 @@
   const pill = document.getElementById('pill');
 
   const STATS_INTERVAL = 1000; // ms between getStats() samples
+  const INFO_INTERVAL = 3000; // ms between looks at the stream's flags in /api/v1/streams
   const FIRST_FRAME_TIMEOUT = 15000; // ms to wait for a first frame after answering
   const STALL_TIMEOUT = 6000; // ms without a new frame before reconnecting
   const DISCONNECTED_TIMEOUT = 5000; // ms in ICE "disconnected" before reconnecting
 
   /**
    * What the page shows, refreshed every second. End-to-end tests poll it.
-   * state: connecting | waiting | playing | reconnecting
+   * state: connecting | waiting | playing | reconnecting | unplayable
    */
   const stats = {
     state: 'connecting',
     message: '',
+    detail: '',
+    bFrames: false, // the stream has H264 B-frames, which browsers cannot play
     framesDecoded: 0,
     framesDropped: 0,
     videoWidth: 0,
@@ -47,10 +50,34 @@
   function setState(state, text, detail = '') {
     stats.state = state;
     stats.message = text;
+    stats.detail = detail;
     stemflow.setPill(pill, state);
     stateText.textContent = text;
     stateDetail.textContent = detail;
     stateBox.hidden = state === 'playing';
+    stateBox.dataset.state = state;
+    screen.classList.toggle('unplayable', state === 'unplayable');
+  }
+
+  /**
+   * Tells the viewer that the stream has B-frames instead of showing the
+   * 1–2 fps picture a browser makes of them. The session stays open (the
+   * sound plays) and the message stays across reconnections until a session
+   * decodes a stream without B-frames: a publisher who restarts with -bf 0
+   * is seen playing at once.
+   */
+  function showBFrames() {
+    setState('unplayable', 'This stream cannot play in a browser: its video has B-frames.',
+      'Browsers do not decode H264 B-frames over WebRTC (the picture would stutter at 1–2 frames per second). ' +
+      'The publisher fixes it by encoding without B-frames: add -bf 0 (or -tune zerolatency) to the ffmpeg command, ' +
+      'or set bframes=0 in the x264 options. RTSP players such as ffplay or VLC play the stream as it is.');
+  }
+
+  /** Reads the stream's flags from the node; resolves true when it has B-frames. */
+  async function hasBFrames() {
+    const { streams } = await stemflow.fetchStreams();
+    const s = streams.find((x) => x.name === name);
+    return Boolean(s && s.b_frames);
   }
 
   // Controls.
@@ -173,7 +200,18 @@
     let lastFrames = 0;
     let lastFrameAt = 0;
     let disconnectedSince = 0;
+    let lastInfo = 0;
+    // The node knows the flags of the stream it serves by the time it
+    // answered; a stream that starts without B-frames may still get them.
+    stats.bFrames = false;
     for (;;) {
+      if (!stats.bFrames && Date.now() - lastInfo >= INFO_INTERVAL) {
+        lastInfo = Date.now();
+        if (await hasBFrames().catch(() => false)) {
+          stats.bFrames = true;
+          showBFrames();
+        }
+      }
       await Promise.race([stemflow.sleep(STATS_INTERVAL), transportChange(pc)]);
       const now = Date.now();
       const ended = stemflow.sessionEnded(pc);
@@ -190,7 +228,7 @@
       if (stats.framesDecoded > lastFrames) {
         lastFrames = stats.framesDecoded;
         lastFrameAt = now;
-        if (stats.state !== 'playing') setState('playing', 'Playing');
+        if (stats.state !== 'playing' && !stats.bFrames) setState('playing', 'Playing');
       }
       if (!lastFrameAt && now - opened > FIRST_FRAME_TIMEOUT) return 'no picture arrived';
       if (lastFrameAt && now - lastFrameAt > STALL_TIMEOUT) {
@@ -203,13 +241,15 @@
   async function run() {
     let attempt = 0;
     for (;;) {
-      if (stats.state !== 'waiting') setState(stats.sessions ? 'reconnecting' : 'connecting', 'Connecting…');
+      if (stats.state !== 'waiting' && stats.state !== 'unplayable') {
+        setState(stats.sessions ? 'reconnecting' : 'connecting', 'Connecting…');
+      }
       let wait;
       try {
         const reason = await playSession();
         stats.lastEnd = reason;
-        const played = stats.state === 'playing';
-        setState('reconnecting', 'Reconnecting…', `The connection ended: ${reason}.`);
+        const played = stats.state === 'playing' || stats.state === 'unplayable';
+        if (stats.state !== 'unplayable') setState('reconnecting', 'Reconnecting…', `The connection ended: ${reason}.`);
         if (played) attempt = 0;
         wait = stemflow.backoff(attempt++, 500, 5000);
       } catch (err) {
