@@ -1,5 +1,7 @@
 package relay
 
+import mbits "math/bits"
+
 // B-frame detection. Browsers do not decode H264 B-frames received over
 // WebRTC (Chromium shows 1–2 fps of a libx264 stream with its default
 // B-frames, 30 fps of the same encode with -bf 0), so the relay marks a
@@ -101,15 +103,11 @@ func h264SliceHeader(rbsp []byte) (firstMB, typ uint32, ok bool) {
 // holds bits valid bits, with at most maxZeros leading zero bits. It returns
 // the value and the bits it took.
 func readUE(window uint64, bits, maxZeros int) (v uint32, used int, ok bool) {
-	zeros := 0
-	for zeros < bits && window&(1<<63) == 0 {
-		zeros++
-		window <<= 1
-	}
+	zeros := mbits.LeadingZeros64(window)
 	if zeros > maxZeros || 2*zeros+1 > bits {
 		return 0, 0, false
 	}
-	// window starts with the 1 bit; the zeros bits after it are the suffix.
-	code := window >> (63 - zeros) // 1 followed by the suffix
+	// The code is zeros 0 bits, a 1 bit and zeros bits of suffix.
+	code := window >> (63 - 2*zeros) // the 1 bit followed by the suffix
 	return uint32(code - 1), 2*zeros + 1, true
 }

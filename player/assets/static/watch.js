@@ -16,7 +16,11 @@
   const pill = document.getElementById('pill');
 
   const STATS_INTERVAL = 1000; // ms between getStats() samples
-  const INFO_INTERVAL = 3000; // ms between looks at the stream's flags in /api/v1/streams
+  // The page looks at the stream's flags in /api/v1/streams when a session
+  // starts, then after 3 s, 9 s, 27 s and every 60 s: the node knows them
+  // when it answers unless the publisher has only just started.
+  const INFO_FIRST_DELAY = 3000;
+  const INFO_MAX_DELAY = 60000;
   const FIRST_FRAME_TIMEOUT = 15000; // ms to wait for a first frame after answering
   const STALL_TIMEOUT = 6000; // ms without a new frame before reconnecting
   const DISCONNECTED_TIMEOUT = 5000; // ms in ICE "disconnected" before reconnecting
@@ -200,13 +204,15 @@
     let lastFrames = 0;
     let lastFrameAt = 0;
     let disconnectedSince = 0;
-    let lastInfo = 0;
+    let nextInfo = 0;
+    let infoDelay = INFO_FIRST_DELAY;
     // The node knows the flags of the stream it serves by the time it
     // answered; a stream that starts without B-frames may still get them.
     stats.bFrames = false;
     for (;;) {
-      if (!stats.bFrames && Date.now() - lastInfo >= INFO_INTERVAL) {
-        lastInfo = Date.now();
+      if (!stats.bFrames && Date.now() >= nextInfo) {
+        nextInfo = Date.now() + infoDelay;
+        infoDelay = Math.min(infoDelay * 3, INFO_MAX_DELAY);
         if (await hasBFrames().catch(() => false)) {
           stats.bFrames = true;
           showBFrames();
