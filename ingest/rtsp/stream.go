@@ -21,10 +21,16 @@ type ingestTrack struct {
 	media  *description.Media
 	format format.Format
 
+	stream *ingestStream
+	// emitFunc is t.emit, bound once: a closure made per packet would be a
+	// heap allocation per packet.
+	emitFunc func([]byte)
+
 	mu      sync.Mutex // guards the following fields
 	proc    processor
-	planned string // fmtp from the RTSP description
-	known   bool   // proc.fmtp was complete at the last packet
+	planned string           // fmtp from the RTSP description
+	known   bool             // proc.fmtp was complete at the last packet
+	pub     *relay.Publisher // where emit writes, during handle; nil before publishing
 }
 
 // ingestStream converts the tracks of one RTSP publication (pushed or pulled)
@@ -63,7 +69,9 @@ func newIngestStream(hub *relay.Hub, name string, planned []plannedTrack, log *s
 		if err != nil {
 			return nil, fmt.Errorf("track %d (%s): %w", i, p.format.Codec(), err)
 		}
-		s.tracks = append(s.tracks, &ingestTrack{index: i, media: p.media, format: p.format, proc: proc, planned: p.track.Fmtp})
+		t := &ingestTrack{index: i, media: p.media, format: p.format, stream: s, proc: proc, planned: p.track.Fmtp}
+		t.emitFunc = t.emit
+		s.tracks = append(s.tracks, t)
 		s.desc.Tracks = append(s.desc.Tracks, p.track)
 	}
 	return s, nil
@@ -128,19 +136,14 @@ func (s *ingestStream) keyframeRequested() {
 	s.log.Debug("keyframe requested: RTSP publishers cannot be asked for one; waiting for the next")
 }
 
-// handle converts one incoming packet of track t and writes the result.
+// handle converts one incoming packet of track t and writes the result. It
+// does not allocate (TestIngestAllocations).
 func (s *ingestStream) handle(t *ingestTrack, pkt *rtp.Packet) {
 	s.packetsIn.Add(1)
 	t.mu.Lock()
-	pub := s.pub.Load()
-	err := t.proc.process(pkt, func(b []byte) {
-		if pub == nil {
-			return
-		}
-		if err := pub.WriteRTP(t.index, b); err != nil {
-			s.packetError(fmt.Errorf("relay: %w", err))
-		}
-	})
+	t.pub = s.pub.Load()
+	err := t.proc.process(pkt, t.emitFunc)
+	t.pub = nil
 	becameKnown := false
 	var fmtp string
 	if !t.known {
@@ -153,6 +156,16 @@ func (s *ingestStream) handle(t *ingestTrack, pkt *rtp.Packet) {
 	}
 	if becameKnown {
 		s.trackKnown(t.index, fmtp)
+	}
+}
+
+// emit writes one converted packet into the relay. t.mu is held.
+func (t *ingestTrack) emit(b []byte) {
+	if t.pub == nil {
+		return
+	}
+	if err := t.pub.WriteRTP(t.index, b); err != nil {
+		t.stream.packetError(fmt.Errorf("relay: %w", err))
 	}
 }
 
