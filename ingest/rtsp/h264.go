@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/bluenviron/gortsplib/v4/pkg/format"
+	"github.com/bluenviron/mediacommon/v2/pkg/codecs/h264"
 	"github.com/pion/rtp"
 )
 
@@ -43,6 +44,18 @@ func h264Fmtp(sps, pps []byte) string {
 	}
 	return s
 }
+
+// The H264 depacketizer and packetizer below are hand-written although
+// gortsplib ships rtph264 (VP8 uses rtpvp8), because rtph264 allocates on
+// every packet: its decoder allocates per NAL unit and access unit, its
+// encoder a new rtp.Packet and payload per packet. BenchmarkH264Repacketize
+// against BenchmarkH264RepacketizeRtph264 (one 3-frame GOP, 18 ffmpeg
+// packets in, here on 2 shared cores): 1.6–9.4 µs and 0 allocations against
+// 39–237 µs, 65 allocations and 52 KB, i.e. 3.6 allocations and 2.9 KB per
+// packet. The ingest path allocates nothing per packet
+// (TestIngestAllocations), so this one stays. FuzzH264AgainstRtph264 checks
+// both halves against rtph264: each reassembles exactly what the other
+// packetizes.
 
 // span is a NAL unit inside an arena.
 type span struct{ off, n int }
@@ -330,22 +343,39 @@ func (h *h264Proc) fmtp(string) (string, bool) {
 	return h264Fmtp(h.sps, h.pps), h.sps != nil && h.pps != nil
 }
 
-// h264UnplayableProfile returns the name of the H264 profile in fmtp when
-// browsers cannot decode it (4:2:2, 4:4:4 or more than 8 bits), else "".
-func h264UnplayableProfile(fmtp string) string {
-	_, v, ok := strings.Cut(fmtp, "profile-level-id=")
-	if !ok || len(v) < 2 {
+// h264Profiles names the H264 profiles by profile_idc (H.264 annex A).
+var h264Profiles = map[uint8]string{
+	44: "CAVLC 4:4:4 Intra", 66: "Baseline", 77: "Main", 88: "Extended", 100: "High",
+	110: "High 10", 122: "High 4:2:2", 244: "High 4:4:4 Predictive",
+}
+
+// h264Unplayable describes what in an SPS browsers cannot decode (chroma
+// other than 4:2:0, more than 8 bits), read from the SPS itself with
+// mediacommon, or returns "" when a browser can decode it or the SPS does
+// not parse.
+func h264Unplayable(sps []byte) string {
+	var p h264.SPS
+	if len(sps) == 0 || p.Unmarshal(sps) != nil {
 		return ""
 	}
-	switch strings.ToLower(v[:2]) {
-	case "6e":
-		return "High 10"
-	case "7a":
-		return "High 4:2:2"
-	case "f4":
-		return "High 4:4:4 Predictive"
-	case "2c":
-		return "CAVLC 4:4:4 Intra"
+	var what []string
+	switch p.ChromaFormatIdc {
+	case 0:
+		// Monochrome: browsers decode it (as 4:2:0 with grey chroma).
+	case 2:
+		what = append(what, "4:2:2 chroma")
+	case 3:
+		what = append(what, "4:4:4 chroma")
 	}
-	return ""
+	if p.BitDepthLumaMinus8 > 0 || p.BitDepthChromaMinus8 > 0 {
+		what = append(what, fmt.Sprintf("%d-bit", 8+max(p.BitDepthLumaMinus8, p.BitDepthChromaMinus8)))
+	}
+	if len(what) == 0 {
+		return ""
+	}
+	name, ok := h264Profiles[p.ProfileIdc]
+	if !ok {
+		name = fmt.Sprintf("profile_idc %d", p.ProfileIdc)
+	}
+	return name + " profile, " + strings.Join(what, ", ")
 }

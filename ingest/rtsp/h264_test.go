@@ -3,6 +3,7 @@ package rtsp
 import (
 	"bytes"
 	"errors"
+	"log/slog"
 	"strings"
 	"testing"
 
@@ -250,5 +251,220 @@ func BenchmarkH264Repacketize(b *testing.B) {
 		for _, p := range in {
 			_ = h.process(p, emit)
 		}
+	}
+}
+
+// BenchmarkH264RepacketizeRtph264 does what h264Proc does with gortsplib's
+// rtph264 decoder and encoder instead, for comparison.
+func BenchmarkH264RepacketizeRtph264(b *testing.B) {
+	in := ffmpegPackets(&testing.T{}, [][][]byte{{nalu(naluIDR, 20000)}, {nalu(1, 3000)}, {nalu(1, 800)}}, []uint32{0, 3000, 6000})
+	dec := &rtph264.Decoder{PacketizationMode: 1}
+	enc := &rtph264.Encoder{PayloadType: 96, PayloadMaxSize: MaxPacketSize - rtpHeaderSize, PacketizationMode: 1}
+	if err := dec.Init(); err != nil {
+		b.Fatal(err)
+	}
+	if err := enc.Init(); err != nil {
+		b.Fatal(err)
+	}
+	var buf [MaxPacketSize]byte
+	b.ReportAllocs()
+	for b.Loop() {
+		for _, p := range in {
+			au, err := dec.Decode(p)
+			if err != nil {
+				continue
+			}
+			if au[0][0]&0x1f == naluIDR {
+				au = append([][]byte{testSPS, testPPS}, au...)
+			}
+			pkts, err := enc.Encode(au)
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, q := range pkts {
+				q.Timestamp = p.Timestamp
+				if _, err := q.MarshalTo(buf[:]); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+	}
+}
+
+// fuzzAccessUnits cuts data into access units of NAL units (types 1 to 23,
+// never AUD, SPS or PPS, which h264Proc handles itself), using sizes as the
+// NAL unit lengths.
+func fuzzAccessUnits(data, sizes []byte) [][][]byte {
+	var aus [][][]byte
+	var au [][]byte
+	for i := 0; len(data) > 0 && i < len(sizes); i++ {
+		n := min(len(data), 1+int(sizes[i])*37)
+		nal := bytes.Clone(data[:n])
+		data = data[n:]
+		typ := 1 + nal[0]%23
+		if typ == naluAUD || typ == naluSPS || typ == naluPPS {
+			typ = 1
+		}
+		nal[0] = nal[0]&0x60 | typ
+		au = append(au, nal)
+		if sizes[i]&1 == 0 || len(au) >= 8 {
+			aus, au = append(aus, au), nil
+		}
+	}
+	if len(au) > 0 {
+		aus = append(aus, au)
+	}
+	return aus
+}
+
+// FuzzH264AgainstRtph264 checks the hand-written depacketizer and packetizer
+// against gortsplib's rtph264: what rtph264's encoder packetizes (any payload
+// size) our depacketizer reassembles exactly, and what our packetizer makes
+// rtph264's decoder reassembles exactly, in packets of at most MaxPacketSize
+// bytes with continuous sequence numbers.
+func FuzzH264AgainstRtph264(f *testing.F) {
+	f.Add(bytes.Repeat([]byte{0x65, 1, 2, 3}, 200), []byte{20, 3, 1, 0, 5}, uint16(1460))
+	f.Add([]byte{0x41, 9, 9, 9, 0x41, 8, 8}, []byte{0, 0}, uint16(100))
+	f.Fuzz(func(t *testing.T, data, sizes []byte, payloadMax uint16) {
+		aus := fuzzAccessUnits(data, sizes)
+		if len(aus) == 0 {
+			return
+		}
+		enc := &rtph264.Encoder{PayloadType: 96, PayloadMaxSize: 50 + int(payloadMax)%1450, PacketizationMode: 1}
+		if err := enc.Init(); err != nil {
+			t.Fatal(err)
+		}
+		var in []*rtp.Packet
+		for i, au := range aus {
+			pkts, err := enc.Encode(au)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range pkts {
+				p.Timestamp = uint32(3000 * i)
+			}
+			in = append(in, pkts...)
+		}
+
+		// rtph264 → our depacketizer.
+		var d h264Depacketizer
+		var got [][][]byte
+		for _, p := range in {
+			if err := d.push(p, func(_ uint32, au [][]byte) {
+				var c [][]byte
+				for _, n := range au {
+					c = append(c, bytes.Clone(n))
+				}
+				got = append(got, c)
+			}); err != nil {
+				t.Fatalf("depacketizing rtph264's packets: %v", err)
+			}
+		}
+		if !equalAUs(got, aus) {
+			t.Fatalf("depacketized %d access units from rtph264's packets, want the %d encoded", len(got), len(aus))
+		}
+
+		// Our packetizer → rtph264.
+		p := h264Packetizer{pt: 96, ssrc: 1, seq: 65530, maxSize: MaxPacketSize}
+		var out []*rtp.Packet
+		for i, au := range aus {
+			p.packetize(uint32(3000*i), au, func(b []byte) {
+				if len(b) > MaxPacketSize {
+					t.Fatalf("packet of %d bytes", len(b))
+				}
+				var q rtp.Packet
+				if err := q.Unmarshal(bytes.Clone(b)); err != nil {
+					t.Fatal(err)
+				}
+				if len(out) > 0 && q.SequenceNumber != out[len(out)-1].SequenceNumber+1 {
+					t.Fatalf("sequence number %d after %d", q.SequenceNumber, out[len(out)-1].SequenceNumber)
+				}
+				out = append(out, &q)
+			})
+		}
+		dec := &rtph264.Decoder{PacketizationMode: 1}
+		if err := dec.Init(); err != nil {
+			t.Fatal(err)
+		}
+		got = nil
+		for _, q := range out {
+			au, err := dec.Decode(q)
+			if errors.Is(err, rtph264.ErrMorePacketsNeeded) {
+				continue
+			}
+			if err != nil {
+				t.Fatalf("rtph264 decoding our packet %d: %v", q.SequenceNumber, err)
+			}
+			got = append(got, au)
+		}
+		if !equalAUs(got, aus) {
+			t.Fatalf("rtph264 decoded %d access units from our packets, want the %d packetized", len(got), len(aus))
+		}
+	})
+}
+
+func equalAUs(a, b [][][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if len(a[i]) != len(b[i]) {
+			return false
+		}
+		for j := range a[i] {
+			if !bytes.Equal(a[i][j], b[i][j]) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// TestH264UnplayableWarning publishes libx264 streams of several pixel
+// formats and checks that those browsers cannot decode are named in a
+// warning, from their SPS.
+func TestH264UnplayableWarning(t *testing.T) {
+	for _, c := range []struct {
+		pixFmt string
+		sps    []byte
+		want   string // "" for no warning
+	}{
+		{"yuv420p", realSPS, ""},
+		{"yuv444p", []byte{0x67, 0xf4, 0x00, 0x0a, 0x91, 0x9b, 0x28, 0x84, 0xd8, 0x08, 0x80, 0x00, 0x00, 0x03, 0x00, 0x80, 0x00, 0x00, 0x19, 0x07, 0x89, 0x12, 0xcb},
+			"H264 High 4:4:4 Predictive profile, 4:4:4 chroma: browsers cannot decode it; encode 4:2:0 8-bit (ffmpeg -pix_fmt yuv420p)"},
+		{"yuv422p", []byte{0x67, 0x7a, 0x00, 0x0a, 0xbc, 0xd9, 0x44, 0x26, 0xc0, 0x44, 0x00, 0x00, 0x03, 0x00, 0x04, 0x00, 0x00, 0x03, 0x00, 0xc8, 0x3c, 0x48, 0x96, 0x58},
+			"H264 High 4:2:2 profile, 4:2:2 chroma: browsers"},
+		{"yuv420p10le", []byte{0x67, 0x6e, 0x00, 0x0a, 0xa6, 0xcd, 0x94, 0x42, 0x6c, 0x04, 0x40, 0x00, 0x00, 0x03, 0x00, 0x40, 0x00, 0x00, 0x0c, 0x83, 0xc4, 0x89, 0x65, 0x80},
+			"H264 High 10 profile, 10-bit: browsers"},
+	} {
+		t.Run(c.pixFmt, func(t *testing.T) {
+			var logs bytes.Buffer
+			log := slog.New(slog.NewTextHandler(&logs, nil))
+			hub := relay.NewHub(relay.Config{Datacenter: "a", Logger: quiet})
+			defer hub.Close()
+			tracks, _, err := plan(&description.Session{Medias: []*description.Media{{Type: description.MediaTypeVideo,
+				Formats: []format.Format{&format.H264{PayloadTyp: 96, PacketizationMode: 1, SPS: c.sps, PPS: realPPS}}}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, err := newIngestStream(hub, "x", tracks, log, func(error) {})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.close()
+			if err := st.start(); err != nil {
+				t.Fatal(err)
+			}
+			if st.pub.Load() == nil {
+				t.Fatal("not published")
+			}
+			got := logs.String()
+			if c.want == "" && strings.Contains(got, "WARN") {
+				t.Errorf("warning for a 4:2:0 8-bit stream: %s", got)
+			}
+			if c.want != "" && !strings.Contains(got, c.want) {
+				t.Errorf("log %q lacks %q", got, c.want)
+			}
+		})
 	}
 }

@@ -107,11 +107,15 @@ func (s *ingestStream) start() error {
 }
 
 func (s *ingestStream) publish(desc relay.Description) error {
-	for _, t := range desc.Tracks {
-		if t.MimeType == relay.MimeH264 {
-			if name := h264UnplayableProfile(t.Fmtp); name != "" {
-				s.log.Warn("H264 " + name + " profile: browsers cannot decode it; encode 4:2:0 8-bit (ffmpeg -pix_fmt yuv420p)")
-			}
+	for _, t := range s.tracks {
+		var what string
+		t.mu.Lock()
+		if h, ok := t.proc.(*h264Proc); ok {
+			what = h264Unplayable(h.sps)
+		}
+		t.mu.Unlock()
+		if what != "" {
+			s.log.Warn("H264 " + what + ": browsers cannot decode it; encode 4:2:0 8-bit (ffmpeg -pix_fmt yuv420p)")
 		}
 	}
 	pub, err := s.hub.Publish(s.name, desc, relay.PublishOptions{OnKeyframeRequest: s.keyframeRequested})

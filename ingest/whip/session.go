@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/pion/rtcp"
+	"github.com/pion/rtp"
 	"github.com/pion/webrtc/v4"
 
 	"github.com/stemflow/stemflow/internal/rtc"
@@ -145,7 +146,10 @@ func (s *session) readTrack(tr *webrtc.TrackRemote) {
 	if kind == relay.KindVideo {
 		s.videoSSRC.Store(uint32(tr.SSRC()))
 	}
-	var bad uint64
+	var (
+		bad uint64
+		hdr rtp.Header
+	)
 	for {
 		n, _, err := tr.Read(buf)
 		if err != nil {
@@ -154,27 +158,32 @@ func (s *session) readTrack(tr *webrtc.TrackRemote) {
 			}
 			return
 		}
-		if err := s.pub.WriteRTP(idx, stripExtension(buf[:n])); err != nil {
+		pkt, err := stripExtension(&hdr, buf[:n])
+		if err == nil {
+			err = s.pub.WriteRTP(idx, pkt)
+		}
+		if err != nil {
 			bad++
 		}
 	}
 }
 
-// stripExtension removes the RTP header extension in place: its IDs were
-// negotiated with this publisher only and mean nothing downstream.
-func stripExtension(b []byte) []byte {
-	if len(b) < 12 || b[0]&0x10 == 0 {
-		return b
+// stripExtension removes the RTP header extension of the packet in b, in
+// place: its IDs were negotiated with this publisher only and mean nothing
+// downstream. hdr is the caller's, reused from packet to packet so that
+// parsing allocates nothing once its slices have grown.
+func stripExtension(hdr *rtp.Header, b []byte) ([]byte, error) {
+	n, err := hdr.Unmarshal(b)
+	if err != nil {
+		return nil, err
 	}
-	n := 12 + 4*int(b[0]&0x0f)
-	if len(b) < n+4 {
-		return b
+	if !hdr.Extension {
+		return b, nil
 	}
-	ext := 4 + 4*(int(b[n+2])<<8|int(b[n+3]))
-	if len(b) < n+ext {
-		return b
+	hdr.Extension = false
+	m, err := hdr.MarshalTo(b) // shorter than the header it replaces
+	if err != nil {
+		return nil, err
 	}
-	copy(b[n:], b[n+ext:])
-	b[0] &^= 0x10
-	return b[:len(b)-ext]
+	return b[:m+copy(b[m:], b[n:])], nil
 }

@@ -336,3 +336,24 @@ func TestConfigErrors(t *testing.T) {
 		t.Errorf("Addr() = %q", s.Addr())
 	}
 }
+
+// TestUnplayablePixelFormatWarning publishes libx264 4:4:4 (what testsrc
+// gives without -pix_fmt yuv420p) and checks that the log says browsers
+// cannot decode it and how to fix it, while the stream still publishes for
+// RTSP readers.
+func TestUnplayablePixelFormatWarning(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	logs := &logBuffer{}
+	hub := newHub(t, "a")
+	srv := startServerConfig(t, Config{Hub: hub, Logger: logs.Logger()})
+	startFFmpeg(t, "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=30", "-t", "600",
+		"-c:v", "libx264", "-preset", "veryfast", "-f", "rtsp", "-rtsp_transport", "tcp", "rtsp://"+srv.Addr()+"/rgb")
+	sub, _ := subscribe(t, hub, "rgb", 15*time.Second)
+	if fmtp := sub.Description().Tracks[0].Fmtp; !strings.Contains(fmtp, "profile-level-id=f4") {
+		t.Errorf("fmtp %q: want High 4:4:4 Predictive (f4)", fmtp)
+	}
+	testutil.WaitFor(t, "the warning", func() bool {
+		return strings.Contains(logs.String(), "H264 High 4:4:4 Predictive profile, 4:4:4 chroma: browsers cannot decode it; encode 4:2:0 8-bit (ffmpeg -pix_fmt yuv420p)")
+	})
+}
