@@ -238,17 +238,23 @@ func TestWHIPAtAToWHEPAtCAndRTSPAtB(t *testing.T) {
 		var audio rtctest.OpusSource
 		tick := time.NewTicker(time.Second / 30)
 		defer tick.Stop()
-		for n := 0; ; n++ {
+		// Catch up with the clock after each tick: a ticker drops ticks
+		// when this goroutine runs late on a busy machine, and the source
+		// must stay at 30 fps for the frame rate at c to mean anything.
+		start := time.Now()
+		for n := 0; ; {
 			select {
 			case <-stop:
 				return
 			case <-tick.C:
 			}
-			for _, p := range packetizer.Packetize(aus[n%len(aus)], 3000) {
-				pub.Video.WriteRTP(p)
-			}
-			if n%3 != 2 { // ~20 ms of Opus per 33 ms tick on average
-				pub.Audio.Write(audio.Next())
+			for due := int(time.Since(start) * 30 / time.Second); n <= due; n++ {
+				for _, p := range packetizer.Packetize(aus[n%len(aus)], 3000) {
+					pub.Video.WriteRTP(p)
+				}
+				if n%3 != 2 { // ~20 ms of Opus per 33 ms frame on average
+					pub.Audio.Write(audio.Next())
+				}
 			}
 		}
 	}()
