@@ -1,16 +1,21 @@
 // Package rtsp serves the hub's streams to RTSP readers (DESCRIBE, SETUP,
 // PLAY over UDP or TCP): ffplay, ffmpeg, VLC, recorders.
 //
-// All RTSP readers of one stream on a node share one hub subscription and one
-// gortsplib.ServerStream: the first reader subscribes, the last one leaving
-// unsubscribes. Between the hub and the readers sits a bounded queue and the
-// stream's own goroutine, so a slow reader never holds back the publisher;
-// gortsplib gives every reader its own bounded write queue as well.
+// All RTSP readers of one stream on a node share one hub subscription: the
+// first reader subscribes, the last one leaving unsubscribes. Between the hub
+// and the readers sits a bounded queue and the stream's own goroutine, which
+// queues each packet to every reader; each reader has its own bounded queue,
+// goroutine and gortsplib.ServerStream, so a slow reader never holds back the
+// publisher or the other readers.
 //
 // Each stream keeps the packets since the last video keyframe and sends them
 // to every new reader right after its PLAY response, before live packets, so
 // that ffplay or a recorder starts with a picture at once instead of waiting
-// for the publisher's next keyframe.
+// for the publisher's next keyframe. The replay is paced by relay.Pacer, as
+// for WHEP viewers: the keyframe first, the rest at 4× the stream's own rate,
+// then live packets, none lost or reordered, so that a UDP reader with the
+// kernel's default receive buffer, or a TCP reader behind gortsplib's
+// 256-packet write queue, loses nothing to the burst.
 //
 // The package serves no RTSP port itself: [Egress] plugs into the
 // gortsplib.Server that node/rtspserver shares with the RTSP ingest.
@@ -43,8 +48,9 @@ type Config struct {
 	// in another datacenter to start flowing here (default 5s).
 	SubscribeTimeout time.Duration
 	// QueueSize is the number of packets buffered between the hub and a
-	// stream's readers; more are dropped and counted (default 2048, enough for
-	// a GOP replay).
+	// stream's readers, and for each reader (the live packets waiting
+	// behind its paced GOP replay, and its lag); more are dropped and
+	// counted (default 2048).
 	QueueSize int
 	// IdleTimeout is how long a stream stays subscribed after a DESCRIBE
 	// that no SETUP followed (default 10s).
@@ -59,9 +65,8 @@ type Egress struct {
 
 	mu      sync.Mutex // guards the following fields
 	streams map[string]*stream
-	readers map[*gortsplib.ServerSession]*stream
-	playing map[*gortsplib.ServerSession]struct{}
-	gates   map[*gortsplib.ServerConn]*playGate // held from PLAY to its response
+	readers map[*gortsplib.ServerSession]*reader
+	pending map[*gortsplib.ServerConn]*reader // from PLAY to its response
 	closed  bool
 }
 
@@ -84,9 +89,8 @@ func New(cfg Config) *Egress {
 		cfg:     cfg,
 		log:     log.With("component", "egress/rtsp"),
 		streams: make(map[string]*stream),
-		readers: make(map[*gortsplib.ServerSession]*stream),
-		playing: make(map[*gortsplib.ServerSession]struct{}),
-		gates:   make(map[*gortsplib.ServerConn]*playGate),
+		readers: make(map[*gortsplib.ServerSession]*reader),
+		pending: make(map[*gortsplib.ServerConn]*reader),
 	}
 }
 
@@ -104,113 +108,108 @@ func (e *Egress) OnDescribe(ctx *gortsplib.ServerHandlerOnDescribeCtx) (*base.Re
 // OnSetup adds the session to the readers of the stream.
 func (e *Egress) OnSetup(ctx *gortsplib.ServerHandlerOnSetupCtx) (*base.Response, *gortsplib.ServerStream, error) {
 	e.mu.Lock()
-	st := e.readers[ctx.Session]
+	r := e.readers[ctx.Session]
 	e.mu.Unlock()
-	if st != nil { // a further track of the same session
-		if st.name != streamName(ctx.Path) {
+	if r != nil { // a further track of the same session
+		if r.st.name != streamName(ctx.Path) {
 			return refusal(base.StatusBadRequest, "rtsp: one RTSP session can read one stream only"), nil, nil
 		}
-		return &base.Response{StatusCode: base.StatusOK}, st.ss, nil
+		return &base.Response{StatusCode: base.StatusOK}, r.ss, nil
 	}
 	st, res := e.stream(ctx.Path)
 	if res != nil {
 		return res, nil, nil
 	}
+	remote := ctx.Conn.NetConn().RemoteAddr().String()
+	r, err := st.addReader(st.log.With("remote", remote))
+	if err != nil {
+		return refusal(base.StatusServiceUnavailable, "rtsp: server is shutting down: retry on another node"), nil, nil
+	}
+	ended := refusal(base.StatusNotFound, fmt.Sprintf("rtsp: stream %q just ended", st.name))
+	if r == nil {
+		return ended, nil, nil
+	}
 	e.mu.Lock()
 	if e.streams[st.name] != st { // ended meanwhile
 		e.mu.Unlock()
-		return refusal(base.StatusNotFound, fmt.Sprintf("rtsp: stream %q just ended", st.name)), nil, nil
+		st.removeReader(r)
+		return ended, nil, nil
 	}
-	e.readers[ctx.Session] = st
+	e.readers[ctx.Session] = r
 	st.readers++
 	st.stopIdleTimerLocked()
 	e.mu.Unlock()
-	st.log.Info("RTSP reader joined", "remote", ctx.Conn.NetConn().RemoteAddr().String(), "transport", ctx.Transport.String())
-	return &base.Response{StatusCode: base.StatusOK}, st.ss, nil
+	r.log.Info("RTSP reader joined", "transport", ctx.Transport.String())
+	return &base.Response{StatusCode: base.StatusOK}, r.ss, nil
 }
 
 // OnPlay starts a reader with the stream's last group of pictures, so that
-// it shows a picture at once, then live packets. Live packets wait until the
-// PLAY response is out (OnResponse), at most playGateTimeout.
+// it shows a picture at once, then live packets. Its goroutine starts sending
+// once the PLAY response is out (OnResponse), at most playGateTimeout later.
 func (e *Egress) OnPlay(ctx *gortsplib.ServerHandlerOnPlayCtx) (*base.Response, error) {
 	e.mu.Lock()
-	st := e.readers[ctx.Session]
-	_, playing := e.playing[ctx.Session]
+	r := e.readers[ctx.Session]
+	playing := r != nil && r.playing
+	if r != nil {
+		r.playing = true
+	}
 	e.mu.Unlock()
-	if st == nil {
+	if r == nil {
 		return refusal(base.StatusBadRequest, "rtsp: PLAY without SETUP"), nil
 	}
 	if playing { // a repeated PLAY
 		return &base.Response{StatusCode: base.StatusOK}, nil
 	}
-	select {
-	case st.gate <- struct{}{}:
-	case <-st.sub.Done():
-		return refusal(base.StatusNotFound, fmt.Sprintf("rtsp: stream %q just ended", st.name)), nil
-	case <-st.ctx.Done():
-		return refusal(base.StatusNotFound, fmt.Sprintf("rtsp: stream %q just ended", st.name)), nil
+	if !r.st.addPlaying(r) {
+		return refusal(base.StatusNotFound, fmt.Sprintf("rtsp: stream %q just ended", r.st.name)), nil
 	}
-	st.replay(ctx.Session)
-	g := &playGate{st: st}
-	g.timer = time.AfterFunc(playGateTimeout, func() { e.releaseGate(ctx.Conn, g) })
+	r.timer.Reset(playGateTimeout)
 	e.mu.Lock()
-	e.playing[ctx.Session] = struct{}{}
-	e.gates[ctx.Conn] = g
+	e.pending[ctx.Conn] = r
 	e.mu.Unlock()
 	return &base.Response{StatusCode: base.StatusOK}, nil
 }
 
-// playGateTimeout bounds how long live packets wait for a PLAY response.
+// playGateTimeout bounds how long a reader waits for its PLAY response.
 const playGateTimeout = time.Second
 
-// playGate is a stream's gate held from a PLAY until its response is sent.
-type playGate struct {
-	st    *stream
-	once  sync.Once
-	timer *time.Timer
-}
-
-// OnResponse lets live packets flow to a reader once its PLAY response is
-// sent: from then on gortsplib sends it the stream's packets.
+// OnResponse lets a reader's packets flow once its PLAY response is sent:
+// gortsplib sends a session nothing written before.
 func (e *Egress) OnResponse(sc *gortsplib.ServerConn, _ *base.Response) {
 	e.mu.Lock()
-	g := e.gates[sc]
+	r := e.pending[sc]
+	delete(e.pending, sc)
 	e.mu.Unlock()
-	if g != nil {
-		e.releaseGate(sc, g)
-		g.timer.Stop()
+	if r != nil {
+		r.started()
 	}
-}
-
-func (e *Egress) releaseGate(sc *gortsplib.ServerConn, g *playGate) {
-	g.once.Do(func() {
-		e.mu.Lock()
-		if e.gates[sc] == g {
-			delete(e.gates, sc)
-		}
-		e.mu.Unlock()
-		<-g.st.gate
-	})
 }
 
 // OnSessionClose removes a reader; the last reader of a stream leaving
 // unsubscribes from the hub.
 func (e *Egress) OnSessionClose(ctx *gortsplib.ServerHandlerOnSessionCloseCtx) {
 	e.mu.Lock()
-	st := e.readers[ctx.Session]
-	if st == nil {
+	r := e.readers[ctx.Session]
+	if r == nil {
 		e.mu.Unlock()
 		return
 	}
 	delete(e.readers, ctx.Session)
-	delete(e.playing, ctx.Session)
+	for sc, x := range e.pending {
+		if x == r {
+			delete(e.pending, sc)
+		}
+	}
+	st := r.st
 	st.readers--
 	last := st.readers == 0 && e.streams[st.name] == st
 	if last {
 		delete(e.streams, st.name)
 	}
 	e.mu.Unlock()
-	st.log.Info("RTSP reader left", "reason", ctx.Error)
+	st.removeReader(r)
+	r.log.Info("RTSP reader left", "reason", ctx.Error, "sent", r.sent.Load(), "dropped", r.q.Dropped(),
+		"write_errors", r.writeErrs.Load())
 	if last {
 		st.close()
 	}

@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/bluenviron/gortsplib/v4"
-	"github.com/bluenviron/gortsplib/v4/pkg/description"
-	"github.com/pion/rtp"
 
 	"github.com/stemflow/stemflow/relay"
 )
@@ -22,7 +20,7 @@ var errNoRTSPTrack = errors.New("stream has no H264, VP8 or Opus track to serve 
 const dropLogInterval = 10 * time.Second
 
 // stream is one hub stream served to this node's RTSP readers. Its goroutine
-// (run) owns the path from the hub queue to the ServerStream.
+// (run) owns the path from the hub queue to the readers' queues.
 type stream struct {
 	e    *Egress
 	name string
@@ -33,19 +31,22 @@ type stream struct {
 
 	sub    *relay.Subscription
 	q      *relay.Queue
-	ss     *gortsplib.ServerStream
-	tracks []*outTrack // by relay track number
+	ss     *gortsplib.ServerStream // describes the stream; readers have their own
+	tracks []*outTrack             // by relay track number
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	once   sync.Once
 
-	// gate is held by run while it forwards a packet, and by a new reader
-	// from its PLAY until the PLAY response: the reader gets the GOP cache,
-	// then every live packet, with nothing lost or doubled between the two.
-	gate chan struct{}
-	// Packets since the last video keyframe; guarded by gate.
+	mu sync.Mutex // guards the following fields
+	// Packets since the last video keyframe, replayed to each new reader.
 	gop relay.GOPCache
+	// The readers from their PLAY on: run queues them every packet.
+	playing []*reader
+	// Every reader set up, playing or not, to disconnect when the stream
+	// ends.
+	all    map[*reader]struct{}
+	closed bool // shut down: no more readers
 
 	// guarded by e.mu
 	readers int
@@ -78,7 +79,7 @@ func (st *stream) open() error {
 		return fmt.Errorf("RTSP server not running: %w", err)
 	}
 	st.sub, st.ss, st.tracks = sub, ss, tracks
-	st.gate = make(chan struct{}, 1)
+	st.all = make(map[*reader]struct{})
 	st.ctx, st.cancel = context.WithCancel(context.Background())
 	st.wg.Add(1)
 	go st.run()
@@ -93,34 +94,15 @@ func (st *stream) run() {
 	defer st.shutdown()
 	ticker := time.NewTicker(dropLogInterval)
 	defer ticker.Stop()
-	var (
-		pkt                rtp.Packet
-		reportedDrops      uint64
-		writeErrs, lastErr uint64
-		err                error
-	)
+	var reportedDrops uint64
 	for {
 		select {
 		case b := <-st.q.C():
-			select {
-			case st.gate <- struct{}{}:
-			case <-st.ctx.Done():
-				b.Release()
-				return
-			}
-			if err = st.forward(&pkt, b); err != nil {
-				writeErrs++
-			}
-			st.cache(b)
-			<-st.gate
+			st.fanOut(b)
 		case <-ticker.C:
 			if d := st.q.Dropped(); d != reportedDrops {
-				st.log.Warn("RTSP readers too slow: packets dropped", "dropped", d-reportedDrops, "dropped_total", d)
+				st.log.Warn("RTSP readers' stream too slow: packets dropped", "dropped", d-reportedDrops, "dropped_total", d)
 				reportedDrops = d
-			}
-			if writeErrs != lastErr {
-				st.log.Warn("cannot forward packets to RTSP readers", "errors", writeErrs-lastErr, "last_error", err)
-				lastErr = writeErrs
 			}
 		case <-st.sub.Done():
 			st.log.Info("stream ended: disconnecting RTSP readers", "reason", st.sub.Err())
@@ -132,59 +114,93 @@ func (st *stream) run() {
 	}
 }
 
-// forward writes one relay packet to the readers, with the payload type of
-// the RTSP description; gortsplib sets each reader's SSRC.
-func (st *stream) forward(pkt *rtp.Packet, b *relay.Buffer) error {
-	if int(b.Track) >= len(st.tracks) || st.tracks[b.Track] == nil {
-		return nil
-	}
-	t := st.tracks[b.Track]
-	if err := pkt.Unmarshal(b.Data()); err != nil {
-		return err
-	}
-	pkt.PayloadType = t.pt
-	return st.ss.WritePacketRTP(t.media, pkt)
-}
-
-// cache keeps b in the GOP cache, or releases it. The caller holds the gate.
-func (st *stream) cache(b *relay.Buffer) {
+// fanOut queues b to every playing reader and keeps it in the GOP cache, in
+// one step with respect to a new reader's PLAY (see addPlaying). The
+// readers' queues never block.
+func (st *stream) fanOut(b *relay.Buffer) {
 	if int(b.Track) >= len(st.tracks) || st.tracks[b.Track] == nil {
 		b.Release()
 		return
 	}
+	st.mu.Lock()
+	for _, r := range st.playing {
+		b.Retain()
+		r.q.WriteBuffer(b)
+	}
 	st.gop.AddBuffer(b)
+	st.mu.Unlock()
 }
 
-// replay writes the GOP cache to one new reader. The caller holds the gate
-// and runs on the session's goroutine (in OnPlay), before the session is
-// active: the packets go out right after the PLAY response.
-func (st *stream) replay(ss *gortsplib.ServerSession) {
-	setup := make(map[*description.Media]bool)
-	for _, m := range ss.SetuppedMedias() {
-		setup[m] = true
+// addReader makes a reader for a new session; nil when the stream is shut
+// down.
+func (st *stream) addReader(log *slog.Logger) (*reader, error) {
+	r, err := newReader(st, log, st.e.cfg.QueueSize)
+	if err != nil {
+		return nil, err
 	}
-	var pkt rtp.Packet
+	st.mu.Lock()
+	if st.closed {
+		st.mu.Unlock()
+		r.close()
+		return nil, nil
+	}
+	st.all[r] = struct{}{}
+	st.mu.Unlock()
+	return r, nil
+}
+
+// addPlaying starts r: it gets the GOP cache, then every packet after it.
+// It reports false when the stream has shut down.
+func (st *stream) addPlaying(r *reader) bool {
+	st.mu.Lock()
+	if st.closed {
+		st.mu.Unlock()
+		return false
+	}
+	gop := make([]*relay.Buffer, 0, len(st.gop.Packets()))
 	for _, b := range st.gop.Packets() {
-		t := st.tracks[b.Track]
-		if !setup[t.media] || pkt.Unmarshal(b.Data()) != nil {
-			continue
-		}
-		pkt.PayloadType = t.pt
-		if err := ss.WritePacketRTP(t.media, &pkt); err != nil {
-			st.log.Debug("GOP replay cut short", "error", err)
-			return
-		}
+		b.Retain()
+		gop = append(gop, b)
 	}
+	st.playing = append(st.playing, r)
+	st.mu.Unlock()
+	r.play(gop)
+	return true
 }
 
-// shutdown releases what open acquired. Run by run on its way out.
+// removeReader stops r and forgets it.
+func (st *stream) removeReader(r *reader) {
+	st.mu.Lock()
+	delete(st.all, r)
+	for i, x := range st.playing {
+		if x == r {
+			st.playing = append(st.playing[:i:i], st.playing[i+1:]...)
+			break
+		}
+	}
+	st.mu.Unlock()
+	r.close()
+}
+
+// shutdown releases what open acquired and disconnects the readers. Run by
+// run on its way out.
 func (st *stream) shutdown() {
 	st.sub.Close()
 	st.q.Drain()
-	st.ss.Close()         // disconnects the readers
-	st.gate <- struct{}{} // wait out a PLAY in progress
+	st.mu.Lock()
+	st.closed = true
 	st.gop.Reset()
-	<-st.gate
+	st.playing = nil
+	readers := make([]*reader, 0, len(st.all))
+	for r := range st.all {
+		readers = append(readers, r)
+	}
+	st.all = nil
+	st.mu.Unlock()
+	for _, r := range readers {
+		r.close() // disconnects its session
+	}
+	st.ss.Close()
 }
 
 // close stops the stream and waits for its goroutine. It is idempotent and

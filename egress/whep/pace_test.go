@@ -137,3 +137,44 @@ func TestGOPReplayFitsDefaultReceiveBuffer(t *testing.T) {
 		})
 	}
 }
+
+// TestLateJoinToLongGOPGetsVideoAtOnce joins a viewer 80 frames into a 5 s
+// GOP of a 4 Mbit/s stream whose publisher cannot make a keyframe on request
+// (an RTSP publisher): the GOP so far (~1,400 packets) is more than a
+// viewer's queue holds. The viewer must get video at once, from the GOP's
+// keyframe, and no pause in it while audio flows.
+//
+// This was the viewer with no video for seconds while its audio flowed: the
+// replay overflowed the 1024-slot queue (94 packets dropped at subscribe, 165
+// by the time it connected), so the viewer dropped the queue and waited for a
+// keyframe the publisher could not make on request: its first video packet
+// came 3.9 s after the join, at the next GOP.
+func TestLateJoinToLongGOPGetsVideoAtOnce(t *testing.T) {
+	e := setup(t)
+	src := startSource(t, e.hub, "long", sourceOptions{GOP: 150, FrameBytes: 16600, IgnoreKeyframeRequests: true})
+	testutil.WaitFor(t, "80 frames into a GOP", func() bool {
+		return src.frames.Load() > 150 && (src.frames.Load()-src.lastKey.Load())%150 == 80
+	})
+	joined := time.Now()
+	v := e.view(t, "long", rtctest.ViewOptions{})
+	testutil.WaitForWithin(t, 20*time.Second, "4 s of audio", func() bool { return len(v.Audio()) >= 200 })
+	video, audio := v.Video(), v.Audio()
+	if len(video) == 0 {
+		t.Fatalf("no video in 4 s (%d audio packets): the viewer waited for the next keyframe", len(audio))
+	}
+	first := video[0].At.Sub(joined)
+	var pause time.Duration
+	for i := 1; i < len(video); i++ {
+		pause = max(pause, video[i].At.Sub(video[i-1].At))
+	}
+	vr := seqs(video)
+	t.Logf("first video packet %v after the join (keyframe %v), %d video packets, longest pause %v; %d audio packets; %d queue drops",
+		first.Round(time.Millisecond), video[0].Keyframe, len(video), pause.Round(time.Millisecond), len(audio), e.srv.Stats().PacketsDropped)
+	if !video[0].Keyframe || vr.received < 80*16 || vr.missing != 0 {
+		t.Errorf("video: first packet keyframe %v, %d packets, %d missing: want the GOP from its keyframe (≥ 1280 packets) and no gap",
+			video[0].Keyframe, vr.received, vr.missing)
+	}
+	if pause > testutil.Scale(500*time.Millisecond) {
+		t.Errorf("video paused for %v while audio flowed", pause.Round(time.Millisecond))
+	}
+}

@@ -65,6 +65,9 @@ type sourceOptions struct {
 	SkipFirstFrame bool          // start with P frames: no GOP cached until a keyframe request
 	Period         time.Duration // overrides FPS pacing
 	FrameBytes     int           // bytes of a P frame, default 8300 (2 Mbit/s at 30 fps)
+	// IgnoreKeyframeRequests makes the source keep its GOP, as an RTSP
+	// publisher does (RTSP cannot ask for a keyframe).
+	IgnoreKeyframeRequests bool
 }
 
 func startSource(t testing.TB, hub *relay.Hub, name string, o sourceOptions) *source {
@@ -73,7 +76,7 @@ func startSource(t testing.TB, hub *relay.Hub, name string, o sourceOptions) *so
 	var err error
 	s.pub, err = hub.Publish(name, highProfile, relay.PublishOptions{OnKeyframeRequest: func() {
 		s.keyReqs.Add(1)
-		s.force.Store(true)
+		s.force.Store(!o.IgnoreKeyframeRequests)
 	}})
 	if err != nil {
 		t.Fatal(err)
