@@ -3,6 +3,7 @@ package whep
 import (
 	"context"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"sync"
@@ -30,10 +31,16 @@ type env struct {
 
 func setup(t testing.TB) *env {
 	t.Helper()
+	return setupLogger(t, rtctest.Quiet)
+}
+
+// setupLogger is setup with the server logging to log.
+func setupLogger(t testing.TB, log *slog.Logger) *env {
+	t.Helper()
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 90*time.Second)
 	e := &env{hub: rtctest.NewHub(t), eng: rtctest.NewEngine(t)}
-	e.srv = New(Config{Hub: e.hub, RTC: e.eng, Logger: rtctest.Quiet})
+	e.srv = New(Config{Hub: e.hub, RTC: e.eng, Logger: log})
 	t.Cleanup(func() { e.srv.Close() })
 	e.url = rtctest.Serve(t, Prefix, e.srv)
 	e.ctx = rtctest.Context(t, 60*time.Second)
