@@ -89,6 +89,9 @@ func (r *reader) run() {
 		var b *relay.Buffer
 		if len(r.gop) > 0 {
 			b, r.gop[0], r.gop = r.gop[0], nil, r.gop[1:]
+			if len(r.gop) == 0 {
+				r.gop = nil // let the replay's array go
+			}
 		} else {
 			select {
 			case b = <-r.q.C():

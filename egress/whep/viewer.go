@@ -167,6 +167,9 @@ func (v *viewer) Run() {
 		var b *relay.Buffer
 		if len(v.replay) > 0 {
 			b, v.replay[0], v.replay = v.replay[0], nil, v.replay[1:]
+			if len(v.replay) == 0 {
+				v.replay = nil // let the replay's array go
+			}
 		} else {
 			select {
 			case b = <-c:
