@@ -37,15 +37,11 @@ func (w *nopWriter) WriteRTP(h *rtp.Header, payload []byte) (int, error) {
 func (w *nopWriter) Write(b []byte) (int, error) { return len(b), nil }
 
 // BenchmarkWritePath measures one packet through a viewer's own path: the
-// hub's push into the viewer's queue (copy into a pooled buffer), the
-// viewer's pop, the PT/SSRC rewrite and the write to pion's
-// TrackLocalWriter. It must not allocate.
+// hub's push into the viewer's queue, the viewer's pop, forward, the
+// PT/SSRC rewrite, the sender report's accounting and the write to pion's
+// TrackLocalWriter. It must not allocate (TestWritePathDoesNotAllocate).
 func BenchmarkWritePath(b *testing.B) {
-	q := relay.NewQueue(1024)
-	tr := &outTrack{kind: rtc.CodecType(relay.KindVideo), pt: 109}
-	tr.bound.Store(&binding{ssrc: 0xabcdef, pt: 109, w: &nopWriter{}})
-	v := &viewer{q: q, ctx: context.Background()}
-	v.tracks[0] = tr
+	v, q, _, _ := newWritePath()
 	src := rtctest.H264Source{}
 	pkts, _ := src.NextFrame()
 	p := relay.Packet{Track: 0, Data: pkts[1]}
@@ -74,6 +70,9 @@ func TestViewerProcess(t *testing.T) {
 	}
 	url, nstr, _ := strings.Cut(spec, " ")
 	n, _ := strconv.Atoi(nstr)
+	// Viewers are full pion clients, as browsers are (receiver reports,
+	// NACKs); STEMFLOW_BENCH_LIGHT=1 makes them cheaper for the machine.
+	light := os.Getenv("STEMFLOW_BENCH_LIGHT") != ""
 	eng, err := rtc.New(rtc.Config{IPs: []string{"127.0.0.1"}})
 	if err != nil {
 		t.Fatal(err)
@@ -89,7 +88,7 @@ func TestViewerProcess(t *testing.T) {
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			v, err := rtctest.View(ctx, eng, url, rtctest.ViewOptions{CountOnly: true, Light: true, NoAudio: true})
+			v, err := rtctest.View(ctx, eng, url, rtctest.ViewOptions{CountOnly: true, Light: light})
 			if err != nil {
 				failed.Store(err)
 				return
@@ -183,14 +182,36 @@ func cpuTime() (user, sys time.Duration) {
 	return time.Duration(ru.Utime.Nano()), time.Duration(ru.Stime.Nano())
 }
 
+// vmRSS returns the process's resident set size from /proc/self/status.
+func vmRSS(b *testing.B) int64 {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		b.Fatalf("read VmRSS: %v", err)
+	}
+	for line := range strings.Lines(string(data)) {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				b.Fatalf("parse VmRSS %q: %v", line, err)
+			}
+			return kb << 10
+		}
+	}
+	b.Fatal("no VmRSS in /proc/self/status")
+	return 0
+}
+
 // BenchmarkFanout sends a 2 Mbit/s H264 stream (~1100-byte packets, ~240
-// packets/s, 2 s GOP) to N pion viewers on loopback and reports the server's
-// CPU time per outgoing packet (process CPU: publisher, hub fan-out, queues,
-// pion's SRTP and UDP writes), the outgoing packet rate, the CPU cores used,
-// the heap and goroutine-stack bytes per viewer, and what the viewers lost.
-// The per-viewer memory includes the stream's retransmission cache, shared
-// by all viewers (~0.8 MB per video track), but not the hub's GOP cache.
-// Run with -benchtime=1x.
+// packets/s, 2 s GOP) and Opus (50 packets/s) to N pion viewers on loopback
+// and reports the server's CPU time per outgoing packet (process CPU:
+// publisher, hub fan-out, queues, pion's SRTP and UDP writes), the outgoing
+// packet rate, the CPU cores used, what the viewers lost, and per viewer:
+// the growth of the server process's resident set (VmRSS, what an outside
+// observer sees: heap, GC headroom, goroutine stacks, runtime), the heap in
+// use, the goroutine stacks and the goroutines. -v logs how the RSS splits.
+// The per-viewer memory includes what the first viewer costs once (the
+// stream's retransmission cache, ~0.5 MB per video track, code paged in), so
+// it is higher at small N. Run with -benchtime=1x.
 func BenchmarkFanout(b *testing.B) {
 	for _, tc := range []struct {
 		name    string
@@ -198,8 +219,9 @@ func BenchmarkFanout(b *testing.B) {
 		udpPort bool
 	}{
 		{"viewers=50", 50, false},
+		{"viewers=100", 100, false},
 		{"viewers=200", 200, false},
-		{"viewers=200/udpmux", 200, true},
+		{"udpmux/viewers=200", 200, true},
 	} {
 		b.Run(tc.name, func(b *testing.B) { fanout(b, tc.viewers, tc.udpPort) })
 	}
@@ -225,7 +247,7 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	hs := httptest.NewServer(mux)
 	defer hs.Close()
 
-	pub, err := hub.Publish("bench", relay.Description{Tracks: highProfile.Tracks[:1]}, relay.PublishOptions{})
+	pub, err := hub.Publish("bench", highProfile, relay.PublishOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -234,12 +256,17 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		src := rtctest.H264Source{GOP: 60, FPS: 30, FrameBytes: 8000, KeyBytes: 16000}
+		var opus rtctest.OpusSource
 		tick := time.NewTicker(time.Second / 30)
 		defer tick.Stop()
+		audioDue := time.Now()
 		for {
 			pkts, _ := src.NextFrame()
 			for _, p := range pkts {
 				_ = pub.WriteRTP(0, p)
+			}
+			for ; !audioDue.After(time.Now()); audioDue = audioDue.Add(20 * time.Millisecond) {
+				_ = pub.WriteRTP(1, opus.Next())
 			}
 			select {
 			case <-stop:
@@ -252,7 +279,8 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	time.Sleep(2500 * time.Millisecond) // the hub's GOP cache is full: not a per-viewer cost
 
 	// STEMFLOW_BENCH_PROFILE=prefix writes the steady state's CPU profile
-	// and heap profiles to prefix.cpu, prefix.heap and prefix.heap2;
+	// and heap profiles to prefix.cpu, prefix.heap and prefix.heap2, and
+	// the goroutines (grouped by stack) to prefix.goroutine;
 	// STEMFLOW_BENCH_MEMPROFILE_ALL=1 records every allocation.
 	prof := os.Getenv("STEMFLOW_BENCH_PROFILE")
 	if prof != "" && os.Getenv("STEMFLOW_BENCH_MEMPROFILE_ALL") != "" {
@@ -263,6 +291,8 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	runtime.GC()
 	var m0, m1 runtime.MemStats
 	runtime.ReadMemStats(&m0)
+	rss0 := vmRSS(b)
+	g0 := runtime.NumGoroutine()
 
 	c := startViewers(b, hs.URL+"/whep/bench", n)
 	defer c.stop()
@@ -271,6 +301,7 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	runtime.GC()
 	runtime.GC()
 	runtime.ReadMemStats(&m1)
+	g1 := runtime.NumGoroutine()
 	if st := srv.Stats(); st.Viewers != n {
 		b.Fatalf("%d viewers connected, want %d", st.Viewers, n)
 	}
@@ -278,6 +309,10 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	if prof != "" {
 		if f, err := os.Create(prof + ".heap"); err == nil {
 			_ = pprof.Lookup("heap").WriteTo(f, 0)
+			f.Close()
+		}
+		if f, err := os.Create(prof + ".goroutine"); err == nil {
+			_ = pprof.Lookup("goroutine").WriteTo(f, 1)
 			f.Close()
 		}
 		if f, err := os.Create(prof + ".cpu"); err == nil {
@@ -295,6 +330,20 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	u1, s1 := cpuTime()
 	runtime.ReadMemStats(&a1)
 	b.StopTimer()
+	// The viewers have been connected for 13 s: what the join left behind
+	// that the runtime has not returned to the OS by now counts, as it
+	// does for an outside observer of the process.
+	runtime.GC()
+	time.Sleep(time.Second)
+	rss1 := vmRSS(b)
+	var m2 runtime.MemStats
+	runtime.ReadMemStats(&m2)
+	per := func(a, b uint64) float64 { return float64(int64(b)-int64(a)) / float64(n) / 1024 }
+	b.Logf("per viewer, KB: rss %.1f = heap in use %.1f + heap free kept %.1f + stacks %.1f + runtime %.1f + rest",
+		float64(rss1-rss0)/float64(n)/1024, per(m0.HeapInuse, m2.HeapInuse),
+		per(m0.HeapIdle-m0.HeapReleased, m2.HeapIdle-m2.HeapReleased), per(m0.StackInuse, m2.StackInuse),
+		per(m0.MSpanInuse+m0.MCacheInuse+m0.GCSys+m0.OtherSys+m0.BuckHashSys,
+			m2.MSpanInuse+m2.MCacheInuse+m2.GCSys+m2.OtherSys+m2.BuckHashSys))
 	if prof != "" {
 		pprof.StopCPUProfile()
 		if f, err := os.Create(prof + ".heap2"); err == nil {
@@ -312,8 +361,10 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	b.ReportMetric(sys*1e6/sent, "µs-sys/pkt")
 	b.ReportMetric(sent/wall, "pkt/s")
 	b.ReportMetric(cpu/wall, "cores")
+	b.ReportMetric(float64(rss1-rss0)/float64(n), "rss-B/viewer")
 	b.ReportMetric(float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(n), "heap-B/viewer")
 	b.ReportMetric(float64(int64(m1.StackInuse)-int64(m0.StackInuse))/float64(n), "stack-B/viewer")
+	b.ReportMetric(float64(g1-g0)/float64(n), "goroutines/viewer")
 	b.ReportMetric(float64(st1.PacketsDropped-st0.PacketsDropped), "dropped")
 	b.ReportMetric(float64(a1.Mallocs-a0.Mallocs)/sent, "allocs/pkt")
 	b.ReportMetric(1-float64(rx1-rx0)/sent, "viewer-loss")

@@ -3,8 +3,11 @@ package whep
 import (
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"time"
 
+	"github.com/pion/rtcp"
 	"github.com/pion/rtp"
 	"github.com/pion/webrtc/v4"
 
@@ -20,25 +23,36 @@ type outTrack struct {
 	id       string
 	streamID string
 	mime     string
-	pt       uint8     // the payload type chosen from the viewer's offer
-	cache    *rtxCache // nil for tracks without NACK (audio)
+	pt       uint8      // the payload type chosen from the viewer's offer
+	cache    *rtxCache  // nil for tracks without NACK (audio)
+	rtcpOut  rtcpWriter // where sender reports go: the viewer's PeerConnection
 
 	bound atomic.Pointer[binding]
 
 	// Used by the viewer's writing goroutine only.
-	hdr     rtp.Header
-	waitKey bool // drop video until a keyframe
+	pkt     rtp.Packet // the packet being written, parsed and rewritten
+	waitKey bool       // drop video until a keyframe
+	sr      senderReport
 
 	// Used by the track's RTCP goroutine only.
-	rtxHdr rtp.Header
-	rtxBuf *[relay.MaxPacketSize]byte // allocated at the first NACK
+	rtxPkt rtp.Packet
+}
+
+// rtxBufs holds the buffers NACKed packets are copied into from the cache
+// while they are resent: shared by all tracks rather than one kept by each.
+var rtxBufs = sync.Pool{New: func() any { return new([relay.MaxPacketSize]byte) }}
+
+// rtcpWriter is what an outTrack sends its RTCP sender reports through.
+type rtcpWriter interface {
+	WriteRTCP(pkts []rtcp.Packet) error
 }
 
 // binding is what Bind learned: where and as what to write.
 type binding struct {
-	ssrc uint32
-	pt   uint8
-	w    webrtc.TrackLocalWriter
+	ssrc      uint32
+	pt        uint8
+	clockRate uint32
+	w         webrtc.TrackLocalWriter
 }
 
 var _ webrtc.TrackLocal = (*outTrack)(nil)
@@ -66,7 +80,7 @@ func (t *outTrack) Bind(ctx webrtc.TrackLocalContext) (webrtc.RTPCodecParameters
 		return webrtc.RTPCodecParameters{}, webrtc.ErrUnsupportedCodec
 	}
 	c := codecs[pick]
-	t.bound.Store(&binding{ssrc: uint32(ctx.SSRC()), pt: uint8(c.PayloadType), w: ctx.WriteStream()})
+	t.bound.Store(&binding{ssrc: uint32(ctx.SSRC()), pt: uint8(c.PayloadType), clockRate: c.ClockRate, w: ctx.WriteStream()})
 	return c, nil
 }
 
@@ -86,11 +100,16 @@ var (
 	errMalformed = errors.New("malformed RTP packet")
 )
 
-// write sends one relay packet to the viewer. It returns the bytes written:
-// 0 with a nil error means pion has not started SRTP yet and dropped it.
-// It does not allocate.
+// write sends one relay packet to the viewer and, once a second, an RTCP
+// sender report. It returns the bytes written: 0 with a nil error means pion
+// has not started SRTP yet and dropped it. It does not allocate.
 func (t *outTrack) write(data []byte) (int, error) {
-	return writeRTP(t.bound.Load(), &t.hdr, data)
+	b := t.bound.Load()
+	n, err := writeRTP(b, &t.pkt, data)
+	if n > 0 {
+		t.sr.sent(b, &t.pkt, time.Now(), t.rtcpOut)
+	}
+	return n, err
 }
 
 // resend sends the cached packet seq again, as pion's NACK responder would
@@ -100,66 +119,100 @@ func (t *outTrack) resend(seq uint16) bool {
 	if t.cache == nil {
 		return false
 	}
-	if t.rtxBuf == nil {
-		t.rtxBuf = new([relay.MaxPacketSize]byte)
-	}
-	n := t.cache.get(seq, t.rtxBuf[:])
+	buf := rtxBufs.Get().(*[relay.MaxPacketSize]byte)
+	defer rtxBufs.Put(buf)
+	n := t.cache.get(seq, buf[:])
 	if n == 0 {
 		return false
 	}
-	_, err := writeRTP(t.bound.Load(), &t.rtxHdr, t.rtxBuf[:n])
+	_, err := writeRTP(t.bound.Load(), &t.rtxPkt, buf[:n])
+	t.rtxPkt.Payload = nil // buf goes back to the pool
 	return err == nil
 }
 
-func writeRTP(b *binding, h *rtp.Header, data []byte) (int, error) {
+func writeRTP(b *binding, p *rtp.Packet, data []byte) (int, error) {
 	if b == nil {
 		return 0, errNotBound
 	}
-	payload, ok := rewriteHeader(h, data, b.pt, b.ssrc)
-	if !ok {
+	if !rewrite(p, data, b.pt, b.ssrc) {
 		return 0, errMalformed
 	}
-	return b.w.WriteRTP(h, payload)
+	return b.w.WriteRTP(&p.Header, p.Payload)
 }
 
-// rewriteHeader fills h from the RTP packet b with the viewer's payload type
-// and SSRC, drops CSRCs and header extensions (their IDs were negotiated
-// upstream) and returns the payload. Sequence number, timestamp and marker
-// are kept: viewers' NACKs name the relay's sequence numbers.
-func rewriteHeader(h *rtp.Header, b []byte, pt uint8, ssrc uint32) ([]byte, bool) {
-	if len(b) < 12 || b[0]>>6 != 2 {
-		return nil, false
+// rewrite parses the RTP packet b into p (pion/rtp, reusing p's slices: no
+// allocation) and gives it the viewer's payload type and SSRC. It drops
+// CSRCs and header extensions (their IDs were negotiated upstream).
+// Sequence number, timestamp, marker and padding are kept: viewers' NACKs
+// name the relay's sequence numbers.
+func rewrite(p *rtp.Packet, b []byte, pt uint8, ssrc uint32) bool {
+	if p.Unmarshal(b) != nil || p.Version != 2 {
+		return false
 	}
-	n := 12 + 4*int(b[0]&0x0f)
-	if b[0]&0x10 != 0 {
-		if len(b) < n+4 {
-			return nil, false
-		}
-		n += 4 + 4*(int(b[n+2])<<8|int(b[n+3]))
+	p.PayloadType = pt
+	p.SSRC = ssrc
+	p.CSRC = p.CSRC[:0]
+	p.Extension = false
+	p.ExtensionProfile = 0
+	p.Extensions = p.Extensions[:0]
+	return true
+}
+
+// srInterval is how often a track sends an RTCP sender report, as pion's
+// report.SenderInterceptor does by default.
+const srInterval = time.Second
+
+// senderReport keeps what a track's RTCP sender reports state and sends
+// them from the writing goroutine, in place of pion's
+// report.SenderInterceptor, which costs every PeerConnection a goroutine,
+// per-stream state behind a lock and a lock per packet. Browsers need the
+// reports to play audio and video in sync.
+type senderReport struct {
+	packets, octets uint32
+	lastTS          uint32    // the RTP timestamp of the newest frame sent
+	lastAt          time.Time // when its first packet was sent
+	due             time.Time // zero until the first packet
+	pkt             rtcp.SenderReport
+	pkts            [1]rtcp.Packet
+}
+
+// sent counts packet p, just written through b at now, and sends a report
+// through w when one is due. It does not allocate (pion's WriteRTCP does,
+// once a second).
+func (s *senderReport) sent(b *binding, p *rtp.Packet, now time.Time, w rtcpWriter) {
+	// Like pion's: the RTP time of a frame is taken at its first packet,
+	// so that pushing a large frame does not skew the report.
+	if s.packets == 0 || p.Timestamp != s.lastTS {
+		s.lastTS = p.Timestamp
+		s.lastAt = now
 	}
-	end := len(b)
-	var pad byte
-	if b[0]&0x20 != 0 {
-		pad = b[end-1]
-		if pad == 0 || int(pad) > end-n {
-			return nil, false
-		}
-		end -= int(pad)
+	s.packets++
+	s.octets += uint32(len(p.Payload))
+	if s.due.IsZero() {
+		s.due = now.Add(srInterval)
+		return
 	}
-	if n > end {
-		return nil, false
+	if now.Before(s.due) || w == nil {
+		return
 	}
-	h.Version = 2
-	h.Padding = pad != 0
-	h.PaddingSize = pad
-	h.Marker = b[1]&0x80 != 0
-	h.PayloadType = pt
-	h.SequenceNumber = uint16(b[2])<<8 | uint16(b[3])
-	h.Timestamp = uint32(b[4])<<24 | uint32(b[5])<<16 | uint32(b[6])<<8 | uint32(b[7])
-	h.SSRC = ssrc
-	h.CSRC = h.CSRC[:0]
-	h.Extension = false
-	h.ExtensionProfile = 0
-	h.Extensions = h.Extensions[:0]
-	return b[n:end], true
+	s.due = now.Add(srInterval)
+	s.pkt = rtcp.SenderReport{
+		SSRC:        b.ssrc,
+		NTPTime:     ntpTime(now),
+		RTPTime:     s.lastTS + uint32(now.Sub(s.lastAt).Seconds()*float64(b.clockRate)),
+		PacketCount: s.packets,
+		OctetCount:  s.octets,
+	}
+	s.pkts[0] = &s.pkt
+	_ = w.WriteRTCP(s.pkts[:])
+}
+
+// ntpTime returns t as a 64-bit NTP timestamp (seconds since 1900 in the
+// high 32 bits, the fraction in the low 32).
+func ntpTime(t time.Time) uint64 {
+	const unixToNTP = 2208988800 // seconds from 1900 to 1970
+	ns := uint64(t.UnixNano())
+	sec := ns/1e9 + unixToNTP
+	frac := (ns % 1e9) << 32 / 1e9
+	return sec<<32 | frac
 }

@@ -101,6 +101,7 @@ func (v *viewer) start(ctx context.Context, api *webrtc.API, offer string) (stri
 		if t == nil {
 			continue
 		}
+		t.rtcpOut = pc
 		tr, err := pc.AddTransceiverFromTrack(t, webrtc.RTPTransceiverInit{Direction: webrtc.RTPTransceiverDirectionSendonly})
 		if err != nil {
 			_ = pc.Close()
