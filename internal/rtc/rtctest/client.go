@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/pion/interceptor"
+	"github.com/pion/interceptor/pkg/report"
 	"github.com/pion/rtcp"
 	"github.com/pion/rtp"
 	"github.com/pion/webrtc/v4"
@@ -69,10 +70,15 @@ func newClientPC(e *rtc.Engine, register func(*webrtc.MediaEngine) error, light 
 		return nil, err
 	}
 	ir := &interceptor.Registry{}
-	if !light {
-		if err := webrtc.RegisterDefaultInterceptors(m, ir); err != nil {
+	if light {
+		// Receiver reports only, as every browser sends them.
+		rr, err := report.NewReceiverInterceptor()
+		if err != nil {
 			return nil, err
 		}
+		ir.Add(rr)
+	} else if err := webrtc.RegisterDefaultInterceptors(m, ir); err != nil {
+		return nil, err
 	}
 	return e.NewAPI(m, ir).NewPeerConnection(webrtc.Configuration{})
 }
@@ -323,8 +329,9 @@ type ViewOptions struct {
 	CountOnly bool
 	// NoAudio offers no audio section.
 	NoAudio bool
-	// Light runs the viewer without interceptors (no NACKs, no reports),
-	// to keep load generators cheap.
+	// Light runs the viewer with no interceptor but receiver reports (no
+	// NACKs, no congestion control feedback), to keep load generators
+	// cheap.
 	Light bool
 }
 
