@@ -184,7 +184,7 @@ func (h *Hub) streamIdle(s *Stream) {
 		return
 	}
 	s.mu.Lock()
-	if len(s.subs) == 0 && s.lingerTimer == nil {
+	if len(s.subsSnapshot()) == 0 && s.lingerTimer == nil {
 		s.lingerTimer = time.AfterFunc(h.cfg.Linger, func() { h.stopIfIdle(s) })
 	}
 	s.mu.Unlock()
@@ -198,7 +198,7 @@ func (h *Hub) stopIfIdle(s *Stream) {
 	// map between the check and the removal.
 	h.mu.Lock()
 	s.mu.Lock()
-	idle := len(s.subs) == 0
+	idle := len(s.subsSnapshot()) == 0
 	s.lingerTimer = nil
 	s.mu.Unlock()
 	if !idle || h.streams[s.name] != s {

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,6 +23,11 @@ type source interface {
 
 // Stream is one live stream known to a hub: published here, or relayed from
 // upstream while something here watches it.
+//
+// Packets fan out to the subscribers without a lock: the subscriber list is
+// a copy-on-write slice that attach and detach replace under mu. mu also
+// serialises the GOP cache, which is what keeps a joining subscriber's
+// packets in order (see attach).
 type Stream struct {
 	hub    *Hub
 	name   string
@@ -37,17 +43,21 @@ type Stream struct {
 
 	src source
 
-	packets atomic.Uint64
-	bytes   atomic.Uint64
+	packets    atomic.Uint64
+	bytes      atomic.Uint64
+	lastKeyReq atomic.Int64 // when a keyframe request last went to the source, Unix ns
 
 	flags        atomic.Uint32 // Flags; see flags.go
 	flagsMu      sync.Mutex    // guards flagsChanged
 	flagsChanged chan struct{} // closed when flags change; nil until watched
 
-	mu          sync.Mutex // guards the following fields
-	subs        []*Subscription
+	// subs is read lock-free by the fan-out; written under mu.
+	subs atomic.Pointer[[]*Subscription]
+
+	mu          sync.Mutex // guards the following fields, and writes of subs
 	gop         GOPCache
-	lastKeyReq  time.Time
+	pending     []*Subscription // DeferredSubscribers not started: not in subs yet
+	ended       bool            // the GOP cache is released and takes no more packets
 	lingerTimer *time.Timer
 }
 
@@ -86,6 +96,7 @@ func (s *Stream) end(err error) {
 		}
 		close(s.done)
 		s.mu.Lock()
+		s.ended = true
 		s.gop.Reset()
 		if s.lingerTimer != nil {
 			s.lingerTimer.Stop()
@@ -94,99 +105,139 @@ func (s *Stream) end(err error) {
 	})
 }
 
-// writePacket fans a packet out to every subscriber and keeps it in the GOP
-// cache. Subscribers' WritePacket never blocks (see Subscriber), which is why
-// it may be called with s.mu held: that keeps GOP replay and live packets in
-// order for a subscriber that joins concurrently.
+// writePacket keeps a packet in the GOP cache and fans it out to every
+// subscriber, without holding a lock while subscribers run: a subscriber may
+// call back into the stream (RequestKeyframe, Close). Packets of one track
+// written from one goroutine reach each subscriber in order.
 //
 // The packet is copied once into a shared Buffer that the GOP cache and every
-// BufferWriter subscriber (the viewers' queues) reference; other subscribers
-// get the Packet.
+// BufferWriter subscriber (the viewers' and links' queues) reference; other
+// subscribers get the Packet.
 func (s *Stream) writePacket(p *Packet) {
 	s.packets.Add(1)
 	s.bytes.Add(uint64(len(p.Data)))
 	shared := NewBuffer(p)
+	// The subscriber list is read under the lock that serialises GOP
+	// appends: a subscriber attached before this point is in subs, one
+	// attached after finds this packet in the GOP snapshot it replays.
 	s.mu.Lock()
-	shared.Retain()
-	s.gop.AddBuffer(shared)
-	for _, sub := range s.subs {
-		if sub.deferred {
-			continue
-		}
-		if sub.bw != nil {
-			shared.Retain()
-			sub.bw.WriteBuffer(shared)
-		} else {
-			sub.sub.WritePacket(p)
+	if !s.ended {
+		shared.Retain()
+		s.gop.AddBuffer(shared)
+	}
+	subs := s.subs.Load()
+	s.mu.Unlock()
+	if subs != nil {
+		for _, ss := range *subs {
+			ss.deliver(shared, p)
 		}
 	}
-	s.mu.Unlock()
 	shared.Release()
 }
 
 func (s *Stream) requestKeyframe() {
-	now := time.Now()
-	s.mu.Lock()
-	if now.Sub(s.lastKeyReq) < keyframeInterval {
-		s.mu.Unlock()
-		return
+	now := time.Now().UnixNano()
+	last := s.lastKeyReq.Load()
+	if now-last < int64(keyframeInterval) || !s.lastKeyReq.CompareAndSwap(last, now) {
+		return // coalesced with a recent request
 	}
-	s.lastKeyReq = now
-	s.mu.Unlock()
 	if s.src != nil {
 		s.src.requestKeyframe()
 	}
 }
 
-// attach adds a subscriber, replaying the GOP cache to it first (a
-// DeferredSubscriber gets nothing until it calls Subscription.Start).
+// attach adds a subscriber, replaying the GOP cache to it before any live
+// packet. A DeferredSubscriber gets nothing until Subscription.Start, which
+// installs it in subs then: it waits in pending meanwhile.
+//
+// Ordering: under mu, attach takes a snapshot of the GOP cache and installs
+// the subscription in subs, so every packet is either in the snapshot (it
+// was appended before) or fanned out to the new subscriber (its writer read
+// subs after), never both and never neither. The replay runs after mu is
+// released, so that the subscriber may call back into the stream; until it
+// is done the subscription's replay gate is held, and a writer that reaches
+// the new subscriber waits at the gate (deliver), so live packets follow the
+// replay. A writer waits only while a subscriber that joined concurrently
+// gets its replay, which never blocks (see Subscriber).
 func (s *Stream) attach(sub Subscriber) *Subscription {
 	ss := &Subscription{s: s, sub: sub}
 	ss.bw, _ = sub.(BufferWriter)
-	_, ss.deferred = sub.(DeferredSubscriber)
+	if _, ss.deferred = sub.(DeferredSubscriber); ss.deferred {
+		s.mu.Lock()
+		if s.lingerTimer != nil {
+			s.lingerTimer.Stop()
+			s.lingerTimer = nil
+		}
+		s.pending = append(s.pending, ss)
+		s.mu.Unlock()
+		return ss
+	}
+	ss.gate.Lock()
+	ss.replaying.Store(true)
 	s.mu.Lock()
 	if s.lingerTimer != nil {
 		s.lingerTimer.Stop()
 		s.lingerTimer = nil
 	}
-	for _, b := range s.gop.Packets() {
-		if ss.deferred {
-			break
-		}
-		if ss.bw != nil {
-			b.Retain()
-			ss.bw.WriteBuffer(b)
-			continue
-		}
-		p := b.Packet()
-		sub.WritePacket(&p)
+	replay := slices.Clone(s.gop.Packets())
+	for _, b := range replay {
+		b.Retain()
 	}
-	s.subs = append(s.subs, ss)
+	s.setSubsLocked(append(s.subsSnapshot(), ss))
 	s.mu.Unlock()
+	for _, b := range replay {
+		switch {
+		case ss.closed.Load():
+			b.Release()
+		case ss.bw != nil:
+			ss.bw.WriteBuffer(b)
+		default:
+			p := b.Packet()
+			sub.WritePacket(&p)
+			b.Release()
+		}
+	}
+	ss.replaying.Store(false)
+	ss.gate.Unlock()
 	return ss
 }
 
 func (s *Stream) detach(ss *Subscription) {
 	s.mu.Lock()
-	for i, x := range s.subs {
-		if x == ss {
-			s.subs = append(s.subs[:i:i], s.subs[i+1:]...)
-			break
-		}
+	subs := s.subsSnapshot()
+	if i := slices.Index(subs, ss); i >= 0 {
+		s.setSubsLocked(slices.Delete(slices.Clone(subs), i, i+1))
 	}
-	empty := len(s.subs) == 0
+	if i := slices.Index(s.pending, ss); i >= 0 {
+		s.pending = slices.Delete(s.pending, i, i+1)
+	}
+	empty := len(s.subsSnapshot()) == 0 && len(s.pending) == 0
 	s.mu.Unlock()
 	if empty {
 		s.hub.streamIdle(s)
 	}
 }
 
-// subscriberCount counts the subscribers that are not taps.
+// subsSnapshot returns the attached subscriptions. The slice is shared:
+// do not modify it.
+func (s *Stream) subsSnapshot() []*Subscription {
+	if p := s.subs.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// setSubsLocked replaces the subscriber list; the fan-out may still be
+// reading the old one.
+func (s *Stream) setSubsLocked(subs []*Subscription) { s.subs.Store(&subs) }
+
+// subscriberCount counts the subscribers that are not taps, started or not.
 func (s *Stream) subscriberCount() int {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	all := append(slices.Clone(s.pending), s.subsSnapshot()...)
+	s.mu.Unlock()
 	n := 0
-	for _, ss := range s.subs {
+	for _, ss := range all {
 		if _, tap := ss.sub.(Tap); !tap {
 			n++
 		}
@@ -208,30 +259,59 @@ type DeferredSubscriber interface {
 // Subscription is one subscriber's attachment to a stream. It is safe for
 // concurrent use.
 type Subscription struct {
-	s        *Stream
-	sub      Subscriber
-	bw       BufferWriter // sub, when it takes shared buffers
-	deferred bool         // guarded by s.mu: a DeferredSubscriber not yet started
-	closed   atomic.Bool
+	s      *Stream
+	sub    Subscriber
+	bw     BufferWriter // sub, when it takes shared buffers
+	closed atomic.Bool
+
+	deferred bool // guarded by s.mu: a DeferredSubscriber not yet started
+
+	// gate is held while the GOP cache is replayed to the subscriber, and
+	// replaying is set meanwhile, so that live packets wait for the replay.
+	gate      sync.Mutex
+	replaying atomic.Bool
+}
+
+// deliver hands the subscriber one live packet: a reference to b, or p.
+func (ss *Subscription) deliver(b *Buffer, p *Packet) {
+	if ss.replaying.Load() {
+		// Wait for the replay to finish.
+		ss.gate.Lock()
+		ss.gate.Unlock() //lint:ignore SA2001 the wait is the point
+	}
+	if ss.closed.Load() {
+		return
+	}
+	if ss.bw != nil {
+		b.Retain()
+		ss.bw.WriteBuffer(b)
+		return
+	}
+	ss.sub.WritePacket(p)
 }
 
 // Start starts a DeferredSubscriber's packets: it appends the stream's GOP
 // cache to gop, one reference to each packet that the caller must Release,
 // and from then on the subscriber gets every packet after them, with none
-// lost or doubled between the two. Start is for DeferredSubscribers; a
-// second call, or a call for another subscriber, returns gop unchanged.
+// lost or doubled between the two: the snapshot and the subscription's move
+// from pending to subs happen under the lock that serialises GOP appends
+// (see attach). Start is for DeferredSubscribers; a second call, a call for
+// another subscriber or after Close returns gop unchanged.
 func (ss *Subscription) Start(gop []*Buffer) []*Buffer {
 	s := ss.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !ss.deferred {
+	i := slices.Index(s.pending, ss)
+	if !ss.deferred || i < 0 {
 		return gop
 	}
 	ss.deferred = false
+	s.pending = slices.Delete(s.pending, i, i+1)
 	for _, b := range s.gop.Packets() {
 		b.Retain()
 		gop = append(gop, b)
 	}
+	s.setSubsLocked(append(s.subsSnapshot(), ss))
 	return gop
 }
 
@@ -259,8 +339,12 @@ func (ss *Subscription) Err() error {
 	}
 }
 
-// Close detaches the subscriber. No WritePacket call starts after Close
-// returns. Close is idempotent.
+// Close detaches the subscriber. It may be called from inside the
+// subscriber's own WritePacket or WriteBuffer. No further packet is delivered
+// from the goroutine that calls Close, and none starts after Close returns
+// except one a publisher goroutine was already handing out (the fan-out holds
+// no lock): a subscriber must tolerate that, e.g. by queueing it to nobody.
+// Close is idempotent.
 func (ss *Subscription) Close() {
 	if ss.closed.Swap(true) {
 		return
