@@ -43,7 +43,12 @@ type Hub struct {
 	cfg Config
 	log *slog.Logger
 
-	mu      sync.Mutex                     // guards the following fields
+	// mu guards the following fields and the hub-owned fields of every
+	// Stream (its source, interest and linger timer): every decision about
+	// streams, routes and links is taken under it, and the control messages
+	// it implies are queued on the links before it is released, so that
+	// they leave in the order of the decisions.
+	mu      sync.Mutex
 	streams map[string]*Stream             // published here or relayed here
 	routes  map[string]map[string][]string // stream → neighbour → announced hops
 	links   map[string]link                // connected neighbours by datacenter name
@@ -109,12 +114,8 @@ func (h *Hub) Publish(name string, desc Description, opts PublishOptions) (*Publ
 	s.src = p
 	s.setReady(desc)
 	h.streams[name] = s
-	links := h.linksLocked()
+	h.advertiseLocked(name, nil)
 	h.mu.Unlock()
-
-	for _, l := range links {
-		l.announce(name, []string{h.cfg.Datacenter})
-	}
 	h.log.Info("stream published", "stream", name, "tracks", len(desc.Tracks))
 	return p, nil
 }
@@ -127,99 +128,114 @@ func (h *Hub) Subscribe(ctx context.Context, name string, sub Subscriber) (*Subs
 	if err := ValidateStreamName(name); err != nil {
 		return nil, err
 	}
-	for {
-		s, err := h.stream(name)
-		if err != nil {
-			return nil, err
-		}
-		if err := s.wait(ctx); err != nil {
-			if errors.Is(err, errIdle) {
-				continue // it lingered out just as we came: subscribe afresh
-			}
-			return nil, fmt.Errorf("stream %q: %w", name, err)
-		}
-		ss := s.attach(sub)
-		select {
-		case <-s.done:
-			ss.Close()
-			if errors.Is(s.err, errIdle) {
-				continue
-			}
-			return nil, fmt.Errorf("stream %q: %w", name, s.err)
-		default:
-		}
-		return ss, nil
+	s, err := h.acquire(name)
+	if err != nil {
+		return nil, err
 	}
+	if err := s.wait(ctx); err != nil {
+		h.release(s)
+		return nil, fmt.Errorf("stream %q: %w", name, err)
+	}
+	ss := s.attach(sub) // the subscription holds the interest acquire took
+	select {
+	case <-s.done:
+		ss.Close()
+		return nil, fmt.Errorf("stream %q: %w", name, s.err)
+	default:
+	}
+	return ss, nil
 }
 
-// stream returns the named stream, subscribing upstream when it is live in
-// another datacenter.
-func (h *Hub) stream(name string) (*Stream, error) {
+// acquire returns the named stream, subscribing upstream when it is live in
+// another datacenter, and takes an interest in it: a relayed stream stays
+// while anything holds one (a Subscribe waiting for it, or attached) and
+// lingers after the last is released.
+func (h *Hub) acquire(name string) (*Stream, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed {
 		return nil, ErrClosed
 	}
-	if s, ok := h.streams[name]; ok {
-		return s, nil
-	}
-	r, ok := h.bestRouteLocked(name)
+	s, ok := h.streams[name]
 	if !ok {
-		return nil, fmt.Errorf("%w: %q is not live in any datacenter", ErrStreamNotFound, name)
+		r, ok := h.bestRouteLocked(name)
+		if !ok {
+			return nil, fmt.Errorf("%w: %q is not live in any datacenter", ErrStreamNotFound, name)
+		}
+		l := h.links[r.via]
+		if l == nil {
+			return nil, fmt.Errorf("%w: %q: no link to datacenter %s", ErrStreamNotFound, name, r.via)
+		}
+		s = newStream(h, name, r.origin)
+		s.hops = append(slices.Clone(r.hops), h.cfg.Datacenter)
+		s.src = l.subscribe(s)
+		h.streams[name] = s
 	}
-	l := h.links[r.via]
-	if l == nil {
-		return nil, fmt.Errorf("%w: %q: no link to datacenter %s", ErrStreamNotFound, name, r.via)
-	}
-	s := newStream(h, name, r.origin)
-	s.hops = append(slices.Clone(r.hops), h.cfg.Datacenter)
-	s.src = l.subscribe(s)
-	h.streams[name] = s
+	s.interest++
+	h.stopLingerLocked(s)
 	return s, nil
 }
 
-// streamIdle is called when the last subscriber of s left.
-func (h *Hub) streamIdle(s *Stream) {
-	if _, local := s.src.(*Publisher); local {
+// release gives back an interest taken by acquire. When none is left, a
+// relayed stream lingers, then stops and is unsubscribed upstream.
+func (h *Hub) release(s *Stream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s.interest--
+	if s.interest > 0 || h.streams[s.name] != s || s.localLocked() {
 		return
 	}
-	s.mu.Lock()
-	if len(s.subsSnapshot()) == 0 && s.lingerTimer == nil {
-		s.lingerTimer = time.AfterFunc(h.cfg.Linger, func() { h.stopIfIdle(s) })
+	h.stopLingerLocked(s)
+	gen := s.lingerGen
+	s.linger = time.AfterFunc(h.cfg.Linger, func() { h.lingerOut(s, gen) })
+}
+
+func (h *Hub) stopLingerLocked(s *Stream) {
+	if s.linger != nil {
+		s.linger.Stop()
+		s.linger = nil
 	}
-	s.mu.Unlock()
+	s.lingerGen++ // a timer that fired already finds it changed
 }
 
 // errIdle ends a relayed stream whose subscribers all left.
 var errIdle = errors.New("no subscribers left")
 
-func (h *Hub) stopIfIdle(s *Stream) {
-	// Hold h.mu across the check so that no new Subscribe finds s in the
-	// map between the check and the removal.
+// lingerOut stops a relayed stream that nothing took an interest in during
+// the linger time that ended generation gen.
+func (h *Hub) lingerOut(s *Stream, gen uint64) {
 	h.mu.Lock()
-	s.mu.Lock()
-	idle := len(s.subsSnapshot()) == 0
-	s.lingerTimer = nil
-	s.mu.Unlock()
-	if !idle || h.streams[s.name] != s {
+	if s.lingerGen != gen || s.interest > 0 || h.streams[s.name] != s {
 		h.mu.Unlock()
 		return
 	}
-	delete(h.streams, s.name)
+	src := h.forgetLocked(s)
 	h.mu.Unlock()
-	s.src.stop()
+	src.stop()
 	s.end(errIdle)
+	h.log.Debug("relayed stream stopped: no subscribers", "stream", s.name, "linger", h.cfg.Linger)
 }
 
 // removeStream forgets s, stops its source and ends it.
 func (h *Hub) removeStream(s *Stream, reason error) {
 	h.mu.Lock()
+	src := s.src
 	if h.streams[s.name] == s {
-		delete(h.streams, s.name)
+		h.forgetLocked(s)
 	}
 	h.mu.Unlock()
-	s.src.stop()
+	src.stop()
 	s.end(reason)
+}
+
+// forgetLocked removes s from the streams and tells the neighbours what
+// changed; it returns the source to stop once h.mu is released.
+func (h *Hub) forgetLocked(s *Stream) source {
+	before := h.advertLocked(s.name)
+	delete(h.streams, s.name)
+	h.stopLingerLocked(s)
+	h.advertiseLocked(s.name, before)
+	return s.src
 }
 
 // StreamInfo describes a live stream for listings. The HTTP API's JSON shape
@@ -294,14 +310,6 @@ func (h *Hub) Close() {
 	}
 }
 
-func (h *Hub) linksLocked() []link {
-	out := make([]link, 0, len(h.links))
-	for _, l := range h.links {
-		out = append(out, l)
-	}
-	return out
-}
-
 // packetPool holds the Packets handed to subscribers, which escape through
 // the Subscriber interface and would otherwise be allocated per packet.
 var packetPool = sync.Pool{New: func() any { return new(Packet) }}
@@ -345,15 +353,8 @@ func (p *Publisher) WriteRTP(track int, data []byte) error {
 
 // Close ends the stream: subscribers see Done, and the overlay forgets it.
 func (p *Publisher) Close() {
-	h := p.s.hub
-	h.removeStream(p.s, ErrPublisherGone)
-	h.mu.Lock()
-	links := h.linksLocked()
-	h.mu.Unlock()
-	for _, l := range links {
-		l.unannounce(p.s.name)
-	}
-	h.log.Info("stream ended", "stream", p.s.name)
+	p.s.hub.removeStream(p.s, ErrPublisherGone)
+	p.s.hub.log.Info("stream ended", "stream", p.s.name)
 }
 
 func (p *Publisher) requestKeyframe() {

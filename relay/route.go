@@ -2,10 +2,16 @@ package relay
 
 import (
 	"slices"
+	"strings"
 )
 
-// link is a connection to a neighbouring datacenter, as the hub sees it.
+// link is a connection to a neighbouring datacenter, as the hub sees it. The
+// hub calls announce, unannounce and subscribe with its lock held, so that
+// messages leave in the order the hub's state changed: they must queue the
+// message and return, never block or call back into the hub.
 type link interface {
+	// neighbour is the datacenter at the other end.
+	neighbour() string
 	// announce tells the neighbour that a stream is live; hops is the path
 	// of datacenters from the origin to this node.
 	announce(name string, hops []string)
@@ -13,6 +19,8 @@ type link interface {
 	// subscribe asks the neighbour for a stream. The link feeds s (its
 	// description, packets and end) and returns the source to stop it by.
 	subscribe(s *Stream) source
+	// close drops the link (the hub replaced it with a newer one).
+	close(cause error)
 }
 
 // Streams are found by announcement, as in moq-relay's clusters: the origin
@@ -44,128 +52,150 @@ func (h *Hub) bestRouteLocked(name string) (route, bool) {
 
 // handleAnnounce records that neighbour l can reach a stream.
 func (h *Hub) handleAnnounce(l link, name string, hops []string) {
-	peer := linkPeer(l)
+	peer := l.neighbour()
 	if ValidateStreamName(name) != nil || len(hops) == 0 || hops[len(hops)-1] != peer ||
 		slices.Contains(hops, h.cfg.Datacenter) {
 		return // malformed, or a loop back to us
 	}
 	h.mu.Lock()
-	before, had := h.bestRouteLocked(name)
+	defer h.mu.Unlock()
+	if h.links[peer] != l {
+		return // from a link that was replaced or is gone
+	}
+	before := h.advertLocked(name)
 	if h.routes[name] == nil {
 		h.routes[name] = make(map[string][]string)
 	}
 	h.routes[name][peer] = slices.Clone(hops)
-	h.propagateLocked(name, before, had)
+	h.advertiseLocked(name, before)
 }
 
 // handleUnannounce forgets that neighbour l can reach a stream.
 func (h *Hub) handleUnannounce(l link, name string) {
 	h.mu.Lock()
-	before, had := h.bestRouteLocked(name)
-	delete(h.routes[name], linkPeer(l))
+	defer h.mu.Unlock()
+	if h.links[l.neighbour()] != l {
+		return
+	}
+	before := h.advertLocked(name)
+	h.deleteRouteLocked(name, l.neighbour())
+	h.advertiseLocked(name, before)
+}
+
+func (h *Hub) deleteRouteLocked(name, via string) {
+	delete(h.routes[name], via)
 	if len(h.routes[name]) == 0 {
 		delete(h.routes, name)
 	}
-	h.propagateLocked(name, before, had)
 }
 
-// propagateLocked tells the neighbours when the best route to a stream
-// changed, and unlocks h.mu.
-func (h *Hub) propagateLocked(name string, before route, had bool) {
-	after, has := h.bestRouteLocked(name)
-	_, local := h.streams[name]
-	if local && h.streams[name].origin == h.cfg.Datacenter || had == has && slices.Equal(before.hops, after.hops) {
-		h.mu.Unlock()
+// advertLocked returns the hops this node announces for a stream (the path
+// from its origin to this node), or nil: its own streams, else the best
+// route.
+func (h *Hub) advertLocked(name string) []string {
+	if s, ok := h.streams[name]; ok && s.localLocked() {
+		return []string{h.cfg.Datacenter}
+	}
+	if r, ok := h.bestRouteLocked(name); ok {
+		return append(slices.Clone(r.hops), h.cfg.Datacenter)
+	}
+	return nil
+}
+
+// advertiseLocked tells every neighbour what changed in what this node
+// announces for a stream, from before (what advertLocked said before the
+// change) to now. Holding h.mu across the change and the queueing of the
+// messages keeps each link's messages in the order of the state changes:
+// an unannounce never overtakes the announce it undoes.
+func (h *Hub) advertiseLocked(name string, before []string) {
+	after := h.advertLocked(name)
+	if slices.Equal(before, after) {
 		return
 	}
-	links := h.linksLocked()
-	h.mu.Unlock()
-	for _, l := range links {
-		if has && h.shouldAnnounce(l, after) {
-			l.announce(name, append(slices.Clone(after.hops), h.cfg.Datacenter))
-		} else if had {
+	for peer, l := range h.links {
+		if mayAnnounce(after, peer) {
+			l.announce(name, after)
+		} else if mayAnnounce(before, peer) {
 			l.unannounce(name)
 		}
 	}
 }
 
-// shouldAnnounce reports whether a route may be passed on to neighbour l:
-// not back where it came from, nor to a datacenter it already crossed.
-func (h *Hub) shouldAnnounce(l link, r route) bool {
-	return !slices.Contains(r.hops, linkPeer(l))
+// mayAnnounce reports whether hops may be announced to a neighbour: not back
+// to a datacenter the stream already crossed.
+func mayAnnounce(hops []string, peer string) bool {
+	return hops != nil && !slices.Contains(hops, peer)
 }
 
-func linkPeer(l link) string {
-	if ql, ok := l.(*quicLink); ok {
-		return ql.peer
+// dropRoutesLocked forgets every route through a neighbour.
+func (h *Hub) dropRoutesLocked(peer string) {
+	for name, vias := range h.routes {
+		if _, ok := vias[peer]; ok {
+			before := h.advertLocked(name)
+			h.deleteRouteLocked(name, peer)
+			h.advertiseLocked(name, before)
+		}
 	}
-	return ""
 }
+
+func (l *quicLink) neighbour() string { return l.peer }
 
 // addLink starts using a connected neighbour and tells it every stream this
-// node can reach.
-func (h *Hub) addLink(l *quicLink) {
+// node can reach. A newer link to the same neighbour replaces the older one,
+// whose routes are forgotten: the neighbour announces again what is live.
+func (h *Hub) addLink(l link) {
+	peer := l.neighbour()
 	h.mu.Lock()
-	old := h.links[l.peer]
-	h.links[l.peer] = l
-	type ann struct {
-		name string
-		hops []string
+	old := h.links[peer]
+	if old != nil && old != l {
+		h.dropRoutesLocked(peer)
 	}
-	var anns []ann
-	for name, s := range h.streams {
-		if s.origin == h.cfg.Datacenter {
-			anns = append(anns, ann{name, []string{h.cfg.Datacenter}})
-		}
+	h.links[peer] = l
+	names := make([]string, 0, len(h.streams)+len(h.routes))
+	for name := range h.streams {
+		names = append(names, name)
 	}
 	for name := range h.routes {
-		if s, ok := h.streams[name]; ok && s.origin == h.cfg.Datacenter {
-			continue
+		if _, ok := h.streams[name]; !ok {
+			names = append(names, name)
 		}
-		if r, ok := h.bestRouteLocked(name); ok && h.shouldAnnounce(l, r) {
-			anns = append(anns, ann{name, append(slices.Clone(r.hops), h.cfg.Datacenter)})
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		if hops := h.advertLocked(name); mayAnnounce(hops, peer) {
+			l.announce(name, hops)
 		}
 	}
 	h.mu.Unlock()
 	if old != nil && old != l {
-		if ol, ok := old.(*quicLink); ok {
-			ol.close(errReplaced)
-		}
+		old.close(errReplaced)
 	}
-	for _, a := range anns {
-		l.announce(a.name, a.hops)
-	}
-	h.log.Info("link up", "peer", l.peer)
+	h.log.Info("link up", "peer", peer)
 }
 
 var errReplaced = errorString("replaced by a newer connection")
 
 // removeLink forgets a neighbour and every route through it.
-func (h *Hub) removeLink(l *quicLink, cause error) {
+func (h *Hub) removeLink(l link, cause error) {
+	peer := l.neighbour()
 	h.mu.Lock()
-	if h.links[l.peer] == l {
-		delete(h.links, l.peer)
-	} else {
+	if h.links[peer] != l {
 		h.mu.Unlock()
-		return // replaced: the newer link owns the routes
+		return // replaced: the newer link owns the neighbour
 	}
-	var names []string
-	for name, vias := range h.routes {
-		if _, ok := vias[l.peer]; ok {
-			names = append(names, name)
-		}
-	}
+	delete(h.links, peer)
+	h.dropRoutesLocked(peer)
 	h.mu.Unlock()
-	for _, name := range names {
-		h.handleUnannounce(l, name)
-	}
-	h.log.Info("link down", "peer", l.peer, "reason", cause)
+	h.log.Info("link down", "peer", peer, "reason", cause)
 }
 
 // Links returns the statistics of every connected neighbour.
 func (h *Hub) Links() []LinkStats {
 	h.mu.Lock()
-	links := h.linksLocked()
+	links := make([]link, 0, len(h.links))
+	for _, l := range h.links {
+		links = append(links, l)
+	}
 	h.mu.Unlock()
 	out := make([]LinkStats, 0, len(links))
 	for _, l := range links {
@@ -173,11 +203,6 @@ func (h *Hub) Links() []LinkStats {
 			out = append(out, ql.stats())
 		}
 	}
-	slices.SortFunc(out, func(a, b LinkStats) int {
-		if a.Peer < b.Peer {
-			return -1
-		}
-		return 1
-	})
+	slices.SortFunc(out, func(a, b LinkStats) int { return strings.Compare(a.Peer, b.Peer) })
 	return out
 }

@@ -41,7 +41,12 @@ type Stream struct {
 	doneOnce sync.Once
 	err      error // why it ended, or why it never started; read after ready/done
 
-	src source
+	// Hub-owned: what the hub decides about the stream, guarded by hub.mu
+	// (see Hub). The source is replaceable: the stream outlives it.
+	src       source
+	interest  int         // acquire calls not released: Subscribes waiting or attached
+	linger    *time.Timer // stops a relayed stream nobody is interested in
+	lingerGen uint64      // bumped whenever linger is stopped or replaced
 
 	packets    atomic.Uint64
 	bytes      atomic.Uint64
@@ -54,11 +59,10 @@ type Stream struct {
 	// subs is read lock-free by the fan-out; written under mu.
 	subs atomic.Pointer[[]*Subscription]
 
-	mu          sync.Mutex // guards the following fields, and writes of subs
-	gop         GOPCache
-	pending     []*Subscription // DeferredSubscribers not started: not in subs yet
-	ended       bool            // the GOP cache is released and takes no more packets
-	lingerTimer *time.Timer
+	mu      sync.Mutex // guards the following fields, and writes of subs
+	gop     GOPCache
+	pending []*Subscription // DeferredSubscribers not started: not in subs yet
+	ended   bool            // the GOP cache is released and takes no more packets
 }
 
 func newStream(h *Hub, name, origin string) *Stream {
@@ -98,9 +102,6 @@ func (s *Stream) end(err error) {
 		s.mu.Lock()
 		s.ended = true
 		s.gop.Reset()
-		if s.lingerTimer != nil {
-			s.lingerTimer.Stop()
-		}
 		s.mu.Unlock()
 	})
 }
@@ -141,14 +142,25 @@ func (s *Stream) requestKeyframe() {
 	if now-last < int64(keyframeInterval) || !s.lastKeyReq.CompareAndSwap(last, now) {
 		return // coalesced with a recent request
 	}
-	if s.src != nil {
-		s.src.requestKeyframe()
+	s.hub.mu.Lock()
+	src := s.src
+	s.hub.mu.Unlock()
+	if src != nil {
+		src.requestKeyframe()
 	}
+}
+
+// localLocked reports whether s is published at this node. h.mu is held.
+func (s *Stream) localLocked() bool {
+	_, local := s.src.(*Publisher)
+	return local
 }
 
 // attach adds a subscriber, replaying the GOP cache to it before any live
 // packet. A DeferredSubscriber gets nothing until Subscription.Start, which
-// installs it in subs then: it waits in pending meanwhile.
+// installs it in subs then: it waits in pending meanwhile. The subscription
+// takes over an interest the caller acquired from the hub, and releases it
+// when closed.
 //
 // Ordering: under mu, attach takes a snapshot of the GOP cache and installs
 // the subscription in subs, so every packet is either in the snapshot (it
@@ -164,10 +176,6 @@ func (s *Stream) attach(sub Subscriber) *Subscription {
 	ss.bw, _ = sub.(BufferWriter)
 	if _, ss.deferred = sub.(DeferredSubscriber); ss.deferred {
 		s.mu.Lock()
-		if s.lingerTimer != nil {
-			s.lingerTimer.Stop()
-			s.lingerTimer = nil
-		}
 		s.pending = append(s.pending, ss)
 		s.mu.Unlock()
 		return ss
@@ -175,10 +183,6 @@ func (s *Stream) attach(sub Subscriber) *Subscription {
 	ss.gate.Lock()
 	ss.replaying.Store(true)
 	s.mu.Lock()
-	if s.lingerTimer != nil {
-		s.lingerTimer.Stop()
-		s.lingerTimer = nil
-	}
 	replay := slices.Clone(s.gop.Packets())
 	for _, b := range replay {
 		b.Retain()
@@ -211,11 +215,8 @@ func (s *Stream) detach(ss *Subscription) {
 	if i := slices.Index(s.pending, ss); i >= 0 {
 		s.pending = slices.Delete(s.pending, i, i+1)
 	}
-	empty := len(s.subsSnapshot()) == 0 && len(s.pending) == 0
 	s.mu.Unlock()
-	if empty {
-		s.hub.streamIdle(s)
-	}
+	s.hub.release(s)
 }
 
 // subsSnapshot returns the attached subscriptions. The slice is shared:
