@@ -200,9 +200,13 @@ func (c *Cluster) startNode(i int, id relay.Identity, neighbours []string, overl
 		nc.Overlay.Listen = net.JoinHostPort(cfg.Bind, "0")
 		nc.Overlay.Neighbours = map[string]string{}
 		for _, nb := range neighbours {
-			if addr, ok := overlayAddrs[nb]; ok {
-				nc.Overlay.Neighbours[nb] = addr
+			addr, ok := overlayAddrs[nb]
+			if !ok {
+				// Not started yet: it sorts before dc and dials it, so its
+				// address is not used; listed, dc accepts its link.
+				addr = net.JoinHostPort(cfg.Bind, "0")
 			}
+			nc.Overlay.Neighbours[nb] = addr
 		}
 		nc.WebRTC.IPs = []string{cfg.Bind}
 		nc.Auth.PublishToken = cfg.PublishToken

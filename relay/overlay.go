@@ -3,6 +3,8 @@ package relay
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -22,7 +24,9 @@ type OverlayConfig struct {
 	Listen string
 	// Neighbours maps neighbour datacenter names to their overlay addresses.
 	// A node dials the neighbours whose names sort after its own and accepts
-	// the others, so each pair gets exactly one connection.
+	// the others, so each pair gets exactly one connection; the address of a
+	// neighbour that dials is not used. A node accepts links only from its
+	// neighbours: list each link on both of its ends.
 	Neighbours map[string]string
 	Identity   Identity
 	Logger     *slog.Logger
@@ -40,7 +44,44 @@ type Overlay struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	warned peerWarnings
 }
+
+// peerWarnInterval is how often a problem with one peer is logged at WARN;
+// repeats in between (a misconfigured peer redials every few seconds) go to
+// DEBUG.
+const peerWarnInterval = time.Minute
+
+// peerWarnings rate-limits warnings about peers.
+type peerWarnings struct {
+	mu   sync.Mutex           // guards last
+	last map[string]time.Time // peer → when it was last warned about
+}
+
+// level returns WARN for the first problem with peer in a peerWarnInterval,
+// DEBUG for the repeats.
+func (w *peerWarnings) level(peer string, now time.Time) slog.Level {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if t, ok := w.last[peer]; ok && now.Sub(t) < peerWarnInterval {
+		return slog.LevelDebug
+	}
+	if w.last == nil {
+		w.last = make(map[string]time.Time)
+	}
+	w.last[peer] = now
+	return slog.LevelWarn
+}
+
+// warnPeer logs a problem with a peer at WARN once per peer per
+// peerWarnInterval, at DEBUG otherwise.
+func (o *Overlay) warnPeer(peer, msg string, args ...any) {
+	o.log.Log(context.Background(), o.warned.level(peer, time.Now()), msg, append([]any{"peer", peer}, args...)...)
+}
+
+// errPeerIdentity marks a peer that is not who it should be.
+var errPeerIdentity = errors.New("peer identity mismatch")
 
 func quicConfig() *quic.Config {
 	return &quic.Config{
@@ -130,7 +171,13 @@ func (o *Overlay) serveAccepted(conn *quic.Conn) {
 	}
 	br := bufio.NewReader(ctl)
 	if err := o.handshake(ctl, br, peer); err != nil {
-		o.log.Warn("rejected link", "peer", peer, "err", err)
+		o.warnPeer(peer, "refused link", "err", err)
+		conn.CloseWithError(1, err.Error())
+		return
+	}
+	if _, ok := o.cfg.Neighbours[peer]; !ok {
+		err := fmt.Errorf("datacenter %s is not a neighbour of datacenter %s: list it in overlay.neighbours on both nodes to link them", peer, o.hub.cfg.Datacenter)
+		o.warnPeer(peer, "refused link from a datacenter that is not a configured neighbour", "err", err)
 		conn.CloseWithError(1, err.Error())
 		return
 	}
@@ -150,7 +197,11 @@ func (o *Overlay) dialLoop(peer, addr string) {
 		if time.Since(start) > 5*time.Second {
 			backoff = 100 * time.Millisecond
 		}
-		o.log.Debug("link to neighbour ended, redialing", "peer", peer, "err", err, "in", backoff)
+		if errors.Is(err, errPeerIdentity) || isCertificateError(err) {
+			o.warnPeer(peer, "link to neighbour refused", "err", err)
+		} else {
+			o.log.Debug("link to neighbour ended, redialing", "peer", peer, "err", err, "in", backoff)
+		}
 		select {
 		case <-time.After(backoff):
 		case <-o.ctx.Done():
@@ -204,7 +255,8 @@ func (o *Overlay) handshake(ctl *quic.Stream, br *bufio.Reader, peer string) err
 		return fmt.Errorf("peer speaks wire version %d, this node %d", m.Version, wireVersion)
 	}
 	if m.Datacenter != peer {
-		return fmt.Errorf("peer says it is %q but its certificate names %q", m.Datacenter, peer)
+		return fmt.Errorf("%w: peer says it is datacenter %q but its certificate names %q: give it the certificate made for %q (stemflow certs)",
+			errPeerIdentity, m.Datacenter, peer, m.Datacenter)
 	}
 	if peer == o.hub.cfg.Datacenter {
 		return errors.New("peer has this node's own datacenter name")
@@ -217,4 +269,13 @@ func (o *Overlay) runLink(conn *quic.Conn, ctl *quic.Stream, br *bufio.Reader, p
 	stop := context.AfterFunc(o.ctx, func() { l.close(errors.New("overlay closing")) })
 	defer stop()
 	return l.run(br)
+}
+
+// isCertificateError reports whether a dial failed because the peer's
+// certificate is not the one it should be (wrong datacenter, other CA).
+func isCertificateError(err error) bool {
+	var verr *tls.CertificateVerificationError
+	var herr x509.HostnameError
+	var uerr x509.UnknownAuthorityError
+	return errors.As(err, &verr) || errors.As(err, &herr) || errors.As(err, &uerr)
 }

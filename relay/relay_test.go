@@ -59,6 +59,9 @@ func chain(t *testing.T, names ...string) []*Hub {
 		if i+1 < len(names) {
 			nb[names[i+1]] = addrs[i+1]
 		}
+		if i > 0 {
+			nb[names[i-1]] = "" // it dials this node: its address is not used
+		}
 		o, err := StartOverlay(h, OverlayConfig{Listen: "127.0.0.1:0", Neighbours: nb, Identity: id, Logger: quietLogger()})
 		if err != nil {
 			t.Fatal(err)
