@@ -80,8 +80,14 @@ func (o *Overlay) warnPeer(peer, msg string, args ...any) {
 	o.log.Log(context.Background(), o.warned.level(peer, time.Now()), msg, append([]any{"peer", peer}, args...)...)
 }
 
-// errPeerIdentity marks a peer that is not who it should be.
-var errPeerIdentity = errors.New("peer identity mismatch")
+// refusal is why a peer is refused a link: it is not who its certificate
+// says, or not a configured neighbour.
+type refusal struct {
+	msg          string
+	notNeighbour bool
+}
+
+func (r *refusal) Error() string { return r.msg }
 
 func quicConfig() *quic.Config {
 	return &quic.Config{
@@ -170,14 +176,12 @@ func (o *Overlay) serveAccepted(conn *quic.Conn) {
 		return
 	}
 	br := bufio.NewReader(ctl)
-	if err := o.handshake(ctl, br, peer); err != nil {
-		o.warnPeer(peer, "refused link", "err", err)
-		conn.CloseWithError(1, err.Error())
-		return
-	}
-	if _, ok := o.cfg.Neighbours[peer]; !ok {
-		err := fmt.Errorf("datacenter %s is not a neighbour of datacenter %s: list it in overlay.neighbours on both nodes to link them", peer, o.hub.cfg.Datacenter)
-		o.warnPeer(peer, "refused link from a datacenter that is not a configured neighbour", "err", err)
+	if err := o.handshake(ctl, br, peer, true); err != nil {
+		msg := "refused link"
+		if r := (*refusal)(nil); errors.As(err, &r) && r.notNeighbour {
+			msg = "refused link from a datacenter that is not a configured neighbour"
+		}
+		o.warnPeer(peer, msg, "err", err)
 		conn.CloseWithError(1, err.Error())
 		return
 	}
@@ -197,7 +201,7 @@ func (o *Overlay) dialLoop(peer, addr string) {
 		if time.Since(start) > 5*time.Second {
 			backoff = 100 * time.Millisecond
 		}
-		if errors.Is(err, errPeerIdentity) || isCertificateError(err) {
+		if refused(err) {
 			o.warnPeer(peer, "link to neighbour refused", "err", err)
 		} else {
 			o.log.Debug("link to neighbour ended, redialing", "peer", peer, "err", err, "in", backoff)
@@ -228,7 +232,7 @@ func (o *Overlay) dialOnce(peer, addr string) error {
 		return err
 	}
 	br := bufio.NewReader(ctl)
-	if err := o.handshake(ctl, br, peer); err != nil {
+	if err := o.handshake(ctl, br, peer, false); err != nil {
 		conn.CloseWithError(1, err.Error())
 		return err
 	}
@@ -236,13 +240,17 @@ func (o *Overlay) dialOnce(peer, addr string) error {
 }
 
 // handshake exchanges hellos and checks the peer is who its certificate
-// says.
-func (o *Overlay) handshake(ctl *quic.Stream, br *bufio.Reader, peer string) error {
+// says and a configured neighbour. The accepting side reads the dialer's
+// hello first and answers only if it accepts the peer, so a refused dialer
+// learns why from the connection's close reason and never sees a link up.
+func (o *Overlay) handshake(ctl *quic.Stream, br *bufio.Reader, peer string, accepting bool) error {
 	hello := appendControl(nil, &controlMsg{Type: msgHello, Version: wireVersion, Datacenter: o.hub.cfg.Datacenter})
 	ctl.SetDeadline(time.Now().Add(3 * time.Second))
 	defer ctl.SetDeadline(time.Time{})
-	if _, err := ctl.Write(hello); err != nil {
-		return err
+	if !accepting {
+		if _, err := ctl.Write(hello); err != nil {
+			return err
+		}
 	}
 	m, err := readControl(br, func(b []byte) error { _, err := io.ReadFull(br, b); return err })
 	if err != nil {
@@ -255,11 +263,20 @@ func (o *Overlay) handshake(ctl *quic.Stream, br *bufio.Reader, peer string) err
 		return fmt.Errorf("peer speaks wire version %d, this node %d", m.Version, wireVersion)
 	}
 	if m.Datacenter != peer {
-		return fmt.Errorf("%w: peer says it is datacenter %q but its certificate names %q: give it the certificate made for %q (stemflow certs)",
-			errPeerIdentity, m.Datacenter, peer, m.Datacenter)
+		return &refusal{msg: fmt.Sprintf("peer says it is datacenter %q but its certificate names %q: give it the certificate made for %q (stemflow certs)",
+			m.Datacenter, peer, m.Datacenter)}
 	}
 	if peer == o.hub.cfg.Datacenter {
 		return errors.New("peer has this node's own datacenter name")
+	}
+	if _, ok := o.cfg.Neighbours[peer]; !ok {
+		return &refusal{notNeighbour: true, msg: fmt.Sprintf("datacenter %s is not a neighbour of datacenter %s: list each in the other's overlay.neighbours to link them",
+			peer, o.hub.cfg.Datacenter)}
+	}
+	if accepting {
+		if _, err := ctl.Write(hello); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -271,11 +288,18 @@ func (o *Overlay) runLink(conn *quic.Conn, ctl *quic.Stream, br *bufio.Reader, p
 	return l.run(br)
 }
 
-// isCertificateError reports whether a dial failed because the peer's
-// certificate is not the one it should be (wrong datacenter, other CA).
-func isCertificateError(err error) bool {
+// refused reports whether a dial failed because one side will not link to
+// the other, rather than because the neighbour is unreachable: a mismatched
+// identity either way, a certificate that is not the one it should be
+// (wrong datacenter, other CA), or the neighbour refusing us (its reason is
+// in err).
+func refused(err error) bool {
 	var verr *tls.CertificateVerificationError
 	var herr x509.HostnameError
 	var uerr x509.UnknownAuthorityError
-	return errors.As(err, &verr) || errors.As(err, &herr) || errors.As(err, &uerr)
+	var aerr *quic.ApplicationError
+	var rerr *refusal
+	return errors.As(err, &rerr) ||
+		errors.As(err, &verr) || errors.As(err, &herr) || errors.As(err, &uerr) ||
+		errors.As(err, &aerr) && aerr.Remote && aerr.ErrorCode == 1
 }

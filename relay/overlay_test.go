@@ -91,16 +91,24 @@ func TestOverlayRefusesPeerThatIsNoNeighbour(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec := newLogRecorder()
+	rec, arec := newLogRecorder(), newLogRecorder()
 	c, co := overlayNode(t, ca, "c", "c", slog.New(rec), map[string]string{"b": "127.0.0.1:1"})
-	a, _ := overlayNode(t, ca, "a", "a", quietLogger(), map[string]string{"c": co.Addr().String()})
-	testutil.WaitFor(t, "c to refuse a", func() bool { return len(rec.matching("not a configured neighbour")) > 0 })
+	a, _ := overlayNode(t, ca, "a", "a", slog.New(arec), map[string]string{"c": co.Addr().String()})
+	testutil.WaitFor(t, "c to refuse a twice", func() bool { return len(rec.matching("not a configured neighbour")) >= 2 })
 	if n := len(c.Links()) + len(a.Links()); n != 0 {
 		t.Fatalf("%d links up between a and c, which are no neighbours of each other", n)
 	}
-	lines := rec.matching("not a configured neighbour")
-	if !strings.HasPrefix(lines[0], "WARN") || !strings.Contains(lines[0], "peer=a") || !strings.Contains(lines[0], "overlay.neighbours") {
-		t.Fatalf("c logged %q, want a WARN naming peer a and overlay.neighbours", lines[0])
+	lines := rec.matching("WARN", "not a configured neighbour")
+	if len(lines) != 1 || !strings.Contains(lines[0], "peer=a") || !strings.Contains(lines[0], "overlay.neighbours") {
+		t.Fatalf("c logged %q at WARN, want one line naming peer a and overlay.neighbours", lines)
+	}
+	// The dialer is told why, once, and never sees a link come up.
+	if got := arec.matching("WARN", "refused", "peer=c", "not a neighbour of datacenter c"); len(got) != 1 {
+		t.Fatalf("a logged %q at WARN, want one line with c's reason", arec.matching("WARN"))
+	}
+	t.Logf("c: %s\na: %s", lines[0], arec.matching("WARN")[0])
+	if up := arec.matching("link up"); len(up) != 0 {
+		t.Fatalf("a saw the refused link come up: %q", up)
 	}
 }
 
@@ -114,9 +122,9 @@ func TestOverlayIdentityMismatchWarnsOncePerMinute(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec := newLogRecorder()
+	rec, brec := newLogRecorder(), newLogRecorder()
 	c, co := overlayNode(t, ca, "c", "c", slog.New(rec), map[string]string{"b": "127.0.0.1:1"})
-	overlayNode(t, ca, "b", "a", quietLogger(), map[string]string{"c": co.Addr().String()})
+	overlayNode(t, ca, "b", "a", slog.New(brec), map[string]string{"c": co.Addr().String()})
 	// The dialer backs off 100, 200, 400 ms...: three attempts in a second.
 	testutil.WaitFor(t, "three refused attempts", func() bool { return len(rec.matching("refused link")) >= 3 })
 	if len(c.Links()) != 0 {
@@ -129,6 +137,33 @@ func TestOverlayIdentityMismatchWarnsOncePerMinute(t *testing.T) {
 	}
 	if !strings.Contains(warns[0], `"b"`) || !strings.Contains(warns[0], `"a"`) {
 		t.Fatalf("the warning does not name both the hello's and the certificate's datacenter: %s", warns[0])
+	}
+	t.Logf("c: %s\nb: %q", warns[0], brec.matching("WARN"))
+	if got := brec.matching("WARN", "refused", "certificate names"); len(got) != 1 {
+		t.Fatalf("b logged %q at WARN, want one line with c's reason", brec.matching("WARN"))
+	}
+}
+
+// TestOverlayDialerWarnsOnceAboutWrongCertificate: a neighbour that presents
+// another datacenter's certificate fails the dialer's TLS check; the dialer
+// says so at WARN once, not on every redial.
+func TestOverlayDialerWarnsOnceAboutWrongCertificate(t *testing.T) {
+	testutil.CheckLeaks(t)
+	ca, err := NewClusterCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := newLogRecorder()
+	_, co := overlayNode(t, ca, "c", "x", quietLogger(), map[string]string{"b": "127.0.0.1:1"})
+	b, _ := overlayNode(t, ca, "b", "b", slog.New(rec), map[string]string{"c": co.Addr().String()})
+	testutil.WaitFor(t, "three refused dials", func() bool { return len(rec.matching("refused", "peer=c")) >= 3 })
+	if len(b.Links()) != 0 {
+		t.Fatal("b linked to a neighbour with another datacenter's certificate")
+	}
+	warns := rec.matching("WARN", "refused", "peer=c")
+	t.Logf("b: %q", warns)
+	if len(warns) != 1 || !strings.Contains(warns[0], "x") {
+		t.Fatalf("b logged %d lines at WARN, want 1 naming the certificate's datacenter:\n%s", len(warns), strings.Join(rec.matching("peer=c"), "\n"))
 	}
 }
 

@@ -7,7 +7,8 @@ type Subscriber interface {
 	// WritePacket hands the subscriber one packet. It is called from the
 	// publisher's goroutines, so it must not block and must not keep p.Data
 	// after returning: copy it (see [Queue]) and send it from a goroutine of
-	// the subscriber's own.
+	// the subscriber's own. It may call back into its Subscription
+	// (RequestKeyframe, Close): the hub holds no lock while subscribers run.
 	WritePacket(p *Packet)
 }
 

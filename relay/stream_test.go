@@ -157,6 +157,20 @@ func TestCloseDuringGOPReplay(t *testing.T) {
 	}
 }
 
+// deferredRecorder is a DeferredSubscriber that records the live packets it
+// gets after Start.
+type deferredRecorder struct {
+	mu   sync.Mutex
+	seqs []uint16
+}
+
+func (*deferredRecorder) DeferStart() {}
+func (q *deferredRecorder) WritePacket(p *Packet) {
+	q.mu.Lock()
+	q.seqs = append(q.seqs, RTPSequence(p.Data))
+	q.mu.Unlock()
+}
+
 // bufferFunc adapts a function to a BufferWriter subscriber.
 type bufferFunc func(b *Buffer)
 
@@ -165,8 +179,8 @@ func (f bufferFunc) WriteBuffer(b *Buffer) { f(b) }
 
 // TestConcurrentJoinGetsGOPThenLiveInOrder: subscribers that join while the
 // publisher writes get the GOP from its keyframe and then every live packet,
-// with no gap, no duplicate and no reorder. Packets and BufferWriter
-// subscribers both.
+// with no gap, no duplicate and no reorder: Packet and BufferWriter
+// subscribers, and DeferredSubscribers that take the GOP from Start.
 func TestConcurrentJoinGetsGOPThenLiveInOrder(t *testing.T) {
 	testutil.Watchdog(t, 30*time.Second)
 	h := NewHub(Config{Datacenter: "a", Logger: quietLogger()})
@@ -183,7 +197,8 @@ func TestConcurrentJoinGetsGOPThenLiveInOrder(t *testing.T) {
 		pkts[i] = rtpPacket(t, uint16(i), uint32(i/gop), i%gop == 0, 100)
 	}
 	type result struct {
-		seqs []uint16
+		seqs []uint16          // what the subscriber got; a deferred one's GOP from Start
+		dq   *deferredRecorder // a deferred one's live packets
 		mu   sync.Mutex
 	}
 	var (
@@ -207,13 +222,18 @@ func TestConcurrentJoinGetsGOPThenLiveInOrder(t *testing.T) {
 			r.seqs = append(r.seqs, RTPSequence(p.Data))
 			r.mu.Unlock()
 		})
-		if j%2 == 1 {
+		var dq *deferredRecorder
+		switch j % 3 {
+		case 1:
 			sub = bufferFunc(func(b *Buffer) {
 				r.mu.Lock()
 				r.seqs = append(r.seqs, RTPSequence(b.Data()))
 				r.mu.Unlock()
 				b.Release()
 			})
+		case 2: // replays the GOP itself, after Start
+			dq = &deferredRecorder{}
+			sub = dq
 		}
 		wg.Add(1)
 		go func() {
@@ -223,6 +243,17 @@ func TestConcurrentJoinGetsGOPThenLiveInOrder(t *testing.T) {
 			if err != nil {
 				t.Error(err)
 				return
+			}
+			if dq != nil {
+				time.Sleep(time.Millisecond) // connecting
+				gop := ss.Start(nil)
+				r.mu.Lock()
+				for _, b := range gop {
+					r.seqs = append(r.seqs, RTPSequence(b.Data()))
+					b.Release()
+				}
+				r.dq = dq
+				r.mu.Unlock()
 			}
 			smu.Lock()
 			subs = append(subs, ss)
@@ -237,6 +268,9 @@ func TestConcurrentJoinGetsGOPThenLiveInOrder(t *testing.T) {
 	for j, r := range results {
 		r.mu.Lock()
 		seqs := r.seqs
+		if r.dq != nil {
+			seqs = append(seqs, r.dq.seqs...)
+		}
 		r.mu.Unlock()
 		if len(seqs) == 0 {
 			t.Fatalf("subscriber %d got nothing", j)
