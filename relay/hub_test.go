@@ -220,3 +220,31 @@ func TestPipedHubsRelayAndForget(t *testing.T) {
 		p.Close()
 	}
 }
+
+// TestGivingUpCleansUpEveryHop: a viewer at c gives up while the stream is
+// still on its way (the origin's neighbour never answers); c, then the
+// middle hop b, stop relaying and unsubscribe, down to the hop that
+// subscribed at the origin's side.
+func TestGivingUpCleansUpEveryHop(t *testing.T) {
+	testutil.CheckLeaks(t)
+	const linger = 50 * time.Millisecond
+	b := NewHub(Config{Datacenter: "b", Logger: quietLogger(), Linger: linger})
+	c := NewHub(Config{Datacenter: "c", Logger: quietLogger(), Linger: linger})
+	defer b.Close()
+	defer c.Close()
+	up := newFakeLink(t, b, "a") // a never answers b's subscription
+	pipeHubs(t, b, c)
+	b.handleAnnounce(up, "x", []string{"a"})
+	testutil.WaitFor(t, "c learns of x", func() bool { return len(c.Streams()) == 1 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	_, err := c.Subscribe(ctx, "x", NewQueue(16))
+	cancel()
+	if err == nil {
+		t.Fatal("Subscribe at c succeeded though a never answered")
+	}
+	testutil.WaitForWithin(t, 2*time.Second, "b and c to stop relaying x and b to unsubscribe from a", func() bool {
+		u := up.upstream("x")
+		return u != nil && u.stopped.Load() > 0 && !relayedLocally(b, "x") && !relayedLocally(c, "x")
+	})
+}
