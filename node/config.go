@@ -14,6 +14,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	ingestrtsp "github.com/stemflow/stemflow/ingest/rtsp"
 	"github.com/stemflow/stemflow/node/rtspserver"
 	"github.com/stemflow/stemflow/relay"
 	"github.com/stemflow/stemflow/topology"
@@ -409,7 +410,7 @@ func (c *Config) Validate() error {
 			bad("rtsp.sources", "%v", err)
 		}
 		if !strings.HasPrefix(url, "rtsp://") && !strings.HasPrefix(url, "rtsps://") {
-			bad("rtsp.sources."+name, "%q is not an rtsp:// URL", url)
+			bad("rtsp.sources."+name, "%q is not an rtsp:// URL", ingestrtsp.RedactURL(url))
 		}
 	}
 	for name, addr := range c.Overlay.Neighbours {

@@ -128,3 +128,20 @@ func TestConfigTLSPathsRelativeToFile(t *testing.T) {
 		t.Errorf("overlay.tls.cert = %q, want the absolute path unchanged", cfg.Overlay.TLS.Cert)
 	}
 }
+
+// TestConfigSourceErrorHidesPassword: a camera URL with a mistyped scheme is
+// named in the error without its password.
+func TestConfigSourceErrorHidesPassword(t *testing.T) {
+	base, err := os.ReadFile("../deploy/node-eu.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := strings.Replace(string(base), "rtsp://10.0.0.50:554/stream1", "http://admin:s3cret@cam.example/live", 1)
+	if bad == string(base) {
+		t.Fatal("no source in deploy/node-eu.yaml")
+	}
+	_, err = ParseConfig([]byte(bad))
+	if err == nil || !strings.Contains(err.Error(), `"http://admin:xxxxx@cam.example/live" is not an rtsp:// URL`) || strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("error %v, want the URL without its password", err)
+	}
+}

@@ -104,7 +104,7 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	bind := fs.String("bind", "127.0.0.1", "address every datacenter listens on")
 	httpPort := fs.Int("http-port", 8080, "HTTP port of the first datacenter; datacenter i uses port+i")
 	rtspPort := fs.Int("rtsp-port", 8554, "RTSP port of the first datacenter; datacenter i uses port+i")
-	token := fs.String("publish-token", "", "Bearer token WHIP publishers must present (none if empty)")
+	token := fs.String("publish-token", "", "token publishers must present: WHIP as a Bearer token, RTSP as the URL's password (none if empty)")
 	logLevel := fs.String("log", "info", "log level: debug, info, warn, error")
 	if err := parse(fs, args); err != nil {
 		return err

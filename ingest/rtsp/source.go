@@ -60,7 +60,7 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 	}
 	u, err := base.ParseURL(cfg.URL)
 	if err != nil || (u.Scheme != "rtsp" && u.Scheme != "rtsps") || u.Host == "" {
-		return nil, fmt.Errorf("rtsp source %q: URL %q is not an rtsp:// URL with a host (e.g. rtsp://user:pass@camera.example:554/stream)", cfg.Name, redactURL(cfg.URL))
+		return nil, fmt.Errorf("rtsp source %q: URL %q is not an rtsp:// URL with a host (e.g. rtsp://user:pass@camera.example:554/stream)", cfg.Name, RedactURL(cfg.URL))
 	}
 	switch cfg.Transport {
 	case "", "udp", "tcp":
@@ -193,8 +193,9 @@ func (s *Source) pull() error {
 	return c.Wait()
 }
 
-// redactURL hides the password of a URL that may not parse, for messages.
-func redactURL(s string) string {
+// RedactURL hides the password of a URL that may not parse, for messages
+// and logs: rtsp://admin:xxxxx@camera/live.
+func RedactURL(s string) string {
 	if u, err := url.Parse(s); err == nil {
 		return u.Redacted()
 	}
