@@ -1,0 +1,148 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+)
+
+// DefaultElectionTTL is the manager session's TTL: a dead leader's
+// candidacy lapses within it and a standby takes over. A little longer than
+// DefaultNodeTTL, as a leader change costs more than a node's departure.
+const DefaultElectionTTL = 5 * time.Second
+
+// Candidate campaigns for manager leadership under manager/election (etcd's
+// concurrency election) from a goroutine of its own, until Close. When its
+// session's lease expires (etcd unreachable for longer than the TTL) it
+// stops leading and campaigns again with a new session.
+type Candidate struct {
+	s   *Store
+	id  string
+	ttl int64
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex // guards the following fields
+	leading bool
+	changed chan struct{} // closed and replaced when leading changes
+}
+
+// Campaign starts a candidate named id (the datacenter whose manager it
+// is) with a session of the given TTL (DefaultElectionTTL if 0).
+func (s *Store) Campaign(id string, ttl time.Duration) (*Candidate, error) {
+	if err := checkName("candidate", id); err != nil {
+		return nil, err
+	}
+	if ttl == 0 {
+		ttl = DefaultElectionTTL
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &Candidate{s: s, id: id, ttl: ttlSeconds(ttl), ctx: ctx, cancel: cancel, changed: make(chan struct{})}
+	c.wg.Add(1)
+	go c.run()
+	return c, nil
+}
+
+// Leading reports whether this candidate leads now, and a channel that
+// closes at the next change.
+func (c *Candidate) Leading() (bool, <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.leading, c.changed
+}
+
+func (c *Candidate) setLeading(v bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.leading != v {
+		c.leading = v
+		close(c.changed)
+		c.changed = make(chan struct{})
+	}
+}
+
+// Close resigns (if leading) and ends the campaign; it waits for the
+// candidate's goroutine.
+func (c *Candidate) Close() {
+	c.cancel()
+	c.wg.Wait()
+}
+
+func (c *Candidate) run() {
+	defer c.wg.Done()
+	for c.ctx.Err() == nil {
+		if err := c.term(); err != nil {
+			select {
+			case <-c.ctx.Done():
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+}
+
+// term campaigns with one session and leads until the session ends or the
+// candidate closes.
+func (c *Candidate) term() error {
+	grant, err := c.s.cli.Grant(c.ctx, c.ttl)
+	if err != nil {
+		return err
+	}
+	// The session's own context must outlive c.ctx so that Close can still
+	// resign and revoke after c.ctx ended.
+	sessCtx, sessCancel := context.WithCancel(context.Background())
+	defer sessCancel()
+	sess, err := concurrency.NewSession(c.s.cli, concurrency.WithLease(grant.ID), concurrency.WithTTL(int(c.ttl)), concurrency.WithContext(sessCtx))
+	if err != nil {
+		c.s.revoke(grant.ID)
+		return err
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		sess.Orphan()
+		c.s.cli.Revoke(ctx, grant.ID) //nolint:errcheck // the lease expires anyway
+	}()
+	el := concurrency.NewElection(sess, c.s.ElectionPrefix())
+	// Stop campaigning when the session dies: the candidacy went with it.
+	campCtx, campCancel := context.WithCancel(c.ctx)
+	defer campCancel()
+	go func() {
+		select {
+		case <-sess.Done():
+			campCancel()
+		case <-campCtx.Done():
+		}
+	}()
+	if err := el.Campaign(campCtx, c.id); err != nil {
+		return err
+	}
+	c.setLeading(true)
+	defer c.setLeading(false)
+	select {
+	case <-sess.Done():
+		return fmt.Errorf("store: manager %s lost its election session", c.id)
+	case <-c.ctx.Done():
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		el.Resign(ctx) //nolint:errcheck // revoking the lease next ends the term anyway
+		return nil
+	}
+}
+
+// Leader returns the id of the leading manager, or "" when none leads.
+func (s *Store) Leader(ctx context.Context) (string, error) {
+	resp, err := s.cli.Get(ctx, s.ElectionPrefix()+"/", clientv3.WithFirstCreate()...)
+	if err != nil {
+		return "", fmt.Errorf("store: reading the manager leader: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return "", nil
+	}
+	return string(resp.Kvs[0].Value), nil
+}

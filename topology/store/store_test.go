@@ -1,0 +1,323 @@
+package store_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/internal/etcdembed"
+	"github.com/stemflow/stemflow/internal/testutil"
+	"github.com/stemflow/stemflow/topology/store"
+)
+
+// endpoint is the client URL of the one embedded etcd member every test of
+// the package shares; each test keeps its keys under a prefix of its own.
+var endpoint string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "stemflow-store-test")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(60*time.Second))
+	srv, err := etcdembed.StartFree(ctx, "127.0.0.1", dir)
+	cancel()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "starting embedded etcd:", err)
+		os.Exit(1)
+	}
+	endpoint = srv.ClientURL()
+	if err := warmUp(); err != nil {
+		fmt.Fprintln(os.Stderr, "warming up embedded etcd:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	srv.Close()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// warmUp runs what the tests do once (a lease and its keepalives, a client
+// that dies), so that the server's lazily started goroutines do not count as
+// the first test's leak.
+func warmUp() error {
+	s, err := store.Open(store.Config{Endpoints: []string{endpoint}, Prefix: "/warmup/"})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Second))
+	defer cancel()
+	if _, err := s.RegisterNode(ctx, store.Node{DC: "w", Node: "w1"}, time.Second); err != nil {
+		return err
+	}
+	s.Close()
+	time.Sleep(time.Second)
+	return nil
+}
+
+// open connects a client of its own (a node, a manager) under the test's
+// prefix; the test's cleanup closes it.
+func open(t *testing.T) *store.Store {
+	t.Helper()
+	s, err := store.Open(store.Config{Endpoints: []string{endpoint}, Prefix: "/" + t.Name() + "/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Second))
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func register(t *testing.T, s *store.Store, dc, node string, ttl time.Duration) *store.Registration {
+	t.Helper()
+	r, err := s.RegisterNode(ctxT(t), store.Node{DC: dc, Node: node, Addresses: map[string]string{"http": "127.0.0.1:8080"}}, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+func hasNode(t *testing.T, s *store.Store, dc, node string) bool {
+	t.Helper()
+	nodes, err := s.ListNodes(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.DC == dc && n.Node == node {
+			return true
+		}
+	}
+	return false
+}
+
+// TestNodeLeaseExpires: a node whose process dies (its client closes, no
+// revoke) leaves nodes/ within its TTL + 1 s; one that closes cleanly
+// leaves at once.
+func TestNodeLeaseExpires(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	observer := open(t)
+	dying := open(t)
+	ttl := store.DefaultNodeTTL
+	register(t, dying, "a", "a1", ttl)
+	clean := register(t, observer, "b", "b1", ttl)
+	if !hasNode(t, observer, "a", "a1") || !hasNode(t, observer, "b", "b1") {
+		t.Fatal("registered nodes are not listed")
+	}
+	// Outlive several TTLs first: keepalives must hold the lease.
+	time.Sleep(ttl + time.Second)
+	if !hasNode(t, observer, "a", "a1") {
+		t.Fatalf("node a1 vanished after %v although its keepalives ran", ttl+time.Second)
+	}
+
+	dying.Close()
+	died := time.Now()
+	testutil.WaitForWithin(t, ttl+time.Second, "a1's lease to expire", func() bool { return !hasNode(t, observer, "a", "a1") })
+	t.Logf("a dead node left nodes/ %v after its client closed (TTL %v)", time.Since(died).Round(10*time.Millisecond), ttl)
+
+	clean.Close()
+	if hasNode(t, observer, "b", "b1") {
+		t.Fatal("node b1 is still listed after its registration closed (the lease was not revoked)")
+	}
+}
+
+// TestClaimStreamRace: two datacenters publishing one name at once: exactly
+// one wins, the other's error names the winner; the key goes with the
+// winner's lease.
+func TestClaimStreamRace(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	sa, sb := open(t), open(t)
+	ra, rb := register(t, sa, "a", "a1", 0), register(t, sb, "b", "b1", 0)
+	for i := range 20 {
+		name := fmt.Sprintf("x%d", i)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		errs := make([]error, 2)
+		for j, c := range []struct {
+			s *store.Store
+			r *store.Registration
+		}{{sa, ra}, {sb, rb}} {
+			wg.Go(func() {
+				<-start
+				errs[j] = c.s.ClaimStream(ctxT(t), c.r, name)
+			})
+		}
+		close(start)
+		wg.Wait()
+		if (errs[0] == nil) == (errs[1] == nil) {
+			t.Fatalf("stream %s: claims returned %v and %v, want exactly one winner", name, errs[0], errs[1])
+		}
+		winner, loserErr := "a", errs[1]
+		if errs[1] == nil {
+			winner, loserErr = "b", errs[0]
+		}
+		var taken *store.StreamTakenError
+		if !errors.Is(loserErr, store.ErrStreamTaken) || !errors.As(loserErr, &taken) {
+			t.Fatalf("stream %s: loser's error %v is not ErrStreamTaken", name, loserErr)
+		}
+		if taken.Holder.OriginDC != winner || taken.Holder.OriginNode != winner+"1" {
+			t.Fatalf("stream %s: loser's error names %s/%s, want the winner %s/%s1: %v", name,
+				taken.Holder.OriginDC, taken.Holder.OriginNode, winner, winner, loserErr)
+		}
+		st, ok, err := sa.GetStream(ctxT(t), name)
+		if err != nil || !ok || st.OriginDC != winner {
+			t.Fatalf("stream %s: stored origin %+v ok=%v err=%v, want %s", name, st, ok, err, winner)
+		}
+	}
+	// The holder claiming again is fine; releasing lets the other claim.
+	if err := sa.ClaimStream(ctxT(t), ra, "solo"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sa.ClaimStream(ctxT(t), ra, "solo"); err != nil {
+		t.Fatalf("claiming a stream the node holds already: %v", err)
+	}
+	if err := sb.ReleaseStream(ctxT(t), rb, "solo"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.ClaimStream(ctxT(t), rb, "solo"); !errors.Is(err, store.ErrStreamTaken) {
+		t.Fatalf("b released a's stream: claim after b's release returned %v", err)
+	}
+	if err := sa.ReleaseStream(ctxT(t), ra, "solo"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.ClaimStream(ctxT(t), rb, "solo"); err != nil {
+		t.Fatalf("claim after the holder released: %v", err)
+	}
+}
+
+// TestSubscriptions: subscriptions list by datacenter and go with the
+// subscriber's registration.
+func TestSubscriptions(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	s := open(t)
+	rb, rc := register(t, s, "b", "b1", 0), register(t, s, "c", "c1", 0)
+	for _, r := range []*store.Registration{rc, rb} {
+		if err := s.Subscribe(ctxT(t), r, "x"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := s.Subscribers(ctxT(t), "x"); err != nil || fmt.Sprint(got) != "[b c]" {
+		t.Fatalf("subscribers %v (err %v), want [b c]", got, err)
+	}
+	if err := s.Unsubscribe(ctxT(t), rb, "x"); err != nil {
+		t.Fatal(err)
+	}
+	rc.Close()
+	if got, err := s.Subscribers(ctxT(t), "x"); err != nil || len(got) != 0 {
+		t.Fatalf("subscribers %v (err %v) after b unsubscribed and c left, want none", got, err)
+	}
+}
+
+// TestWatchRoutes: a node's one watch sees routes that existed before it
+// started and every newer version; stale versions are refused.
+func TestWatchRoutes(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	manager, nodeS := open(t), open(t)
+	ctx := ctxT(t)
+	if err := manager.PutRoute(ctx, store.Route{Stream: "early", Version: 1, Origin: "a", Parent: map[string]string{"b": "a"}}); err != nil {
+		t.Fatal(err)
+	}
+	wctx, stop := context.WithCancel(ctx)
+	events := nodeS.WatchRoutes(wctx)
+	next := func() store.RouteEvent {
+		t.Helper()
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatal("route watch closed")
+			}
+			return ev
+		case <-time.After(testutil.Scale(5 * time.Second)):
+			t.Fatal("no route event within 5 s")
+		}
+		panic("unreachable")
+	}
+	if ev := next(); ev.Stream != "early" || ev.Route.Version != 1 || ev.Route.Parent["b"] != "a" {
+		t.Fatalf("first event %+v, want the existing route of early", ev)
+	}
+	want := store.Route{Stream: "x", Version: 7, Origin: "a",
+		Parent: map[string]string{"b": "a", "d": "b"}, Backup: map[string]string{"d": "c"}}
+	if err := manager.PutRoute(ctx, want); err != nil {
+		t.Fatal(err)
+	}
+	ev := next()
+	if ev.Stream != "x" || ev.Deleted || ev.Route.Version != 7 || ev.Route.Parent["d"] != "b" || ev.Route.Backup["d"] != "c" {
+		t.Fatalf("event %+v, want route x v7 with d's parent b and backup c", ev)
+	}
+	if err := manager.PutRoute(ctx, store.Route{Stream: "x", Version: 7, Origin: "a"}); !errors.Is(err, store.ErrStaleRoute) {
+		t.Fatalf("PutRoute of a version already stored returned %v, want ErrStaleRoute", err)
+	}
+	if err := manager.PutRoute(ctx, store.Route{Stream: "x", Version: 8, Origin: "a", Parent: map[string]string{"d": "c", "c": "a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if ev := next(); ev.Route.Version != 8 || ev.Route.Parent["d"] != "c" {
+		t.Fatalf("event %+v, want route x v8 with d's parent c", ev)
+	}
+	stop()
+	for range events { // the channel closes when the watch's context ends
+	}
+}
+
+// TestElectionFailover: two manager candidates, one leads; the leader's
+// process dies (client closed, no resign) and the other leads within the
+// session TTL; a clean Close resigns at once.
+func TestElectionFailover(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	sa, sb, observer := open(t), open(t), open(t)
+	ttl := 2 * time.Second
+	ca, err := sa.Campaign("a", ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ca.Close)
+	testutil.WaitFor(t, "a to lead", func() bool { l, _ := ca.Leading(); return l })
+	cb, err := sb.Campaign("b", ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cb.Close)
+	time.Sleep(ttl) // b campaigns and must not lead while a lives
+	if l, _ := cb.Leading(); l {
+		t.Fatal("b leads while a's session lives")
+	}
+	if leader, err := observer.Leader(ctxT(t)); err != nil || leader != "a" {
+		t.Fatalf("Leader() = %q, %v; want a", leader, err)
+	}
+
+	sa.Close() // a's process dies: no resign, no revoke
+	died := time.Now()
+	testutil.WaitForWithin(t, ttl+time.Second, "b to lead after a died", func() bool { l, _ := cb.Leading(); return l })
+	t.Logf("b leads %v after a's client closed (session TTL %v)", time.Since(died).Round(10*time.Millisecond), ttl)
+	if leader, err := observer.Leader(ctxT(t)); err != nil || leader != "b" {
+		t.Fatalf("Leader() = %q, %v; want b", leader, err)
+	}
+
+	// A clean close resigns: a third candidate leads at once.
+	sc := open(t)
+	cc, err := sc.Campaign("c", ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cc.Close)
+	time.Sleep(500 * time.Millisecond)
+	cb.Close()
+	resigned := time.Now()
+	testutil.WaitForWithin(t, ttl/2, "c to lead after b resigned", func() bool { l, _ := cc.Leading(); return l })
+	t.Logf("c leads %v after b resigned", time.Since(resigned).Round(10*time.Millisecond))
+}
