@@ -146,14 +146,20 @@ func (l *quicLink) close(cause error) {
 	l.conn.CloseWithError(0, cause.Error())
 }
 
-// sendCtl queues a control message. A neighbour that stops reading control
-// messages altogether is disconnected rather than allowed to block us.
+// sendCtl queues a control message, without blocking. A neighbour that
+// stops reading control messages altogether is disconnected rather than
+// allowed to block us.
 func (l *quicLink) sendCtl(m *controlMsg) {
 	select {
 	case l.ctlOut <- m:
 	case <-l.ctx.Done():
 	default:
-		l.close(errors.New("control queue to neighbour is full"))
+		// The hub calls this with its lock held, and closing a QUIC
+		// connection waits for quic-go's connection loop: cancel now and
+		// close on the side, so that no hub lock waits on the network.
+		err := errors.New("control queue to neighbour is full")
+		l.cancel(err)
+		go l.conn.CloseWithError(0, err.Error())
 	}
 }
 
