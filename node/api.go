@@ -42,6 +42,11 @@ type apiStream struct {
 	Since   *time.Time `json:"since,omitempty"`
 	Packets uint64     `json:"packets"`
 	Bytes   uint64     `json:"bytes"`
+	// PacketsOut and BytesOut count what the stream handed to its
+	// subscribers here since Since: each packet once per WHEP viewer, per
+	// downstream datacenter, and once for all RTSP readers of the node.
+	PacketsOut uint64 `json:"packets_out"`
+	BytesOut   uint64 `json:"bytes_out"`
 	// BFrames: the H264 video has B-frames, which browsers do not play
 	// over WebRTC (the publisher should encode with -bf 0).
 	BFrames bool `json:"b_frames"`
@@ -163,6 +168,8 @@ func (n *Node) streamsView() apiStreams {
 			Viewers:     apiViewers{WHEP: whep[s.Name], RTSP: rtsp[s.Name]},
 			Packets:     s.Packets,
 			Bytes:       s.Bytes,
+			PacketsOut:  s.SentPackets,
+			BytesOut:    s.SentBytes,
 			BFrames:     s.BFrames,
 		}
 		if v.Hops == nil {

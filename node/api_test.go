@@ -216,7 +216,7 @@ func TestAPIStreamsAndLinks(t *testing.T) {
 		t.Errorf("datacenter %v, want b", doc["datacenter"])
 	}
 	s := findStream(t, doc, "x")
-	wantKeys := []string{"b_frames", "bytes", "hops", "local", "name", "origin", "packets", "subscribers", "tracks", "viewers"}
+	wantKeys := []string{"b_frames", "bytes", "bytes_out", "hops", "local", "name", "origin", "packets", "packets_out", "subscribers", "tracks", "viewers"}
 	if got := keys(s); !slices.Equal(got, wantKeys) {
 		t.Errorf("announced stream's keys %v, want %v", got, wantKeys)
 	}
@@ -235,7 +235,7 @@ func TestAPIStreamsAndLinks(t *testing.T) {
 	testutil.WaitFor(t, "the viewer to receive packets", func() bool { return v.Count() > 50 })
 
 	s = findStream(t, getJSON(t, b, "/api/v1/streams"), "x")
-	wantKeys = []string{"b_frames", "bytes", "hops", "local", "name", "origin", "packets", "since", "subscribers", "tracks", "viewers"}
+	wantKeys = []string{"b_frames", "bytes", "bytes_out", "hops", "local", "name", "origin", "packets", "packets_out", "since", "subscribers", "tracks", "viewers"}
 	if got := keys(s); !slices.Equal(got, wantKeys) {
 		t.Errorf("flowing stream's keys %v, want %v", got, wantKeys)
 	}
@@ -497,3 +497,78 @@ func TestMetrics(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestStreamSentCounters: what a stream hands to its subscribers at a node
+// (stemflow_stream_sent_*, packets_out/bytes_out) grows with the viewers
+// there: about as fast as what arrives with one WHEP viewer, about twice as
+// fast with two, and the same in /metrics and /api/v1/streams.
+func TestStreamSentCounters(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 120*time.Second)
+	a, b := startPair(t)
+	publish(t, a, "x")
+	testutil.WaitFor(t, "x to be announced at b", func() bool {
+		s := findStream(t, getJSON(t, b, "/api/v1/streams"), "x")
+		return s != nil
+	})
+	// in and out of x at b, read from /metrics.
+	read := func() (pin, pout, bin, bout float64) {
+		f := scrape(t, b)
+		var ok [4]bool
+		pin, ok[0] = value(f, "stemflow_stream_received_packets_total", "dc", "b", "stream", "x")
+		pout, ok[1] = value(f, "stemflow_stream_sent_packets_total", "dc", "b", "stream", "x")
+		bin, ok[2] = value(f, "stemflow_stream_received_bytes_total", "dc", "b", "stream", "x")
+		bout, ok[3] = value(f, "stemflow_stream_sent_bytes_total", "dc", "b", "stream", "x")
+		if ok != [4]bool{true, true, true, true} {
+			t.Fatalf("x at b: received/sent packets/bytes series present: %v, want all", ok)
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
+	defer cancel()
+	url := "http://" + b.HTTPAddr().String() + "/whep/x"
+	v1, err := rtctest.View(ctx, rtctest.NewEngine(t), url, rtctest.ViewOptions{CountOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v1.Close()
+	testutil.WaitFor(t, "the first viewer to receive packets", func() bool { return v1.Count() > 50 })
+	pin0, pout0, bin0, bout0 := read()
+	testutil.WaitFor(t, "x to flow on at b", func() bool { pin, _, _, _ := read(); return pin > pin0+150 })
+	pin1, pout1, bin1, bout1 := read()
+	if pout1 <= pout0 || bout1 <= bout0 {
+		t.Errorf("one viewer: sent packets %v → %v, bytes %v → %v: want growing", pout0, pout1, bout0, bout1)
+	}
+	if pin1 < pout1 || bin1 < bout1 {
+		t.Errorf("one viewer: received %v packets (%v bytes), sent %v (%v bytes): want received ≥ sent", pin1, bin1, pout1, bout1)
+	}
+	if r := (pout1 - pout0) / (pin1 - pin0); r < 0.9 || r > 1.1 {
+		t.Errorf("one viewer: sent/received packets over %v received = %.2f, want about 1", pin1-pin0, r)
+	}
+	if r := (bout1 - bout0) / (bin1 - bin0); r < 0.9 || r > 1.1 {
+		t.Errorf("one viewer: sent/received bytes over %v received = %.2f, want about 1", bin1-bin0, r)
+	}
+
+	v2, err := rtctest.View(ctx, rtctest.NewEngine(t), url, rtctest.ViewOptions{CountOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v2.Close()
+	testutil.WaitFor(t, "the second viewer to receive packets", func() bool { return v2.Count() > 50 })
+	pin2, pout2, bin2, bout2 := read()
+	testutil.WaitFor(t, "x to flow on at b", func() bool { pin, _, _, _ := read(); return pin > pin2+150 })
+	pin3, pout3, bin3, bout3 := read()
+	if r := (pout3 - pout2) / (pin3 - pin2); r < 1.8 || r > 2.2 {
+		t.Errorf("two viewers: sent/received packets over %v received = %.2f, want about 2", pin3-pin2, r)
+	}
+	if r := (bout3 - bout2) / (bin3 - bin2); r < 1.8 || r > 2.2 {
+		t.Errorf("two viewers: sent/received bytes over %v received = %.2f, want about 2", bin3-bin2, r)
+	}
+
+	s := findStream(t, getJSON(t, b, "/api/v1/streams"), "x")
+	po, _ := s["packets_out"].(float64)
+	bo, _ := s["bytes_out"].(float64)
+	if po < pout3 || bo < bout3 {
+		t.Errorf("/api/v1/streams x at b: packets_out %v, bytes_out %v (keys %v), want ≥ %v and %v as /metrics said before", s["packets_out"], s["bytes_out"], keys(s), pout3, bout3)
+	}
+}

@@ -83,6 +83,15 @@ func TestFanOutDoesNotAllocate(t *testing.T) {
 	if allocs > limit {
 		t.Fatalf("fan-out to 6 subscribers allocates %v times per 3 packets, want at most %v", allocs, limit)
 	}
+	// Every packet was counted once per subscriber (none had a GOP to
+	// replay: they joined before the first packet).
+	st := pub.Stream()
+	if got, want := st.sentPackets.Load(), 6*st.packets.Load(); got != want {
+		t.Errorf("sent packets %d, want 6 × %d received", got, st.packets.Load())
+	}
+	if got, want := st.sentBytes.Load(), 6*st.bytes.Load(); got != want {
+		t.Errorf("sent bytes %d, want 6 × %d received", got, st.bytes.Load())
+	}
 	if plain == 0 || conn.sent < 3000 {
 		t.Fatalf("the plain subscriber got %d bytes, the link sent %d datagrams", plain, conn.sent)
 	}

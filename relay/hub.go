@@ -260,6 +260,13 @@ type StreamInfo struct {
 	// this node since Since: from its publisher, or from upstream.
 	Packets uint64
 	Bytes   uint64
+	// SentPackets and SentBytes count what the stream handed to its
+	// subscribers at this node since Since, taps left out: each packet once
+	// per local viewer (a WHEP viewer, or this node's RTSP server, which
+	// shares one subscription among its readers) and once per downstream
+	// datacenter, the GOP cache replayed to a joining subscriber included.
+	SentPackets uint64
+	SentBytes   uint64
 	// BFrames is true when the stream's H264 video has B-frames, which
 	// browsers do not play over WebRTC (see FlagBFrames).
 	BFrames bool
@@ -284,7 +291,8 @@ func (h *Hub) Streams() []StreamInfo {
 	h.mu.Unlock()
 	for _, s := range local {
 		info := StreamInfo{Name: s.name, Origin: s.origin, Local: true, Subscribers: s.subscriberCount(),
-			Hops: s.hops, Since: s.since, Packets: s.packets.Load(), Bytes: s.bytes.Load(), BFrames: s.Flags()&FlagBFrames != 0}
+			Hops: s.hops, Since: s.since, Packets: s.packets.Load(), Bytes: s.bytes.Load(),
+			SentPackets: s.sentPackets.Load(), SentBytes: s.sentBytes.Load(), BFrames: s.Flags()&FlagBFrames != 0}
 		select {
 		case <-s.ready:
 			info.Tracks = append(info.Tracks, s.desc.Tracks...)

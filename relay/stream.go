@@ -48,16 +48,21 @@ type Stream struct {
 	linger    *time.Timer // stops a relayed stream nobody is interested in
 	lingerGen uint64      // bumped whenever linger is stopped or replaced
 
-	packets    atomic.Uint64
-	bytes      atomic.Uint64
-	lastKeyReq atomic.Int64 // when a keyframe request last went to the source, Unix ns
+	packets atomic.Uint64
+	bytes   atomic.Uint64
+	// sentPackets and sentBytes count what the stream handed to its
+	// subscribers that are not taps: each packet once per subscriber, the
+	// GOP replayed to a joining one included.
+	sentPackets atomic.Uint64
+	sentBytes   atomic.Uint64
+	lastKeyReq  atomic.Int64 // when a keyframe request last went to the source, Unix ns
 
 	flags        atomic.Uint32 // Flags; see flags.go
 	flagsMu      sync.Mutex    // guards flagsChanged
 	flagsChanged chan struct{} // closed when flags change; nil until watched
 
 	// subs is read lock-free by the fan-out; written under mu.
-	subs atomic.Pointer[[]*Subscription]
+	subs atomic.Pointer[subList]
 
 	mu      sync.Mutex // guards the following fields, and writes of subs
 	gop     GOPCache
@@ -129,7 +134,11 @@ func (s *Stream) writePacket(p *Packet) {
 	subs := s.subs.Load()
 	s.mu.Unlock()
 	if subs != nil {
-		for _, ss := range *subs {
+		if n := uint64(subs.counted); n > 0 {
+			s.sentPackets.Add(n)
+			s.sentBytes.Add(n * uint64(len(p.Data)))
+		}
+		for _, ss := range subs.subs {
 			ss.deliver(shared, p)
 		}
 	}
@@ -174,6 +183,7 @@ func (s *Stream) localLocked() bool {
 func (s *Stream) attach(sub Subscriber) *Subscription {
 	ss := &Subscription{s: s, sub: sub}
 	ss.bw, _ = sub.(BufferWriter)
+	_, ss.tap = sub.(Tap)
 	if _, ss.deferred = sub.(DeferredSubscriber); ss.deferred {
 		s.mu.Lock()
 		s.pending = append(s.pending, ss)
@@ -189,6 +199,7 @@ func (s *Stream) attach(sub Subscriber) *Subscription {
 	}
 	s.setSubsLocked(append(s.subsSnapshot(), ss))
 	s.mu.Unlock()
+	ss.countSent(replay)
 	for _, b := range replay {
 		switch {
 		case ss.closed.Load():
@@ -219,18 +230,47 @@ func (s *Stream) detach(ss *Subscription) {
 	s.hub.release(s)
 }
 
+// subList is one version of the attached subscriptions, replaced whole
+// (copy on write) so that the fan-out reads it without a lock.
+type subList struct {
+	subs    []*Subscription
+	counted int // how many of subs are not taps: what sentPackets counts
+}
+
 // subsSnapshot returns the attached subscriptions. The slice is shared:
 // do not modify it.
 func (s *Stream) subsSnapshot() []*Subscription {
 	if p := s.subs.Load(); p != nil {
-		return *p
+		return p.subs
 	}
 	return nil
 }
 
 // setSubsLocked replaces the subscriber list; the fan-out may still be
 // reading the old one.
-func (s *Stream) setSubsLocked(subs []*Subscription) { s.subs.Store(&subs) }
+func (s *Stream) setSubsLocked(subs []*Subscription) {
+	l := &subList{subs: subs}
+	for _, ss := range subs {
+		if !ss.tap {
+			l.counted++
+		}
+	}
+	s.subs.Store(l)
+}
+
+// countSent counts a GOP replay handed to the subscriber in the stream's
+// sent counters.
+func (ss *Subscription) countSent(replay []*Buffer) {
+	if ss.tap || len(replay) == 0 {
+		return
+	}
+	var n uint64
+	for _, b := range replay {
+		n += uint64(len(b.Data()))
+	}
+	ss.s.sentPackets.Add(uint64(len(replay)))
+	ss.s.sentBytes.Add(n)
+}
 
 // subscriberCount counts the subscribers that are not taps, started or not.
 func (s *Stream) subscriberCount() int {
@@ -239,7 +279,7 @@ func (s *Stream) subscriberCount() int {
 	s.mu.Unlock()
 	n := 0
 	for _, ss := range all {
-		if _, tap := ss.sub.(Tap); !tap {
+		if !ss.tap {
 			n++
 		}
 	}
@@ -263,6 +303,7 @@ type Subscription struct {
 	s      *Stream
 	sub    Subscriber
 	bw     BufferWriter // sub, when it takes shared buffers
+	tap    bool         // sub is a Tap: left out of counts
 	closed atomic.Bool
 
 	deferred bool // guarded by s.mu: a DeferredSubscriber not yet started
@@ -308,10 +349,12 @@ func (ss *Subscription) Start(gop []*Buffer) []*Buffer {
 	}
 	ss.deferred = false
 	s.pending = slices.Delete(s.pending, i, i+1)
+	n := len(gop)
 	for _, b := range s.gop.Packets() {
 		b.Retain()
 		gop = append(gop, b)
 	}
+	ss.countSent(gop[n:])
 	s.setSubsLocked(append(s.subsSnapshot(), ss))
 	return gop
 }
