@@ -1,4 +1,4 @@
-// The command line: dev, node, certs and version. Only cmd/stemflow prints
+// The command line: dev, node, certs, etcd and version. Only cmd/stemflow prints
 // to the terminal.
 
 package main
@@ -30,6 +30,7 @@ Usage:
   stemflow dev     [flags]   run several datacenters in one process on loopback
   stemflow node    --config FILE   run one node of a real deployment
   stemflow certs   --dcs a,b,c --out DIR   make a cluster CA and node certificates
+  stemflow etcd    --name m1 --data-dir DIR [flags]   run one etcd member (small deployments)
   stemflow version           print the version
 
 Run 'stemflow COMMAND --help' for a command's flags.
@@ -49,6 +50,8 @@ func runCLI(args []string, stdout, stderr io.Writer) int {
 		err = runNode(args[1:], stderr)
 	case "certs":
 		err = runCerts(args[1:], stdout, stderr)
+	case "etcd":
+		err = runEtcd(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "stemflow", Version)
 	case "help", "--help", "-help", "-h":
