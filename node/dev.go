@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"syscall"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/etcdembed"
 	"github.com/stemflow/stemflow/relay"
 	"github.com/stemflow/stemflow/topology"
 )
@@ -32,7 +34,12 @@ type DevConfig struct {
 	FreePorts bool
 	// PublishToken, when set, is required of WHIP publishers.
 	PublishToken string
-	Logger       *slog.Logger
+	// EtcdDataDir (--data-dir) is where the cluster's embedded etcd member
+	// keeps the control plane's state; empty means a temporary directory
+	// removed at Close. The member listens on two free ports of Bind;
+	// Cluster.EtcdURL reports its client URL.
+	EtcdDataDir string
+	Logger      *slog.Logger
 }
 
 // Dev port layout: RTP over UDP starts this far above the base RTSP port.
@@ -114,16 +121,73 @@ func span(first, last int) string {
 type Cluster struct {
 	cfg   DevConfig
 	Nodes []*Node
+
+	etcd    *etcdembed.Server
+	etcdTmp string // the member's temporary data directory, if any
 }
 
 // StartDev starts the datacenters of a development cluster linked in a
-// static chain (a–b–c), with certificates from a CA made in memory, and
-// returns once every node serves HTTP and every overlay link is up.
+// static chain (a–b–c), with certificates from a CA made in memory, and an
+// embedded etcd member for the control plane (started beside the nodes, so
+// it adds little to the start-up), and returns once every node serves
+// HTTP, every overlay link is up and etcd serves.
 func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	type etcdResult struct {
+		srv *etcdembed.Server
+		tmp string
+		err error
+	}
+	etcdCh := make(chan etcdResult, 1)
+	go func() {
+		srv, tmp, err := startDevEtcd(ctx, cfg)
+		etcdCh <- etcdResult{srv, tmp, err}
+	}()
+	c, err := startChain(ctx, cfg)
+	r := <-etcdCh
+	if err == nil && r.err != nil {
+		c.Close()
+		c, err = nil, r.err
+	}
+	if err != nil {
+		if r.srv != nil {
+			r.srv.Close()
+		}
+		if r.tmp != "" {
+			os.RemoveAll(r.tmp)
+		}
+		return nil, err
+	}
+	c.etcd, c.etcdTmp = r.srv, r.tmp
+	return c, nil
+}
+
+// startDevEtcd starts the cluster's etcd member.
+func startDevEtcd(ctx context.Context, cfg DevConfig) (srv *etcdembed.Server, tmp string, err error) {
+	dir := cfg.EtcdDataDir
+	if dir == "" {
+		if tmp, err = os.MkdirTemp("", "stemflow-dev-etcd-"); err != nil {
+			return nil, "", fmt.Errorf("etcd: %w", err)
+		}
+		dir = tmp
+	} else if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, "", fmt.Errorf("--data-dir: %w", err)
+	}
+	srv, err = etcdembed.StartFree(ctx, cfg.Bind, dir)
+	if err != nil {
+		if tmp != "" {
+			os.RemoveAll(tmp)
+		}
+		return nil, "", err
+	}
+	return srv, tmp, nil
+}
+
+// startChain starts the nodes linked in a chain and waits for their links.
+func startChain(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 	ca, err := relay.NewClusterCA()
 	if err != nil {
 		return nil, err
@@ -259,11 +323,28 @@ func (c *Cluster) RTSPURL(i int, stream string) string {
 // Datacenters returns the cluster's datacenter names.
 func (c *Cluster) Datacenters() []string { return c.cfg.DCs }
 
-// Close stops every node.
+// EtcdURL returns the client URL of the cluster's embedded etcd member.
+func (c *Cluster) EtcdURL() string {
+	if c.etcd == nil {
+		return ""
+	}
+	return c.etcd.ClientURL()
+}
+
+// Close stops every node, then the etcd member (removing its data unless
+// it lives in EtcdDataDir).
 func (c *Cluster) Close() {
 	for _, n := range c.Nodes {
 		if n != nil {
 			n.Close()
 		}
+	}
+	if c.etcd != nil {
+		c.etcd.Close()
+		c.etcd = nil
+	}
+	if c.etcdTmp != "" {
+		os.RemoveAll(c.etcdTmp)
+		c.etcdTmp = ""
 	}
 }

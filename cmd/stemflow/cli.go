@@ -109,6 +109,7 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	rtspPort := fs.Int("rtsp-port", 8554, "RTSP port of the first datacenter; datacenter i uses port+i")
 	token := fs.String("publish-token", "", "token publishers must present: WHIP as a Bearer token, RTSP as the URL's password (none if empty)")
 	logLevel := fs.String("log", "info", "log level: debug, info, warn, error")
+	dataDir := fs.String("data-dir", "", "directory the embedded etcd member keeps the control plane's state in (default: a temporary one, removed at exit)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -125,6 +126,7 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	cfg := node.DevConfig{
 		DCs: names, Bind: *bind, HTTPPort: *httpPort, RTSPPort: *rtspPort,
 		PublishToken: *token, Logger: node.NewLogger(*logLevel),
+		EtcdDataDir: *dataDir,
 	}
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -173,6 +175,9 @@ Watch it at %[4]s:
   ffplay:  ffplay %[6]s
 Streams: %[5]s/   (ready: GET /healthz on every datacenter)
 `, dcs[0], c.HTTPURL(0), c.RTSPURL(0, "x"), dcs[last], c.HTTPURL(last), c.RTSPURL(last, "x"))
+	if e, ok := c.(interface{ EtcdURL() string }); ok && e.EtcdURL() != "" {
+		fmt.Fprintf(w, "etcd:    %s   (the control plane's state; keys in docs/etcd.md)\n", e.EtcdURL())
+	}
 }
 
 func runNode(args []string, stderr io.Writer) error {

@@ -44,6 +44,10 @@ type Config struct {
 	// UnsafeNoFsync skips fsync: for tests and `stemflow dev` only, where
 	// the data does not outlive the process.
 	UnsafeNoFsync bool
+	// Tick is the raft heartbeat (default 100 ms); the election timeout
+	// is ten ticks. A member alone (StartFree) ticks faster: it elects
+	// itself sooner, and has no peer to time out.
+	Tick time.Duration
 }
 
 func (cfg *Config) setDefaults() {
@@ -165,6 +169,10 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	ec.InitialCluster = cfg.InitialCluster
 	ec.InitialClusterToken = cfg.ClusterToken
 	ec.UnsafeNoFsync = cfg.UnsafeNoFsync
+	if cfg.Tick > 0 {
+		ec.TickMs = uint(max(1, cfg.Tick.Milliseconds()))
+		ec.ElectionMs = 10 * ec.TickMs
+	}
 	ec.LogLevel = "error"
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	// No gRPC gateway (an HTTP/JSON front Stemflow does not use) and only
@@ -217,6 +225,7 @@ func StartFree(ctx context.Context, ip, dir string) (*Server, error) {
 			// A fresh directory per attempt: a failed start may have
 			// bootstrapped a member with the other URLs.
 			Name: "dev", Dir: filepath.Join(dir, fmt.Sprintf("member%d", attempt)), UnsafeNoFsync: true,
+			Tick:      10 * time.Millisecond,
 			ClientURL: "http://" + net.JoinHostPort(ip, fmt.Sprint(ports[0])),
 			PeerURL:   "http://" + net.JoinHostPort(ip, fmt.Sprint(ports[1])),
 		}
