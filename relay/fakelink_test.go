@@ -65,12 +65,15 @@ func newFakeEnd(h *Hub, peer string) *fakeLink {
 func pipeHubs(t testing.TB, a, b *Hub) (ab, ba *fakeLink) {
 	ab, ba = newFakeEnd(a, b.cfg.Datacenter), newFakeEnd(b, a.cfg.Datacenter)
 	ab.remote, ba.remote = ba, ab
+	a.addLink(ab)
+	b.addLink(ba)
+	// Delivery starts once both ends are added, as a quicLink reads its
+	// control stream only after adding itself: a hub ignores messages from
+	// a link it does not have.
 	for _, l := range []*fakeLink{ab, ba} {
 		l.wg.Add(1)
 		go l.deliver()
 	}
-	a.addLink(ab)
-	b.addLink(ba)
 	t.Cleanup(func() {
 		ab.drop(errors.New("test over"))
 		ba.drop(errors.New("test over"))
@@ -130,13 +133,17 @@ func (l *fakeLink) messagesAbout(name string) []string {
 
 func (l *fakeLink) neighbour() string { return l.peer }
 
-func (l *fakeLink) announce(name string, hops []string) {
+func (l *fakeLink) announce(name string, hops []string, flags Flags) {
 	if l.onAnnounce != nil {
 		l.onAnnounce(name, hops)
 	}
-	l.record("announce %s %s", name, strings.Join(hops, ","))
+	if flags != 0 {
+		l.record("announce %s %s flags=%d", name, strings.Join(hops, ","), flags)
+	} else {
+		l.record("announce %s %s", name, strings.Join(hops, ","))
+	}
 	hops = slices.Clone(hops)
-	l.toRemote(func() { l.remote.hub.handleAnnounce(l.remote, name, hops) })
+	l.toRemote(func() { l.remote.hub.handleAnnounce(l.remote, name, hops, flags) })
 }
 
 func (l *fakeLink) unannounce(name string) {

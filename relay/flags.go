@@ -61,5 +61,6 @@ func (p *Publisher) inspect(t *Track, payload []byte) {
 	}
 	if p.s.setFlags(FlagBFrames) {
 		p.s.hub.log.Warn(bFramesAdvice, "stream", p.s.name)
+		p.s.hub.announceFlags(p.s)
 	}
 }

@@ -90,3 +90,61 @@ func TestBFramesFlagCrossesTheOverlay(t *testing.T) {
 		t.Fatalf("a new subscription at c sees flags %v (b lists %+v, c %+v), want b_frames at once", f, listed(b), listed(c))
 	}
 }
+
+// TestBFramesFlagInAnnouncements: datacenters that know a stream only by
+// announcement list its flags too. Stream x with B-frames and stream y
+// without are published at a (a – b – c) and watched nowhere: b and c list
+// x with b_frames and y without, and a flag found after the stream was
+// announced is announced again.
+func TestBFramesFlagInAnnouncements(t *testing.T) {
+	testutil.CheckLeaks(t)
+	hubs := chain(t, "a", "b", "c")
+	a, b, c := hubs[0], hubs[1], hubs[2]
+	find := func(h *Hub, name string) StreamInfo {
+		for _, s := range h.Streams() {
+			if s.Name == name {
+				return s
+			}
+		}
+		return StreamInfo{}
+	}
+	x, err := a.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	y, err := a.Publish("y", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer y.Close()
+	testutil.WaitFor(t, "c learns of x and y", func() bool { return find(c, "x").Name == "x" && find(c, "y").Name == "y" })
+	for i, p := range [][]byte{idrSlice, pSlice, bSlice, pSlice} {
+		x.WriteRTP(0, h264Packet(t, uint16(i), uint32(i)*3000, p))
+	}
+	for i, p := range [][]byte{idrSlice, pSlice, pSlice} {
+		y.WriteRTP(0, h264Packet(t, uint16(i), uint32(i)*3000, p))
+	}
+	if !find(a, "x").BFrames {
+		t.Fatalf("a lists x as %+v, want b_frames", find(a, "x"))
+	}
+	testutil.WaitFor(t, "b and c list x with b_frames", func() bool { return find(b, "x").BFrames && find(c, "x").BFrames })
+	for _, h := range []*Hub{b, c} {
+		if s := find(h, "x"); s.Local {
+			t.Errorf("%s relays x (%+v): nobody watches it", h.Datacenter(), s)
+		}
+		if s := find(h, "y"); s.Name != "y" || s.BFrames || s.Local {
+			t.Errorf("%s lists y as %+v, want known by announcement, without b_frames", h.Datacenter(), s)
+		}
+	}
+
+	// A datacenter linked later learns x's flags with its first
+	// announcement.
+	d := NewHub(Config{Datacenter: "d", Logger: quietLogger()})
+	defer d.Close()
+	pipeHubs(t, c, d)
+	testutil.WaitFor(t, "d lists x with b_frames", func() bool { return find(d, "x").BFrames })
+	if s := find(d, "y"); s.Name != "y" || s.BFrames {
+		t.Errorf("d lists y as %+v, want it without b_frames", s)
+	}
+}

@@ -49,9 +49,9 @@ type Hub struct {
 	// it implies are queued on the links before it is released, so that
 	// they leave in the order of the decisions.
 	mu      sync.Mutex
-	streams map[string]*Stream             // published here or relayed here
-	routes  map[string]map[string][]string // stream → neighbour → announced hops
-	links   map[string]link                // connected neighbours by datacenter name
+	streams map[string]*Stream           // published here or relayed here
+	routes  map[string]map[string]advert // stream → neighbour → what it announced
+	links   map[string]link              // connected neighbours by datacenter name
 	closed  bool
 }
 
@@ -70,7 +70,7 @@ func NewHub(cfg Config) *Hub {
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "relay"),
 		streams: make(map[string]*Stream),
-		routes:  make(map[string]map[string][]string),
+		routes:  make(map[string]map[string]advert),
 		links:   make(map[string]link),
 	}
 }
@@ -114,7 +114,7 @@ func (h *Hub) Publish(name string, desc Description, opts PublishOptions) (*Publ
 	s.src = p
 	s.setReady(desc)
 	h.streams[name] = s
-	h.advertiseLocked(name, nil)
+	h.advertiseLocked(name, advert{})
 	h.mu.Unlock()
 	h.log.Info("stream published", "stream", name, "tracks", len(desc.Tracks))
 	return p, nil
@@ -285,7 +285,8 @@ func (h *Hub) Streams() []StreamInfo {
 	}
 	for name := range h.routes {
 		if r, ok := h.bestRouteLocked(name); ok && !seen[name] {
-			out = append(out, StreamInfo{Name: name, Origin: r.origin, Hops: append(slices.Clone(r.hops), h.cfg.Datacenter)})
+			out = append(out, StreamInfo{Name: name, Origin: r.origin, Hops: append(slices.Clone(r.hops), h.cfg.Datacenter),
+				BFrames: r.flags&FlagBFrames != 0})
 		}
 	}
 	h.mu.Unlock()

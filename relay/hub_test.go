@@ -33,7 +33,7 @@ func TestRelayedStreamNobodyAttachedToIsStopped(t *testing.T) {
 			h := NewHub(Config{Datacenter: "b", Logger: quietLogger(), Linger: 50 * time.Millisecond})
 			defer h.Close()
 			l := newFakeLink(t, h, "a")
-			h.handleAnnounce(l, "x", []string{"a"})
+			h.handleAnnounce(l, "x", []string{"a"}, 0)
 
 			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 			_, err := h.Subscribe(ctx, "x", NewQueue(16))
@@ -68,7 +68,7 @@ func TestWaitingSubscriberKeepsRelayedStream(t *testing.T) {
 	h := NewHub(Config{Datacenter: "b", Logger: quietLogger(), Linger: linger})
 	defer h.Close()
 	l := newFakeLink(t, h, "a")
-	h.handleAnnounce(l, "x", []string{"a"})
+	h.handleAnnounce(l, "x", []string{"a"}, 0)
 
 	type result struct {
 		sub *Subscription
@@ -127,12 +127,12 @@ func TestAnnouncementsKeepStateOrder(t *testing.T) {
 		}},
 		{"upstream unannounces", func(t *testing.T, m *Hub) func() {
 			up := newFakeLink(t, m, "a")
-			m.handleAnnounce(up, "x", []string{"a"})
+			m.handleAnnounce(up, "x", []string{"a"}, 0)
 			return func() { m.handleUnannounce(up, "x") }
 		}},
 		{"upstream link lost", func(t *testing.T, m *Hub) func() {
 			up := newFakeLink(t, m, "a")
-			m.handleAnnounce(up, "x", []string{"a"})
+			m.handleAnnounce(up, "x", []string{"a"}, 0)
 			return func() { up.drop(errors.New("lost")) }
 		}},
 	}
@@ -234,7 +234,7 @@ func TestGivingUpCleansUpEveryHop(t *testing.T) {
 	defer c.Close()
 	up := newFakeLink(t, b, "a") // a never answers b's subscription
 	pipeHubs(t, b, c)
-	b.handleAnnounce(up, "x", []string{"a"})
+	b.handleAnnounce(up, "x", []string{"a"}, 0)
 	testutil.WaitFor(t, "c learns of x", func() bool { return len(c.Streams()) == 1 })
 
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)

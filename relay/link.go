@@ -196,7 +196,7 @@ func (l *quicLink) readControl(br *bufio.Reader) error {
 func (l *quicLink) handleControl(m *controlMsg) {
 	switch m.Type {
 	case msgAnnounce:
-		l.hub.handleAnnounce(l, m.Stream, m.Hops)
+		l.hub.handleAnnounce(l, m.Stream, m.Hops, Flags(m.Flags))
 	case msgUnannounce:
 		l.hub.handleUnannounce(l, m.Stream)
 	case msgSubscribe:
@@ -274,8 +274,8 @@ func (l *quicLink) closeSubscriptions(cause error) {
 
 // announce, unannounce and subscribe implement link for the hub.
 
-func (l *quicLink) announce(name string, hops []string) {
-	l.sendCtl(&controlMsg{Type: msgAnnounce, Stream: name, Hops: hops})
+func (l *quicLink) announce(name string, hops []string, flags Flags) {
+	l.sendCtl(&controlMsg{Type: msgAnnounce, Stream: name, Hops: hops, Flags: uint32(flags)})
 }
 
 func (l *quicLink) unannounce(name string) {

@@ -13,8 +13,10 @@ type link interface {
 	// neighbour is the datacenter at the other end.
 	neighbour() string
 	// announce tells the neighbour that a stream is live; hops is the path
-	// of datacenters from the origin to this node.
-	announce(name string, hops []string)
+	// of datacenters from the origin to this node, flags the stream's Flags
+	// as this node knows them. A stream is announced again when either
+	// changes.
+	announce(name string, hops []string, flags Flags)
 	unannounce(name string)
 	// subscribe asks the neighbour for a stream. The link feeds s (its
 	// description, packets and end) and returns the source to stop it by.
@@ -36,22 +38,34 @@ type route struct {
 	origin string
 	via    string   // the neighbour it was announced by
 	hops   []string // datacenters from the origin to via, both included
+	flags  Flags    // the stream's flags, as via announced them
 }
+
+// advert is what a neighbour announced for a stream, or what this node
+// announces: the path from the origin and the stream's flags. hops is nil
+// when there is nothing to announce.
+type advert struct {
+	hops  []string
+	flags Flags
+}
+
+func (a advert) equal(b advert) bool { return slices.Equal(a.hops, b.hops) && a.flags == b.flags }
 
 // bestRouteLocked returns the best announced route to a stream.
 func (h *Hub) bestRouteLocked(name string) (route, bool) {
 	var best route
 	found := false
-	for via, hops := range h.routes[name] {
-		if !found || len(hops) < len(best.hops) || len(hops) == len(best.hops) && via < best.via {
-			best, found = route{origin: hops[0], via: via, hops: hops}, true
+	for via, ad := range h.routes[name] {
+		if hops := ad.hops; !found || len(hops) < len(best.hops) || len(hops) == len(best.hops) && via < best.via {
+			best, found = route{origin: hops[0], via: via, hops: hops, flags: ad.flags}, true
 		}
 	}
 	return best, found
 }
 
-// handleAnnounce records that neighbour l can reach a stream.
-func (h *Hub) handleAnnounce(l link, name string, hops []string) {
+// handleAnnounce records that neighbour l can reach a stream, and the
+// stream's flags as l knows them.
+func (h *Hub) handleAnnounce(l link, name string, hops []string, flags Flags) {
 	peer := l.neighbour()
 	if ValidateStreamName(name) != nil || len(hops) == 0 || hops[len(hops)-1] != peer ||
 		slices.Contains(hops, h.cfg.Datacenter) {
@@ -64,9 +78,9 @@ func (h *Hub) handleAnnounce(l link, name string, hops []string) {
 	}
 	before := h.advertLocked(name)
 	if h.routes[name] == nil {
-		h.routes[name] = make(map[string][]string)
+		h.routes[name] = make(map[string]advert)
 	}
-	h.routes[name][peer] = slices.Clone(hops)
+	h.routes[name][peer] = advert{hops: slices.Clone(hops), flags: flags}
 	h.advertiseLocked(name, before)
 }
 
@@ -89,17 +103,33 @@ func (h *Hub) deleteRouteLocked(name, via string) {
 	}
 }
 
-// advertLocked returns the hops this node announces for a stream (the path
-// from its origin to this node), or nil: its own streams, else the best
-// route.
-func (h *Hub) advertLocked(name string) []string {
+// advertLocked returns what this node announces for a stream (the path
+// from its origin to this node and the stream's flags), or an advert
+// without hops: its own streams, with the flags the hub last took from the
+// stream (announcedFlags), else the best route.
+func (h *Hub) advertLocked(name string) advert {
 	if s, ok := h.streams[name]; ok && s.localLocked() {
-		return []string{h.cfg.Datacenter}
+		return advert{hops: []string{h.cfg.Datacenter}, flags: s.announcedFlags}
 	}
 	if r, ok := h.bestRouteLocked(name); ok {
-		return append(slices.Clone(r.hops), h.cfg.Datacenter)
+		return advert{hops: append(slices.Clone(r.hops), h.cfg.Datacenter), flags: r.flags}
 	}
-	return nil
+	return advert{}
+}
+
+// announceFlags announces a stream published here again when its flags
+// changed (a B slice found at ingest), so that datacenters that know it
+// only by announcement list them too. Relayed streams carry the flags of
+// the route they came by, which their upstream announces.
+func (h *Hub) announceFlags(s *Stream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.streams[s.name] != s || !s.localLocked() {
+		return
+	}
+	before := h.advertLocked(s.name)
+	s.announcedFlags = s.Flags()
+	h.advertiseLocked(s.name, before)
 }
 
 // advertiseLocked tells every neighbour what changed in what this node
@@ -107,15 +137,15 @@ func (h *Hub) advertLocked(name string) []string {
 // change) to now. Holding h.mu across the change and the queueing of the
 // messages keeps each link's messages in the order of the state changes:
 // an unannounce never overtakes the announce it undoes.
-func (h *Hub) advertiseLocked(name string, before []string) {
+func (h *Hub) advertiseLocked(name string, before advert) {
 	after := h.advertLocked(name)
-	if slices.Equal(before, after) {
+	if before.equal(after) {
 		return
 	}
 	for peer, l := range h.links {
-		if mayAnnounce(after, peer) {
-			l.announce(name, after)
-		} else if mayAnnounce(before, peer) {
+		if mayAnnounce(after.hops, peer) {
+			l.announce(name, after.hops, after.flags)
+		} else if mayAnnounce(before.hops, peer) {
 			l.unannounce(name)
 		}
 	}
@@ -162,8 +192,8 @@ func (h *Hub) addLink(l link) {
 	}
 	slices.Sort(names)
 	for _, name := range names {
-		if hops := h.advertLocked(name); mayAnnounce(hops, peer) {
-			l.announce(name, hops)
+		if ad := h.advertLocked(name); mayAnnounce(ad.hops, peer) {
+			l.announce(name, ad.hops, ad.flags)
 		}
 	}
 	h.mu.Unlock()

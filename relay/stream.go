@@ -47,6 +47,9 @@ type Stream struct {
 	interest  int         // acquire calls not released: Subscribes waiting or attached
 	linger    *time.Timer // stops a relayed stream nobody is interested in
 	lingerGen uint64      // bumped whenever linger is stopped or replaced
+	// announcedFlags are the flags the hub announces for a stream
+	// published here: Flags as the hub last took them (announceFlags).
+	announcedFlags Flags
 
 	packets atomic.Uint64
 	bytes   atomic.Uint64

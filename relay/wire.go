@@ -32,7 +32,8 @@ import (
 //
 // Control messages travel on one reliable bidirectional QUIC stream per link,
 // each framed as a uvarint length, a type byte and a body of uvarints and
-// uvarint-prefixed strings.
+// uvarint-prefixed strings. An announce ends with the stream's flags only
+// when they are not 0, so that it reads as it did before flags were added.
 
 const (
 	wireVersion = 1
@@ -148,7 +149,7 @@ type controlMsg struct {
 	Code       uint64   // subscribe error
 	Reason     string   // subscribe error, stream end
 	Desc       Description
-	Flags      uint32 // subscribe ok, stream flags: the stream's Flags
+	Flags      uint32 // announce, subscribe ok, stream flags: the stream's Flags
 }
 
 func appendString(b []byte, s string) []byte {
@@ -168,6 +169,11 @@ func appendControl(b []byte, m *controlMsg) []byte {
 		body = binary.AppendUvarint(body, uint64(len(m.Hops)))
 		for _, h := range m.Hops {
 			body = appendString(body, h)
+		}
+		if m.Flags != 0 {
+			// Optional: an announce without flags is what nodes that
+			// predate them send and accept.
+			body = binary.AppendUvarint(body, uint64(m.Flags))
 		}
 	case msgUnannounce:
 		body = appendString(body, m.Stream)
@@ -277,6 +283,9 @@ func parseControl(body []byte) (*controlMsg, error) {
 		}
 		for i := uint64(0); i < n && d.err == nil; i++ {
 			m.Hops = append(m.Hops, d.string(128))
+		}
+		if d.err == nil && len(d.b) > 0 {
+			m.Flags = d.uint32()
 		}
 	case msgUnannounce:
 		m.Stream = d.string(128)

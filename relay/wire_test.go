@@ -12,6 +12,7 @@ import (
 var sampleControl = []controlMsg{
 	{Type: msgHello, Version: wireVersion, Datacenter: "a"},
 	{Type: msgAnnounce, Stream: "x", Hops: []string{"a", "b"}},
+	{Type: msgAnnounce, Stream: "y", Hops: []string{"a"}, Flags: uint32(FlagBFrames)},
 	{Type: msgUnannounce, Stream: "x"},
 	{Type: msgSubscribe, SubID: 7, Stream: "x"},
 	{Type: msgSubscribeOK, SubID: 7, Desc: h264Desc},
@@ -40,6 +41,25 @@ func TestControlRoundTrip(t *testing.T) {
 	}
 }
 
+// TestAnnounceFlagsAreOptional: an announce of a stream without flags is
+// encoded as before flags were added to it, byte for byte, and one without
+// the flags field parses as flags 0, so nodes of this wire version that
+// predate the field and newer ones agree on every stream without flags.
+func TestAnnounceFlagsAreOptional(t *testing.T) {
+	old := []byte{msgAnnounce, 1, 'x', 2, 1, 'a', 1, 'b'} // stream x, hops a,b
+	if got := appendControl(nil, &controlMsg{Type: msgAnnounce, Stream: "x", Hops: []string{"a", "b"}}); !bytes.Equal(got[1:], old) {
+		t.Errorf("announce without flags encodes as %v, want %v", got[1:], old)
+	}
+	m, err := parseControl(old)
+	if err != nil || m.Flags != 0 || m.Stream != "x" || len(m.Hops) != 2 {
+		t.Errorf("parseControl(%v) = %+v, %v; want x over a,b without flags", old, m, err)
+	}
+	withFlags := append(old, byte(FlagBFrames))
+	if m, err := parseControl(withFlags); err != nil || Flags(m.Flags) != FlagBFrames {
+		t.Errorf("parseControl(%v) = %+v, %v; want flags %v", withFlags, m, err, FlagBFrames)
+	}
+}
+
 func TestControlRejectsGarbage(t *testing.T) {
 	for _, body := range [][]byte{
 		{},                        // no type
@@ -48,10 +68,12 @@ func TestControlRejectsGarbage(t *testing.T) {
 		{msgSubscribe, 1, 5, 'x'}, // truncated string
 		{msgUnsubscribe, 1, 0},    // trailing byte
 		{msgStreamFlags, 1},       // no flags
-		{msgStreamFlags, 1, 0x80, 0x80, 0x80, 0x80, 0x10},    // flags over 32 bits
-		{msgSubscribeOK, 1, 9},                               // too many tracks
-		{msgAnnounce, 1, 'x', 65},                            // too many hops
-		{msgSubscribe, 0x80, 0x80, 0x80, 0x80, 0x10, 1, 'x'}, // id over 32 bits
+		{msgStreamFlags, 1, 0x80, 0x80, 0x80, 0x80, 0x10},              // flags over 32 bits
+		{msgSubscribeOK, 1, 9},                                         // too many tracks
+		{msgAnnounce, 1, 'x', 65},                                      // too many hops
+		{msgAnnounce, 1, 'x', 1, 1, 'a', 0x80, 0x80, 0x80, 0x80, 0x10}, // flags over 32 bits
+		{msgAnnounce, 1, 'x', 1, 1, 'a', 1, 0},                         // trailing byte after the flags
+		{msgSubscribe, 0x80, 0x80, 0x80, 0x80, 0x10, 1, 'x'},           // id over 32 bits
 	} {
 		if m, err := parseControl(body); err == nil {
 			t.Errorf("parseControl(%v) = %+v, want an error", body, m)
