@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -213,7 +214,8 @@ func vmRSS(b *testing.B) int64 {
 // use, the goroutine stacks and the goroutines. -v logs how the RSS splits.
 // The per-viewer memory includes what the first viewer costs once (the
 // stream's retransmission cache, ~0.5 MB per video track, code paged in), so
-// it is higher at small N. Run with -benchtime=1x.
+// it is higher at small N. The server runs with the node's GC target
+// (benchGCPercent). Run with -benchtime=1x.
 func BenchmarkFanout(b *testing.B) {
 	for _, tc := range []struct {
 		name    string
@@ -229,7 +231,15 @@ func BenchmarkFanout(b *testing.B) {
 	}
 }
 
+// benchGCPercent is the GC target cmd/stemflow gives a node (its
+// gcPercent); GOGC in the environment overrides it, e.g. GOGC=100 for Go's
+// default.
+const benchGCPercent = 25
+
 func fanout(b *testing.B, n int, udpMux bool) {
+	if os.Getenv("GOGC") == "" {
+		defer debug.SetGCPercent(debug.SetGCPercent(benchGCPercent))
+	}
 	quietLog := rtctest.Quiet
 	hub := relay.NewHub(relay.Config{Datacenter: "a", Logger: quietLog})
 	defer hub.Close()
