@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -31,6 +32,27 @@ type Candidate struct {
 	mu      sync.Mutex // guards the following fields
 	leading bool
 	changed chan struct{} // closed and replaced when leading changes
+	// key and rev identify the term's leader key while leading.
+	key string
+	rev int64
+}
+
+// ErrNotLeader is returned by Candidate.PutRoute when the candidate does not
+// lead (any more).
+var ErrNotLeader = errors.New("this manager does not lead")
+
+// PutRoute is Store.PutRoute fenced by leadership: the route is written in
+// one transaction with a check that this candidate's leader key still
+// exists, so a deposed manager that has not noticed yet (its session
+// expired while it was cut off) cannot overwrite its successor's routes.
+func (c *Candidate) PutRoute(ctx context.Context, rt Route) error {
+	c.mu.Lock()
+	leading, key, rev := c.leading, c.key, c.rev
+	c.mu.Unlock()
+	if !leading {
+		return fmt.Errorf("store: route of %q not written by manager %s: %w", rt.Stream, c.id, ErrNotLeader)
+	}
+	return c.s.putRoute(ctx, rt, key, rev)
 }
 
 // Campaign starts a candidate named id (the datacenter whose manager it
@@ -57,9 +79,10 @@ func (c *Candidate) Leading() (bool, <-chan struct{}) {
 	return c.leading, c.changed
 }
 
-func (c *Candidate) setLeading(v bool) {
+func (c *Candidate) setLeading(v bool, key string, rev int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.key, c.rev = key, rev
 	if c.leading != v {
 		c.leading = v
 		close(c.changed)
@@ -122,8 +145,8 @@ func (c *Candidate) term() error {
 	if err := el.Campaign(campCtx, c.id); err != nil {
 		return err
 	}
-	c.setLeading(true)
-	defer c.setLeading(false)
+	c.setLeading(true, el.Key(), el.Rev())
+	defer c.setLeading(false, "", 0)
 	select {
 	case <-sess.Done():
 		return fmt.Errorf("store: manager %s lost its election session", c.id)

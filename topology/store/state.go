@@ -267,6 +267,12 @@ var ErrStaleRoute = errors.New("route version not above the stored one")
 // route's (compare-and-swap on the key's revision, so two writers cannot
 // both replace one version).
 func (s *Store) PutRoute(ctx context.Context, rt Route) error {
+	return s.putRoute(ctx, rt, "", 0)
+}
+
+// putRoute is PutRoute, fenced by a leader key when leaderKey is set: the
+// write happens only while that key exists with that create revision.
+func (s *Store) putRoute(ctx context.Context, rt Route, leaderKey string, leaderRev int64) error {
 	if err := checkName("stream", rt.Stream); err != nil {
 		return err
 	}
@@ -291,15 +297,24 @@ func (s *Store) PutRoute(ctx context.Context, rt Route) error {
 			}
 			modRev = cur.Kvs[0].ModRevision
 		}
-		resp, err := s.cli.Txn(ctx).
-			If(clientv3.Compare(clientv3.ModRevision(key), "=", modRev)).
-			Then(clientv3.OpPut(key, string(val))).
-			Commit()
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", modRev)}
+		var orElse []clientv3.Op
+		if leaderKey != "" {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(leaderKey), "=", leaderRev))
+			orElse = append(orElse, clientv3.OpGet(leaderKey))
+		}
+		resp, err := s.cli.Txn(ctx).If(cmps...).Then(clientv3.OpPut(key, string(val))).Else(orElse...).Commit()
 		if err != nil {
 			return fmt.Errorf("store: writing route of %q: %w", rt.Stream, err)
 		}
 		if resp.Succeeded {
 			return nil
+		}
+		if leaderKey != "" {
+			kvs := resp.Responses[0].GetResponseRange().Kvs
+			if len(kvs) == 0 || kvs[0].CreateRevision != leaderRev {
+				return fmt.Errorf("store: route of %q not written: %w", rt.Stream, ErrNotLeader)
+			}
 		}
 		// Another writer came between the read and the write: look again.
 	}

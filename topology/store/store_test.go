@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/stemflow/stemflow/internal/etcdembed"
 	"github.com/stemflow/stemflow/internal/testutil"
 	"github.com/stemflow/stemflow/topology/store"
@@ -320,4 +322,53 @@ func TestElectionFailover(t *testing.T) {
 	resigned := time.Now()
 	testutil.WaitForWithin(t, ttl/2, "c to lead after b resigned", func() bool { l, _ := cc.Leading(); return l })
 	t.Logf("c leads %v after b resigned", time.Since(resigned).Round(10*time.Millisecond))
+}
+
+// TestFencedRoutes: only the leading manager writes routes. A manager whose
+// leadership ended without it noticing (its leader key gone, as when its
+// session expired while it was cut off) is refused, and the route stays
+// its successor's.
+func TestFencedRoutes(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	sa, sb := open(t), open(t)
+	ca, err := sa.Campaign("a", 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ca.Close)
+	testutil.WaitFor(t, "a to lead", func() bool { l, _ := ca.Leading(); return l })
+	cb, err := sb.Campaign("b", 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cb.Close)
+	ctx := ctxT(t)
+	if err := ca.PutRoute(ctx, store.Route{Stream: "x", Version: 1, Origin: "a"}); err != nil {
+		t.Fatalf("the leader's route write: %v", err)
+	}
+	if err := cb.PutRoute(ctx, store.Route{Stream: "x", Version: 2, Origin: "b"}); !errors.Is(err, store.ErrNotLeader) {
+		t.Fatalf("a standby's route write returned %v, want ErrNotLeader", err)
+	}
+	// Take a's leader key away behind its back.
+	resp, err := sa.Client().Get(ctx, sa.ElectionPrefix()+"/", clientv3.WithFirstCreate()...)
+	if err != nil || len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "a" {
+		t.Fatalf("leader key: %v, %v", resp, err)
+	}
+	if _, err := sa.Client().Delete(ctx, string(resp.Kvs[0].Key)); err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := ca.Leading(); !l {
+		t.Fatal("a noticed the deletion; the test needs a deposed leader that has not")
+	}
+	if err := ca.PutRoute(ctx, store.Route{Stream: "x", Version: 5, Origin: "a"}); !errors.Is(err, store.ErrNotLeader) {
+		t.Fatalf("a deposed leader's route write returned %v, want ErrNotLeader", err)
+	}
+	testutil.WaitFor(t, "b to lead", func() bool { l, _ := cb.Leading(); return l })
+	if err := cb.PutRoute(ctx, store.Route{Stream: "x", Version: 2, Origin: "b"}); err != nil {
+		t.Fatalf("the new leader's route write: %v", err)
+	}
+	if rt, ok, err := sb.GetRoute(ctx, "x"); err != nil || !ok || rt.Version != 2 || rt.Origin != "b" {
+		t.Fatalf("route %+v ok=%v err=%v, want b's version 2", rt, ok, err)
+	}
 }
