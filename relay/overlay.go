@@ -22,6 +22,9 @@ type OverlayConfig struct {
 	// Listen is the UDP address the node's QUIC endpoint binds, for
 	// accepting links and dialing them ("127.0.0.1:0" picks a port).
 	Listen string
+	// Conn, when set, is used instead of binding Listen, e.g. the WAN lab's
+	// netem.Conn. The caller owns it: Close leaves it open.
+	Conn net.PacketConn
 	// Neighbours maps neighbour datacenter names to their overlay addresses.
 	// A node dials the neighbours whose names sort after its own and accepts
 	// the others, so each pair gets exactly one connection; the address of a
@@ -40,6 +43,7 @@ type Overlay struct {
 	log *slog.Logger
 	tr  *quic.Transport
 	ln  *quic.Listener
+	own net.PacketConn // the socket bound for Listen, closed by Close; nil with cfg.Conn
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -104,22 +108,28 @@ func StartOverlay(h *Hub, cfg OverlayConfig) (*Overlay, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = h.cfg.Logger
 	}
-	addr, err := net.ResolveUDPAddr("udp", cfg.Listen)
-	if err != nil {
-		return nil, fmt.Errorf("overlay listen address %q: %w", cfg.Listen, err)
+	conn, own := cfg.Conn, net.PacketConn(nil)
+	if conn == nil {
+		addr, err := net.ResolveUDPAddr("udp", cfg.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("overlay listen address %q: %w", cfg.Listen, err)
+		}
+		udp, err := net.ListenUDP("udp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("overlay: %w", err)
+		}
+		conn, own = udp, udp
 	}
-	udp, err := net.ListenUDP("udp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("overlay: %w", err)
-	}
-	tr := &quic.Transport{Conn: udp}
+	tr := &quic.Transport{Conn: conn}
 	ln, err := tr.Listen(cfg.Identity.serverConfig(), quicConfig())
 	if err != nil {
-		udp.Close()
+		if own != nil {
+			own.Close()
+		}
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	o := &Overlay{hub: h, cfg: cfg, log: cfg.Logger.With("component", "overlay"), tr: tr, ln: ln, ctx: ctx, cancel: cancel}
+	o := &Overlay{hub: h, cfg: cfg, log: cfg.Logger.With("component", "overlay"), tr: tr, ln: ln, own: own, ctx: ctx, cancel: cancel}
 	o.wg.Add(1)
 	go o.accept()
 	names := make([]string, 0, len(cfg.Neighbours))
@@ -139,12 +149,16 @@ func StartOverlay(h *Hub, cfg OverlayConfig) (*Overlay, error) {
 // Addr returns the UDP address of the node's QUIC endpoint.
 func (o *Overlay) Addr() net.Addr { return o.tr.Conn.LocalAddr() }
 
-// Close closes every link and the endpoint.
+// Close closes every link and the endpoint, and the socket it bound for
+// Listen (quic-go leaves a Transport's Conn open).
 func (o *Overlay) Close() {
 	o.cancel()
 	o.ln.Close()
 	o.wg.Wait()
 	o.tr.Close()
+	if o.own != nil {
+		o.own.Close()
+	}
 }
 
 func (o *Overlay) accept() {
