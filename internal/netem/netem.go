@@ -16,6 +16,8 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -70,6 +72,9 @@ func (im Impairment) queueBytes() int {
 // Stats counts what a Conn did to the packets it sent.
 type Stats struct {
 	Sent, Lost, QueueDropped, DownDropped uint64
+	// DeadDropped counts the packets sent and received while the Conn was
+	// dead (see SetDead).
+	DeadDropped uint64
 }
 
 // Conn is a net.PacketConn whose sends are impaired per destination. Reads
@@ -80,6 +85,7 @@ type Conn struct {
 	wake chan struct{}
 	done chan struct{}
 	wg   sync.WaitGroup
+	dead atomic.Bool
 
 	mu      sync.Mutex // guards the following fields
 	links   map[netip.AddrPort]*link
@@ -133,6 +139,67 @@ func (c *Conn) Set(dst netip.AddrPort, im Impairment) error {
 	return nil
 }
 
+// SetDead makes the Conn drop everything it is asked to send and everything
+// it receives (and the packets still waiting for their time), as the network
+// does to a host whose process died; false brings it back. A node killed in
+// the WAN lab goes dead before it closes, so that no goodbye reaches its
+// peers and they notice only by silence.
+func (c *Conn) SetDead(dead bool) {
+	c.dead.Store(dead)
+	if dead {
+		c.mu.Lock()
+		c.stats.DeadDropped += uint64(len(c.pending))
+		c.pending = nil
+		c.mu.Unlock()
+	}
+}
+
+// Dead reports whether SetDead(true) is in force.
+func (c *Conn) Dead() bool { return c.dead.Load() }
+
+// ReadFrom reads the next packet, discarding those that arrive while the
+// Conn is dead.
+func (c *Conn) ReadFrom(p []byte) (int, net.Addr, error) {
+	for {
+		n, addr, err := c.PacketConn.ReadFrom(p)
+		if err != nil || !c.dead.Load() {
+			return n, addr, err
+		}
+		c.mu.Lock()
+		c.stats.DeadDropped++
+		c.mu.Unlock()
+	}
+}
+
+// SetReadBuffer, SetWriteBuffer and SyscallConn reach the wrapped conn, so
+// that quic-go sizes its buffers and sets the don't-fragment bit (which its
+// path-MTU discovery needs) as on a plain UDP socket. quic-go still sends
+// through WriteTo: Conn has no WriteMsgUDP.
+func (c *Conn) SetReadBuffer(bytes int) error {
+	if b, ok := c.PacketConn.(interface{ SetReadBuffer(int) error }); ok {
+		return b.SetReadBuffer(bytes)
+	}
+	return fmt.Errorf("netem: the wrapped %T has no SetReadBuffer", c.PacketConn)
+}
+
+// SetWriteBuffer sets the wrapped conn's send buffer.
+func (c *Conn) SetWriteBuffer(bytes int) error {
+	if b, ok := c.PacketConn.(interface{ SetWriteBuffer(int) error }); ok {
+		return b.SetWriteBuffer(bytes)
+	}
+	return fmt.Errorf("netem: the wrapped %T has no SetWriteBuffer", c.PacketConn)
+}
+
+// SyscallConn returns the wrapped conn's raw socket; it fails when the
+// wrapped conn is not a socket (quic-go then refuses the Conn: wrap a
+// *net.UDPConn).
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	if s, ok := c.PacketConn.(syscall.Conn); ok {
+		return s.SyscallConn()
+	}
+	return nil, fmt.Errorf("netem: the wrapped %T is not a socket", c.PacketConn)
+}
+
 // Stats returns the counters of every destination together.
 func (c *Conn) Stats() Stats {
 	c.mu.Lock()
@@ -147,10 +214,18 @@ func (c *Conn) Stats() Stats {
 func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 	dst, ok := addrPort(addr)
 	if !ok {
+		if c.dead.Load() {
+			return len(p), nil
+		}
 		return c.PacketConn.WriteTo(p, addr)
 	}
 	now := time.Now()
 	c.mu.Lock()
+	if c.dead.Load() {
+		c.stats.DeadDropped++
+		c.mu.Unlock()
+		return len(p), nil
+	}
 	l := c.links[dst]
 	if c.closed || l == nil {
 		c.mu.Unlock()
@@ -225,6 +300,9 @@ func (c *Conn) run() {
 		}
 		c.mu.Unlock()
 		for _, p := range due {
+			if c.dead.Load() {
+				continue
+			}
 			_, _ = c.PacketConn.WriteTo(p.data, p.addr) // lost on the wire if it fails
 		}
 		timer.Reset(wait)

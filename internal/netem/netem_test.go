@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -232,4 +233,90 @@ func TestValidate(t *testing.T) {
 			t.Errorf("Set(%+v) accepted", im)
 		}
 	}
+}
+
+// TestDead checks that a dead Conn sends nothing, not even packets delayed
+// before it died, receives nothing, and works again once revived.
+func TestDead(t *testing.T) {
+	c, recv, collect := pair(t, Impairment{Delay: 200 * time.Millisecond})
+	to := recv.LocalAddr()
+	reads := make(chan string, 10)
+	go func() { // reads all along, as quic-go does
+		defer close(reads)
+		buf := make([]byte, 64)
+		for {
+			n, _, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			reads <- string(buf[:n])
+		}
+	}()
+	sendPacket(t, c, to, 1, 100) // in flight when the Conn dies
+	c.SetDead(true)
+	sendPacket(t, c, to, 2, 100)
+	// An unimpaired destination is dropped too.
+	other, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if _, err := c.WriteTo([]byte("hello"), other.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	// What arrives while dead is dropped as well: the reader sees only what
+	// comes after the revival.
+	if _, err := other.WriteTo([]byte("dead"), c.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(testutil.Scale(300 * time.Millisecond))
+	c.SetDead(false)
+	if _, err := other.WriteTo([]byte("alive"), c.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case got := <-reads:
+		if got != "alive" {
+			t.Errorf("first read: %q, want \"alive\" (\"dead\" arrived while dead)", got)
+		}
+	case <-time.After(testutil.Scale(5 * time.Second)):
+		t.Error("nothing read after the revival")
+	}
+	buf := make([]byte, 64)
+	sendPacket(t, c, to, 3, 100)
+	other.SetReadDeadline(time.Now().Add(testutil.Scale(200 * time.Millisecond)))
+	if n, _, err := other.ReadFrom(buf); err == nil {
+		t.Errorf("the unimpaired destination got %q sent while dead", buf[:n])
+	}
+	var seqs []uint64
+	for _, a := range collect(testutil.Scale(time.Second)) {
+		seqs = append(seqs, a.seq)
+	}
+	if fmt.Sprint(seqs) != "[3]" {
+		t.Errorf("receiver got packets %v, want only [3], sent after the revival", seqs)
+	}
+	if st := c.Stats(); st.DeadDropped != 4 {
+		t.Errorf("DeadDropped %d, want 4 (one in flight, two sent, one received while dead)", st.DeadDropped)
+	}
+}
+
+// TestQUICSeesASocket checks that quic-go can size the buffers of and set
+// don't-fragment on a Conn, as on a plain UDP socket.
+func TestQUICSeesASocket(t *testing.T) {
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := New(udp)
+	defer c.Close()
+	if err := c.SetReadBuffer(1 << 20); err != nil {
+		t.Error(err)
+	}
+	if err := c.SetWriteBuffer(1 << 20); err != nil {
+		t.Error(err)
+	}
+	if _, err := c.SyscallConn(); err != nil {
+		t.Error(err)
+	}
+	var _ syscall.Conn = c
 }
