@@ -137,6 +137,9 @@ func (n *Node) routes() http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")
 	})
+	if n.cfg.extraRoutes != nil {
+		n.cfg.extraRoutes(mux)
+	}
 	mux.Handle("/", player.Handler())
 	return mux
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -75,6 +76,11 @@ type Config struct {
 
 	// identity is set by stemflow dev, which makes certificates in memory.
 	identity *relay.Identity
+	// overlayConn, when set (by the WAN lab), carries the overlay instead
+	// of a socket bound for Overlay.Listen.
+	overlayConn net.PacketConn
+	// extraRoutes, when set (by the WAN lab), adds routes to the HTTP API.
+	extraRoutes func(*http.ServeMux)
 }
 
 // LoadConfig reads and validates a YAML config file. Its errors name the

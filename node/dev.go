@@ -248,7 +248,6 @@ func startChain(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 func (c *Cluster) startNode(i int, id relay.Identity, neighbours []string, overlayAddrs map[string]string) (*Node, error) {
 	cfg := &c.cfg
 	for attempt := 1; ; attempt++ {
-		nc := &Config{Datacenter: cfg.DCs[i], identity: &id}
 		httpPort, rtspPort, rtp := cfg.HTTPPort+i, cfg.RTSPPort+i, cfg.firstRTP()+2*i
 		if cfg.FreePorts {
 			var err error
@@ -257,25 +256,18 @@ func (c *Cluster) startNode(i int, id relay.Identity, neighbours []string, overl
 				return nil, err
 			}
 		}
-		nc.HTTP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(httpPort))
-		nc.RTSP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtspPort))
-		nc.RTSP.RTPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp))
-		nc.RTSP.RTCPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp+1))
-		nc.Overlay.Listen = net.JoinHostPort(cfg.Bind, "0")
-		nc.Overlay.Neighbours = map[string]string{}
-		for _, nb := range neighbours {
-			addr, ok := overlayAddrs[nb]
+		nb := map[string]string{}
+		for _, dc := range neighbours {
+			addr, ok := overlayAddrs[dc]
 			if !ok {
 				// Not started yet: it sorts before dc and dials it, so its
 				// address is not used; listed, dc accepts its link.
 				addr = net.JoinHostPort(cfg.Bind, "0")
 			}
-			nc.Overlay.Neighbours[nb] = addr
+			nb[dc] = addr
 		}
-		nc.WebRTC.IPs = []string{cfg.Bind}
-		nc.Auth.PublishToken = cfg.PublishToken
-		nc.SetDefaults()
-		if err := nc.Validate(); err != nil {
+		nc, err := cfg.nodeConfig(cfg.DCs[i], &id, httpPort, rtspPort, rtp, nb)
+		if err != nil {
 			return nil, err
 		}
 		n, err := Start(nc, cfg.Logger)
@@ -284,6 +276,24 @@ func (c *Cluster) startNode(i int, id relay.Identity, neighbours []string, overl
 		}
 		return n, err
 	}
+}
+
+// nodeConfig is the config of one datacenter of a dev cluster.
+func (cfg *DevConfig) nodeConfig(dc string, id *relay.Identity, httpPort, rtspPort, rtp int, neighbours map[string]string) (*Config, error) {
+	nc := &Config{Datacenter: dc, identity: id}
+	nc.HTTP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(httpPort))
+	nc.RTSP.Listen = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtspPort))
+	nc.RTSP.RTPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp))
+	nc.RTSP.RTCPAddress = net.JoinHostPort(cfg.Bind, strconv.Itoa(rtp+1))
+	nc.Overlay.Listen = net.JoinHostPort(cfg.Bind, "0")
+	nc.Overlay.Neighbours = neighbours
+	nc.WebRTC.IPs = []string{cfg.Bind}
+	nc.Auth.PublishToken = cfg.PublishToken
+	nc.SetDefaults()
+	if err := nc.Validate(); err != nil {
+		return nil, err
+	}
+	return nc, nil
 }
 
 // freeUDPPair returns an even UDP port of ip that, with the port after it,

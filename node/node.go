@@ -75,6 +75,7 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 	n.hub = relay.NewHub(relay.Config{Datacenter: cfg.Datacenter, Logger: log})
 	n.ovl, err = relay.StartOverlay(n.hub, relay.OverlayConfig{
 		Listen:     cfg.Overlay.Listen,
+		Conn:       cfg.overlayConn,
 		Neighbours: cfg.Overlay.Neighbours,
 		Identity:   *id,
 		Logger:     log,

@@ -110,11 +110,20 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	token := fs.String("publish-token", "", "token publishers must present: WHIP as a Bearer token, RTSP as the URL's password (none if empty)")
 	logLevel := fs.String("log", "info", "log level: debug, info, warn, error")
 	dataDir := fs.String("data-dir", "", "directory the embedded etcd member keeps the control plane's state in (default: a temporary one, removed at exit)")
+	lab := fs.String("lab", "", "WAN lab profile (e.g. deploy/lab/bottleneck.yaml): start its datacenters as a full mesh with its links impaired, and serve /api/v1/lab")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("dev takes no arguments, got %q", fs.Args())
+	}
+	if *lab != "" {
+		dcsSet := false
+		fs.Visit(func(f *flag.Flag) { dcsSet = dcsSet || f.Name == "dcs" })
+		if dcsSet {
+			return errors.New("--dcs and --lab: the lab profile names the datacenters; leave out --dcs")
+		}
+		*dcs = "a"
 	}
 	names, err := topology.ParseDatacenters(*dcs)
 	if err != nil {
@@ -131,10 +140,31 @@ func runDev(args []string, stdout, stderr io.Writer) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	var profile *node.LabProfile
+	if *lab != "" {
+		if profile, err = node.LoadLabProfile(*lab); err != nil {
+			return fmt.Errorf("--lab %s: %w", *lab, err)
+		}
+		cfg.DCs = profile.Datacenters
+		if err := cfg.Validate(); err != nil {
+			return err
+		}
+	}
 	ctx, stop := signalContext()
 	defer stop()
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	if profile != nil {
+		l, err := node.StartLab(startCtx, cfg, profile, *lab)
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		printLabBanner(stdout, l)
+		<-ctx.Done()
+		fmt.Fprintln(stdout, "stemflow: shutting down")
+		return nil
+	}
 	c, err := node.StartDev(startCtx, cfg)
 	if err != nil {
 		return err
@@ -155,12 +185,46 @@ type bannerCluster interface {
 
 func printBanner(w io.Writer, c bannerCluster) {
 	dcs := c.Datacenters()
-	last := len(dcs) - 1
 	if len(dcs) == 1 {
 		fmt.Fprintf(w, "Stemflow dev: 1 datacenter (%s), no overlay links\n\n", dcs[0])
 	} else {
 		fmt.Fprintf(w, "Stemflow dev: %d datacenters linked in a chain: %s\n\n", len(dcs), strings.Join(dcs, " – "))
 	}
+	printURLs(w, c)
+}
+
+// labCluster is what the lab's banner reads.
+type labCluster interface {
+	bannerCluster
+	Profile() string
+	ImpairedLinks() []node.LabLink
+}
+
+func printLabBanner(w io.Writer, l labCluster) {
+	dcs := l.Datacenters()
+	fmt.Fprintf(w, "Stemflow WAN lab %s: %d datacenters (%s), every pair linked\n", l.Profile(), len(dcs), strings.Join(dcs, ", "))
+	links := l.ImpairedLinks()
+	if len(links) == 0 {
+		fmt.Fprintln(w, "No link impaired.")
+	} else {
+		fmt.Fprintln(w, "Impaired links (both ways; the others are unimpaired):")
+		for _, ln := range links {
+			fmt.Fprintf(w, "  %s – %s  %s\n", ln.Between[0], ln.Between[1], node.DescribeLink(ln))
+		}
+	}
+	fmt.Fprintln(w)
+	printURLs(w, l)
+	a, c := dcs[0], dcs[len(dcs)-1]
+	fmt.Fprintf(w, `Change the lab on any datacenter's HTTP port:
+  curl %[1]s/api/v1/lab
+  curl -X POST %[1]s/api/v1/lab/links -d '{"between":["%[2]s","%[3]s"],"delay":"30ms","loss":1}'
+  curl -X POST %[1]s/api/v1/lab/dcs/%[3]s/kill      (then .../start)
+`, l.HTTPURL(0), a, c)
+}
+
+func printURLs(w io.Writer, c bannerCluster) {
+	dcs := c.Datacenters()
+	last := len(dcs) - 1
 	for i, dc := range dcs {
 		fmt.Fprintf(w, "  %-4s %-24s %s\n", dc, c.HTTPURL(i), c.RTSPURL(i, "{stream}"))
 	}

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stemflow/stemflow/node"
 	"github.com/stemflow/stemflow/relay"
 )
 
@@ -166,3 +167,50 @@ func TestCertsRefusesToOverwrite(t *testing.T) {
 }
 
 func readFile(dir, name string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, name)) }
+
+type fakeLab struct {
+	fakeCluster
+	links []node.LabLink
+}
+
+func (f fakeLab) Profile() string               { return "deploy/lab/lossy.yaml" }
+func (f fakeLab) ImpairedLinks() []node.LabLink { return f.links }
+
+// TestLabBanner: the lab's banner names the profile, lists the impaired
+// links and shows the runtime API.
+func TestLabBanner(t *testing.T) {
+	p, err := node.LoadLabProfile("../../deploy/lab/lossy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	printLabBanner(&b, fakeLab{fakeCluster(p.Datacenters), p.Links})
+	out := b.String()
+	for _, want := range []string{
+		"Stemflow WAN lab deploy/lab/lossy.yaml: 3 datacenters (a, b, c), every pair linked\n",
+		"  a – c  delay 20ms ± 2ms, loss 2 %\n",
+		"  b – c  delay 15ms\n",
+		"curl -X POST http://127.0.0.1:8080/api/v1/lab/links -d",
+		"/api/v1/lab/dcs/c/kill",
+		"Watch it at c:",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("lab banner does not say %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestDevLabFlagErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"dev", "--lab", "/nonexistent.yaml"}, "--lab /nonexistent.yaml: lab profile: open /nonexistent.yaml: no such file"},
+		{[]string{"dev", "--lab", "../../deploy/lab/lossy.yaml", "--dcs", "a,b"}, "--dcs and --lab"},
+	} {
+		code, out, errOut := run(tc.args...)
+		if code != 1 || !strings.Contains(out+errOut, tc.want) {
+			t.Errorf("stemflow %s: exit %d, %q; want exit 1 and %q", strings.Join(tc.args, " "), code, out+errOut, tc.want)
+		}
+	}
+}
