@@ -34,7 +34,7 @@ func TestOverlayOnGivenConn(t *testing.T) {
 	idB, _ := ca.Issue("b")
 	hb := NewHub(Config{Datacenter: "b", Logger: quietLogger()})
 	defer hb.Close()
-	ob, err := StartOverlay(hb, OverlayConfig{Listen: "127.0.0.1:0", Identity: idB, Logger: quietLogger()})
+	ob, err := StartOverlay(hb, OverlayConfig{Listen: "127.0.0.1:0", Neighbours: map[string]string{"a": "127.0.0.1:0"}, Identity: idB, Logger: quietLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
