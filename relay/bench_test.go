@@ -285,7 +285,7 @@ func relayHopRate(b *testing.B, n int) (rate, loss float64) {
 	return float64(count) / end.Sub(start).Seconds(), 1 - float64(count)/float64(n)
 }
 
-func benchChain(b *testing.B) []*Hub {
+func benchChain(b testing.TB) []*Hub {
 	ca, err := NewClusterCA()
 	if err != nil {
 		b.Fatal(err)
@@ -516,7 +516,7 @@ func BenchmarkFrameBursts(b *testing.B) {
 // frameBurstRound runs one round of BenchmarkFrameBursts and returns the
 // fractions of packets the viewer missed, a's sender dropped, and each hop
 // lost.
-func frameBurstRound(b *testing.B, frames, perFrame, fps int) (loss, queued, hop1, hop2 float64) {
+func frameBurstRound(b testing.TB, frames, perFrame, fps int) (loss, queued, hop1, hop2 float64) {
 	hubs := benchChain(b)
 	a, m, c := hubs[0], hubs[1], hubs[2]
 	pub, err := a.Publish("x", h264Desc, PublishOptions{})

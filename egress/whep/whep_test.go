@@ -317,7 +317,10 @@ func TestSlowViewerDoesNotHoldBackOthers(t *testing.T) {
 	if st.PacketsDropped == 0 {
 		t.Errorf("stats = %+v: the stuck viewer's queue should have dropped packets", st)
 	}
-	if d := time.Duration(src.maxSend.Load()); d > 50*time.Millisecond {
+	// A publisher held back by the stuck viewer would wait the whole 2 s
+	// until the writer is released; a busy machine alone can make one call
+	// take tens of milliseconds, so the bound sits between the two.
+	if d := time.Duration(src.maxSend.Load()); d > time.Second {
 		t.Errorf("the publisher's WriteRTP took up to %v: a stuck viewer held it back", d)
 	}
 }
