@@ -149,19 +149,20 @@ func pace(n int, send func(i int)) {
 	}
 }
 
-func udpForwarderRate(b *testing.B, n int) (rate, loss float64) {
+// udpForwarder is the baseline the relay is measured against: a plain UDP
+// forwarder on loopback that sends on to recv whatever send sends to fwd.
+// The sockets close when the benchmark ends.
+func udpForwarder(b *testing.B) (send, fwd, recv *net.UDPConn) {
 	listen := func() *net.UDPConn {
 		c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 		if err != nil {
 			b.Fatal(err)
 		}
 		c.SetReadBuffer(4 << 20)
+		b.Cleanup(func() { c.Close() })
 		return c
 	}
-	recv, fwd, send := listen(), listen(), listen()
-	defer recv.Close()
-	defer fwd.Close()
-	defer send.Close()
+	recv, fwd, send = listen(), listen(), listen()
 	go func() {
 		buf := make([]byte, 2048)
 		to := recv.LocalAddr().(*net.UDPAddr)
@@ -173,6 +174,11 @@ func udpForwarderRate(b *testing.B, n int) (rate, loss float64) {
 			fwd.WriteToUDP(buf[:k], to)
 		}
 	}()
+	return send, fwd, recv
+}
+
+func udpForwarderRate(b *testing.B, n int) (rate, loss float64) {
+	send, fwd, recv := udpForwarder(b)
 	type result struct {
 		count int
 		last  time.Time
@@ -388,29 +394,7 @@ func stamped(pkt []byte, epoch time.Time) (time.Duration, bool) {
 }
 
 func udpForwarderDelays(b *testing.B, n int) ([]time.Duration, float64) {
-	listen := func() *net.UDPConn {
-		c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			b.Fatal(err)
-		}
-		c.SetReadBuffer(4 << 20)
-		return c
-	}
-	recv, fwd, send := listen(), listen(), listen()
-	defer recv.Close()
-	defer fwd.Close()
-	defer send.Close()
-	go func() {
-		buf := make([]byte, 2048)
-		to := recv.LocalAddr().(*net.UDPAddr)
-		for {
-			k, _, err := fwd.ReadFromUDP(buf)
-			if err != nil {
-				return
-			}
-			fwd.WriteToUDP(buf[:k], to)
-		}
-	}()
+	send, fwd, recv := udpForwarder(b)
 	epoch := time.Now()
 	got := make(chan []time.Duration)
 	go func() {

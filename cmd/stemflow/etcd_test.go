@@ -26,10 +26,7 @@ import (
 func TestEtcdCluster(t *testing.T) {
 	testutil.Watchdog(t, 240*time.Second)
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "stemflow")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := stemflowBinary(t)
 	names := []string{"m1", "m2", "m3"}
 	clientURL, peerURL := map[string]string{}, map[string]string{}
 	var initial []string

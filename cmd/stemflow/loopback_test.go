@@ -30,10 +30,7 @@ import (
 func TestLoopbackSample(t *testing.T) {
 	testutil.Watchdog(t, 180*time.Second)
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "stemflow")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := stemflowBinary(t)
 	if out, err := exec.Command(bin, "certs", "--dcs", "a,b,c", "--out", filepath.Join(dir, "tls")).CombinedOutput(); err != nil {
 		t.Fatalf("stemflow certs: %v\n%s", err, out)
 	}
