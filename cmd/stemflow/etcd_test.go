@@ -1,14 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,7 +32,7 @@ func TestEtcdCluster(t *testing.T) {
 		peerURL[m] = fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t))
 		initial = append(initial, m+"="+peerURL[m])
 	}
-	members := map[string]*etcdProcess{}
+	members := map[string]*process{}
 	for _, m := range names {
 		members[m] = startEtcdProcess(t, bin, m, "--name", m, "--data-dir", filepath.Join(dir, m),
 			"--client-url", clientURL[m], "--peer-url", peerURL[m], "--initial-cluster", strings.Join(initial, ","))
@@ -141,55 +138,11 @@ func TestEtcdCluster(t *testing.T) {
 	}
 }
 
-type etcdProcess struct {
-	name   string
-	cmd    *exec.Cmd
-	ready  chan struct{} // closed at the "ready" line
-	exited chan struct{}
-
-	mu  sync.Mutex // guards buf
-	buf strings.Builder
-}
-
-func (p *etcdProcess) log() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return fmt.Sprintf("--- member %s:\n%s", p.name, p.buf.String())
-}
-
-func startEtcdProcess(t *testing.T, bin, name string, args ...string) *etcdProcess {
+// startEtcdProcess starts one `stemflow etcd` member; it is ready when it
+// logs that the member is.
+func startEtcdProcess(t *testing.T, bin, name string, args ...string) *process {
 	t.Helper()
-	p := &etcdProcess{name: name, cmd: exec.Command(bin, append([]string{"etcd"}, args...)...), ready: make(chan struct{}), exited: make(chan struct{})}
-	stdout, err := p.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd.Stderr = p.cmd.Stdout
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		defer close(p.exited)
-		sc := bufio.NewScanner(stdout)
-		var once sync.Once
-		for sc.Scan() {
-			p.mu.Lock()
-			p.buf.WriteString(sc.Text() + "\n")
-			p.mu.Unlock()
-			if strings.Contains(sc.Text(), "member "+name+" ready") {
-				once.Do(func() { close(p.ready) })
-			}
-		}
-		p.cmd.Wait()
-	}()
-	t.Cleanup(func() {
-		p.cmd.Process.Kill()
-		<-p.exited
-		if t.Failed() {
-			t.Log(p.log())
-		}
-	})
-	return p
+	return startProcess(t, "member "+name, "member "+name+" ready", bin, append([]string{"etcd"}, args...)...)
 }
 
 // TestEtcdFlags: bad flags are refused before anything starts, naming the

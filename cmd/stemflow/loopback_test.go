@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -13,7 +12,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -49,7 +47,7 @@ func TestLoopbackSample(t *testing.T) {
 		}
 	}
 
-	var nodes []*nodeProcess
+	var nodes []*process
 	for _, dc := range []string{"c", "b", "a"} {
 		nodes = append(nodes, startNodeProcess(t, bin, dc, filepath.Join(dir, dc+".yaml")))
 	}
@@ -138,55 +136,13 @@ func TestLoopbackSample(t *testing.T) {
 	}
 }
 
-type nodeProcess struct {
-	dc     string
-	cmd    *exec.Cmd
-	ready  chan struct{} // closed at the "node ready" log line
-	exited chan struct{}
-
-	mu  sync.Mutex // guards buf
-	buf strings.Builder
-}
-
-func (n *nodeProcess) log() string {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return fmt.Sprintf("--- node %s:\n%s", n.dc, n.buf.String())
-}
-
-func startNodeProcess(t *testing.T, bin, dc, config string) *nodeProcess {
+// startNodeProcess starts one `stemflow node`; it is ready at its "node
+// ready" log line.
+func startNodeProcess(t *testing.T, bin, dc, config string) *process {
 	t.Helper()
-	n := &nodeProcess{dc: dc, cmd: exec.Command(bin, "node", "--config", config), ready: make(chan struct{}), exited: make(chan struct{})}
-	stderr, err := n.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.cmd.Stdout = io.Discard
-	if err := n.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		defer close(n.exited)
-		sc := bufio.NewScanner(stderr)
-		once := sync.Once{}
-		for sc.Scan() {
-			n.mu.Lock()
-			n.buf.WriteString(sc.Text() + "\n")
-			n.mu.Unlock()
-			if strings.Contains(sc.Text(), `msg="node ready"`) {
-				once.Do(func() { close(n.ready) })
-			}
-		}
-		n.cmd.Wait()
-	}()
-	t.Cleanup(func() {
-		n.cmd.Process.Kill()
-		<-n.exited
-		if t.Failed() {
-			t.Log(n.log())
-		}
-	})
-	return n
+	p := startProcess(t, "node "+dc, `msg="node ready"`, bin, "node", "--config", config)
+	p.dc = dc
+	return p
 }
 
 func get(t *testing.T, url string) string {
