@@ -55,6 +55,20 @@ func (c *Candidate) PutRoute(ctx context.Context, rt Route) error {
 	return c.s.putRoute(ctx, rt, key, rev)
 }
 
+// DeleteRoute is Store.DeleteRoute fenced by leadership, as PutRoute is.
+func (c *Candidate) DeleteRoute(ctx context.Context, stream string) error {
+	c.mu.Lock()
+	leading, key, rev := c.leading, c.key, c.rev
+	c.mu.Unlock()
+	if !leading {
+		return fmt.Errorf("store: route of %q not deleted by manager %s: %w", stream, c.id, ErrNotLeader)
+	}
+	return c.s.deleteRoute(ctx, stream, key, rev)
+}
+
+// ID returns the candidate's id.
+func (c *Candidate) ID() string { return c.id }
+
 // Campaign starts a candidate named id (the datacenter whose manager it
 // is) with a session of the given TTL (DefaultElectionTTL if 0).
 func (s *Store) Campaign(id string, ttl time.Duration) (*Candidate, error) {

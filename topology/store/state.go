@@ -209,6 +209,42 @@ func (s *Store) deleteIfOurs(ctx context.Context, r *Registration, key string) e
 	return nil
 }
 
+// SetStreamBitrate records the measured rate of a stream the registered
+// node publishes, for the manager's capacity planning. Like links, write it
+// only when the rate changed by a margin (say 20 %), never per second. A
+// stream this registration does not hold is refused.
+func (s *Store) SetStreamBitrate(ctx context.Context, r *Registration, name string, kbps float64) error {
+	key := s.StreamKey(name)
+	for {
+		resp, err := s.cli.Get(ctx, key)
+		if err != nil {
+			return fmt.Errorf("store: setting the bitrate of stream %q: %w", name, err)
+		}
+		if len(resp.Kvs) == 0 || clientv3.LeaseID(resp.Kvs[0].Lease) != r.lease {
+			return fmt.Errorf("store: setting the bitrate of stream %q: node %s/%s does not hold it (claim it first)", name, r.dc, r.node)
+		}
+		st, err := decode[Stream](key, resp.Kvs[0].Value)
+		if err != nil {
+			return err
+		}
+		st.BitrateKbps = kbps
+		val, err := json.Marshal(st)
+		if err != nil {
+			return err
+		}
+		txn, err := s.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(key), "=", resp.Kvs[0].ModRevision)).
+			Then(clientv3.OpPut(key, string(val), clientv3.WithLease(r.lease))).
+			Commit()
+		if err != nil {
+			return fmt.Errorf("store: setting the bitrate of stream %q: %w", name, err)
+		}
+		if txn.Succeeded {
+			return nil
+		}
+	}
+}
+
 // GetStream returns who publishes a stream; ok is false when nobody does.
 func (s *Store) GetStream(ctx context.Context, name string) (st Stream, ok bool, err error) {
 	resp, err := s.cli.Get(ctx, s.StreamKey(name))
@@ -268,6 +304,36 @@ var ErrStaleRoute = errors.New("route version not above the stored one")
 // both replace one version).
 func (s *Store) PutRoute(ctx context.Context, rt Route) error {
 	return s.putRoute(ctx, rt, "", 0)
+}
+
+// DeleteRoute deletes a stream's route (the stream ended). Nodes see the
+// deletion and fall back to announcements.
+func (s *Store) DeleteRoute(ctx context.Context, stream string) error {
+	return s.deleteRoute(ctx, stream, "", 0)
+}
+
+func (s *Store) deleteRoute(ctx context.Context, stream, leaderKey string, leaderRev int64) error {
+	if err := checkName("stream", stream); err != nil {
+		return err
+	}
+	key := s.RouteKey(stream)
+	if leaderKey == "" {
+		if _, err := s.cli.Delete(ctx, key); err != nil {
+			return fmt.Errorf("store: deleting the route of %q: %w", stream, err)
+		}
+		return nil
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(leaderKey), "=", leaderRev)).
+		Then(clientv3.OpDelete(key)).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("store: deleting the route of %q: %w", stream, err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("store: route of %q not deleted: %w", stream, ErrNotLeader)
+	}
+	return nil
 }
 
 // putRoute is PutRoute, fenced by a leader key when leaderKey is set: the

@@ -157,6 +157,10 @@ type Stream struct {
 	OriginDC   string    `json:"origin_dc"`
 	OriginNode string    `json:"origin_node"`
 	Since      time.Time `json:"since"`
+	// BitrateKbps is the stream's measured rate, when its node has
+	// published one (SetStreamBitrate); 0 means unknown, and the manager
+	// plans with its default.
+	BitrateKbps float64 `json:"bitrate_kbps,omitempty"`
 }
 
 // Subscription is the value of subscriptions/{stream}/{dc}.

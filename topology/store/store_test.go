@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -370,5 +371,140 @@ func TestFencedRoutes(t *testing.T) {
 	}
 	if rt, ok, err := sb.GetRoute(ctx, "x"); err != nil || !ok || rt.Version != 2 || rt.Origin != "b" {
 		t.Fatalf("route %+v ok=%v err=%v, want b's version 2", rt, ok, err)
+	}
+}
+
+// TestLinks: a node writes the links it sends on, leased; another node's
+// link is refused; a watcher sees the existing links, each change and the
+// links of a node whose lease expired going away.
+func TestLinks(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	sa, sb, observer := open(t), open(t), open(t)
+	ra := register(t, sa, "a", "a1", 2*time.Second)
+	rb := register(t, sb, "b", "b1", 0)
+	ctx := ctxT(t)
+	if err := sa.PutLink(ctx, ra, store.Link{To: "b", RTTMs: 10, BandwidthKbps: 50000}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sa.PutLink(ctx, ra, store.Link{From: "b", To: "a", RTTMs: 10}); err == nil {
+		t.Fatal("node a wrote the link b→a, which only b measures")
+	}
+	if err := sa.PutLink(ctx, ra, store.Link{To: "a"}); err == nil {
+		t.Fatal("node a wrote a link to itself")
+	}
+	wctx, stop := context.WithCancel(ctx)
+	events := observer.WatchLinks(wctx)
+	next := func() store.LinkEvent {
+		t.Helper()
+		select {
+		case ev := <-events:
+			return ev
+		case <-time.After(testutil.Scale(5 * time.Second)):
+			t.Fatal("no link event within 5 s")
+		}
+		panic("unreachable")
+	}
+	if ev := next(); ev.Deleted || ev.Link.From != "a" || ev.Link.To != "b" || ev.Link.FromNode != "a1" || ev.Link.RTTMs != 10 || ev.Link.Updated.IsZero() {
+		t.Fatalf("first event %+v, want the existing link a→b from node a1 with RTT 10 ms", ev)
+	}
+	if err := sb.PutLink(ctx, rb, store.Link{To: "a", RTTMs: 12, Loss: 0.01, Down: true}); err != nil {
+		t.Fatal(err)
+	}
+	if ev := next(); ev.Link.From != "b" || ev.Link.To != "a" || !ev.Link.Down || ev.Link.Loss != 0.01 {
+		t.Fatalf("event %+v, want b→a down with 1 %% loss", ev)
+	}
+	links, err := observer.ListLinks(ctx)
+	if err != nil || len(links) != 2 || links[0].From != "a" || links[1].From != "b" {
+		t.Fatalf("ListLinks = %+v, %v; want a→b and b→a in that order", links, err)
+	}
+	if err := sb.DeleteLink(ctx, rb, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if ev := next(); !ev.Deleted || ev.Link.From != "b" || ev.Link.To != "a" {
+		t.Fatalf("event %+v, want b→a deleted", ev)
+	}
+	sa.Close() // a dies: its link goes with its lease
+	if ev := next(); !ev.Deleted || ev.Link.From != "a" || ev.Link.To != "b" {
+		t.Fatalf("event %+v, want a→b deleted when a's lease expired", ev)
+	}
+	stop()
+	for range events {
+	}
+}
+
+// TestWatchTopology: one watch lists nodes, links, streams and
+// subscriptions (not routes), then sends each change; a dead node's keys
+// leave in one batch.
+func TestWatchTopology(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	sa, sd, observer := open(t), open(t), open(t)
+	ctx := ctxT(t)
+	ra := register(t, sa, "a", "a1", 0)
+	if err := sa.ClaimStream(ctx, ra, "x"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sa.SetStreamBitrate(ctx, ra, "x", 4000); err != nil {
+		t.Fatal(err)
+	}
+	if err := observer.PutRoute(ctx, store.Route{Stream: "x", Version: 1, Origin: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	wctx, stop := context.WithCancel(ctx)
+	batches := observer.WatchTopology(wctx)
+	next := func() store.TopologyBatch {
+		t.Helper()
+		select {
+		case b := <-batches:
+			return b
+		case <-time.After(testutil.Scale(5 * time.Second)):
+			t.Fatal("no topology batch within 5 s")
+		}
+		panic("unreachable")
+	}
+	b := next()
+	if !b.Listing || len(b.Events) != 2 || b.Events[0].Kind != store.KindNode || b.Events[1].Kind != store.KindStream ||
+		b.Events[1].Stream.OriginDC != "a" || b.Events[1].Stream.BitrateKbps != 4000 {
+		t.Fatalf("first batch %+v, want a listing of node a1 and stream x (4000 kbit/s) without the route", b)
+	}
+	rd := register(t, sd, "d", "d1", 2*time.Second)
+	if err := sd.Subscribe(ctx, rd, "x"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sd.PutLink(ctx, rd, store.Link{To: "a", RTTMs: 300}); err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for len(kinds) < 3 {
+		b := next()
+		if b.Listing {
+			t.Fatalf("a listing %+v while the watch ran", b)
+		}
+		for _, e := range b.Events {
+			kinds = append(kinds, fmt.Sprint(e.Kind, e.Deleted))
+		}
+	}
+	if got := fmt.Sprint(kinds); got != "[node false subscription false link false]" {
+		t.Fatalf("changes %s, want d's node, subscription and link", got)
+	}
+	if err := observer.PutRoute(ctx, store.Route{Stream: "x", Version: 2, Origin: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	sd.Close()
+	b = next() // not the route: the expiry of d's lease, all keys at once
+	var gone []string
+	for _, e := range b.Events {
+		if !e.Deleted {
+			t.Fatalf("event %+v in the batch of d's expiry, want deletions only", e)
+		}
+		gone = append(gone, fmt.Sprint(e.Kind, ":", e.Node.DC, e.Link.From, e.Subscription.DC))
+	}
+	slices.Sort(gone) // one expiry, in no particular order
+	if got := fmt.Sprint(gone); got != "[link:d node:d subscription:d]" {
+		t.Fatalf("batch of d's expiry %v, want its node, link and subscription", got)
+	}
+	stop()
+	for range batches {
 	}
 }
