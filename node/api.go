@@ -132,6 +132,7 @@ func (n *Node) routes() http.Handler {
 	mux.Handle("/whep/", n.whep)
 	mux.HandleFunc("GET /api/v1/streams", n.serveStreams)
 	mux.HandleFunc("GET /api/v1/links", n.serveLinks)
+	mux.Handle("GET /api/v1/topology", n.topologyAPI())
 	mux.Handle("GET /metrics", n.metricsHandler())
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
