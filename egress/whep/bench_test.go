@@ -186,21 +186,26 @@ func cpuTime() (user, sys time.Duration) {
 }
 
 // vmRSS returns the process's resident set size from /proc/self/status.
-func vmRSS(b *testing.B) int64 {
+func vmRSS(b *testing.B) int64 { return procStatus(b, "VmRSS") }
+
+// procStatus returns one of the kB figures of /proc/self/status in bytes,
+// e.g. VmRSS or RssAnon (the anonymous part of it: heap, stacks, runtime;
+// RssFile is the code and files paged in).
+func procStatus(b *testing.B, field string) int64 {
 	data, err := os.ReadFile("/proc/self/status")
 	if err != nil {
-		b.Fatalf("read VmRSS: %v", err)
+		b.Fatalf("read %s: %v", field, err)
 	}
 	for line := range strings.Lines(string(data)) {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
 			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			if err != nil {
-				b.Fatalf("parse VmRSS %q: %v", line, err)
+				b.Fatalf("parse %s %q: %v", field, line, err)
 			}
 			return kb << 10
 		}
 	}
-	b.Fatal("no VmRSS in /proc/self/status")
+	b.Fatalf("no %s in /proc/self/status", field)
 	return 0
 }
 
@@ -210,7 +215,8 @@ func vmRSS(b *testing.B) int64 {
 // publisher, hub fan-out, queues, pion's SRTP and UDP writes), the outgoing
 // packet rate, the CPU cores used, what the viewers lost, and per viewer:
 // the growth of the server process's resident set (VmRSS, what an outside
-// observer sees: heap, GC headroom, goroutine stacks, runtime), the heap in
+// observer sees: heap, GC headroom, goroutine stacks, runtime; and its
+// anonymous part, RssAnon, without the code paged in), the heap in
 // use, the goroutine stacks and the goroutines. -v logs how the RSS splits.
 // The per-viewer memory includes what the first viewer costs once (the
 // stream's retransmission cache, ~0.5 MB per video track, code paged in), so
@@ -303,7 +309,7 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	runtime.GC()
 	var m0, m1 runtime.MemStats
 	runtime.ReadMemStats(&m0)
-	rss0 := vmRSS(b)
+	rss0, anon0 := vmRSS(b), procStatus(b, "RssAnon")
 	g0 := runtime.NumGoroutine()
 
 	c := startViewers(b, hs.URL+"/whep/bench", n)
@@ -347,7 +353,7 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	// does for an outside observer of the process.
 	runtime.GC()
 	time.Sleep(time.Second)
-	rss1 := vmRSS(b)
+	rss1, anon1 := vmRSS(b), procStatus(b, "RssAnon")
 	var m2 runtime.MemStats
 	runtime.ReadMemStats(&m2)
 	per := func(a, b uint64) float64 { return float64(int64(b)-int64(a)) / float64(n) / 1024 }
@@ -374,6 +380,7 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	b.ReportMetric(sent/wall, "pkt/s")
 	b.ReportMetric(cpu/wall, "cores")
 	b.ReportMetric(float64(rss1-rss0)/float64(n), "rss-B/viewer")
+	b.ReportMetric(float64(anon1-anon0)/float64(n), "rss-anon-B/viewer")
 	b.ReportMetric(float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(n), "heap-B/viewer")
 	b.ReportMetric(float64(int64(m1.StackInuse)-int64(m0.StackInuse))/float64(n), "stack-B/viewer")
 	b.ReportMetric(float64(g1-g0)/float64(n), "goroutines/viewer")
