@@ -1,0 +1,169 @@
+package manager
+
+import (
+	"cmp"
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/stemflow/stemflow/topology"
+	"github.com/stemflow/stemflow/topology/store"
+)
+
+// state is what the manager knows of the overlay, kept from the batches of
+// store.WatchTopology. It is owned by the manager's goroutine.
+type state struct {
+	nodes   map[[2]string]bool // (dc, node) registered
+	dcs     map[string]int     // live nodes per datacenter
+	links   map[[2]string]store.Link
+	streams map[string]store.Stream
+	subs    map[string]map[string]bool // stream → subscribed datacenters
+}
+
+func newState() *state {
+	return &state{nodes: map[[2]string]bool{}, dcs: map[string]int{}, links: map[[2]string]store.Link{},
+		streams: map[string]store.Stream{}, subs: map[string]map[string]bool{}}
+}
+
+// apply makes one change; it reports whether the change can alter a tree
+// (a rewritten value that says the same does not count).
+func (st *state) apply(ev store.TopologyEvent) bool {
+	switch ev.Kind {
+	case store.KindNode:
+		k := [2]string{ev.Node.DC, ev.Node.Node}
+		if ev.Deleted {
+			if !st.nodes[k] {
+				return false
+			}
+			delete(st.nodes, k)
+			if st.dcs[k[0]]--; st.dcs[k[0]] <= 0 {
+				delete(st.dcs, k[0])
+			}
+			return true
+		}
+		if st.nodes[k] {
+			return false // a node's value changed, not its being there
+		}
+		st.nodes[k] = true
+		st.dcs[k[0]]++
+		return true
+	case store.KindLink:
+		k := [2]string{ev.Link.From, ev.Link.To}
+		if ev.Deleted {
+			_, had := st.links[k]
+			delete(st.links, k)
+			return had
+		}
+		old, had := st.links[k]
+		st.links[k] = ev.Link
+		return !had || !sameMeasurement(old, ev.Link)
+	case store.KindStream:
+		if ev.Deleted {
+			_, had := st.streams[ev.Stream.Name]
+			delete(st.streams, ev.Stream.Name)
+			return had
+		}
+		old, had := st.streams[ev.Stream.Name]
+		st.streams[ev.Stream.Name] = ev.Stream
+		return !had || old.OriginDC != ev.Stream.OriginDC || old.BitrateKbps != ev.Stream.BitrateKbps
+	case store.KindSubscription:
+		s, dc := ev.Subscription.Stream, ev.Subscription.DC
+		if ev.Deleted {
+			if !st.subs[s][dc] {
+				return false
+			}
+			if delete(st.subs[s], dc); len(st.subs[s]) == 0 {
+				delete(st.subs, s)
+			}
+			return true
+		}
+		if st.subs[s][dc] {
+			return false
+		}
+		if st.subs[s] == nil {
+			st.subs[s] = map[string]bool{}
+		}
+		st.subs[s][dc] = true
+		return true
+	}
+	return false
+}
+
+// sameMeasurement reports whether two values of one link plan the same.
+func sameMeasurement(a, b store.Link) bool {
+	return a.RTTMs == b.RTTMs && a.Loss == b.Loss && a.BandwidthKbps == b.BandwidthKbps && a.Down == b.Down
+}
+
+// problem turns the state into the planner's input: datacenters with a live
+// node, their links that are up (delay half the measured RTT, capacity the
+// measured bandwidth), and the streams whose origin is live, with their
+// subscribers. prev holds the routes in use, for hysteresis.
+func (st *state) problem(prev map[string]store.Route, defaultKbps float64) topology.Problem {
+	var p topology.Problem
+	p.Datacenters = make([]topology.Datacenter, 0, len(st.dcs))
+	for _, dc := range slices.Sorted(maps.Keys(st.dcs)) {
+		p.Datacenters = append(p.Datacenters, topology.Datacenter{Name: dc})
+	}
+	p.Links = make([]topology.Link, 0, len(st.links))
+	for _, l := range st.links {
+		if l.Down || st.dcs[l.From] == 0 || st.dcs[l.To] == 0 {
+			continue
+		}
+		p.Links = append(p.Links, topology.Link{From: l.From, To: l.To,
+			Delay:        time.Duration(l.RTTMs / 2 * float64(time.Millisecond)),
+			Loss:         l.Loss,
+			CapacityKbps: l.BandwidthKbps})
+	}
+	// Map order must not reach the planner: equal links would tie
+	// differently from run to run.
+	slices.SortFunc(p.Links, func(a, b topology.Link) int {
+		return cmp.Or(cmp.Compare(a.From, b.From), cmp.Compare(a.To, b.To))
+	})
+	p.Streams = make([]topology.StreamDemand, 0, len(st.streams))
+	p.Previous = make(map[string]*topology.Tree, len(prev))
+	for _, name := range slices.Sorted(maps.Keys(st.streams)) {
+		s := st.streams[name]
+		if st.dcs[s.OriginDC] == 0 {
+			continue // its origin's node is gone: the stream key goes soon too
+		}
+		rate := s.BitrateKbps
+		if rate <= 0 {
+			rate = defaultKbps
+		}
+		d := topology.StreamDemand{Name: name, Origin: s.OriginDC, BitrateKbps: rate}
+		for dc := range st.subs[name] {
+			d.Subscribers = append(d.Subscribers, dc)
+		}
+		slices.Sort(d.Subscribers)
+		p.Streams = append(p.Streams, d)
+		if rt, ok := prev[name]; ok {
+			p.Previous[name] = &topology.Tree{Stream: name, Origin: rt.Origin, Parent: rt.Parent}
+		}
+	}
+	return p
+}
+
+// plan computes every stream's tree and returns the routes to write (the
+// streams whose tree changed, each one version above the route in use) and
+// the streams whose routes to delete (the stream ended). A stream whose
+// origin datacenter has no live node keeps its route: its key goes with
+// the node's lease, and the route then.
+func plan(st *state, routes map[string]store.Route, params topology.Params, defaultKbps float64, now time.Time) (puts []store.Route, deletes []string) {
+	p := st.problem(routes, defaultKbps)
+	trees := topology.Compute(p, params)
+	for _, t := range trees {
+		old, had := routes[t.Stream]
+		if had && old.Origin == t.Origin && maps.Equal(old.Parent, t.Parent) && maps.Equal(old.Backup, t.Backup) {
+			continue
+		}
+		puts = append(puts, store.Route{Stream: t.Stream, Version: old.Version + 1, Origin: t.Origin,
+			Parent: t.Parent, Backup: t.Backup, Computed: now})
+	}
+	for name := range routes {
+		if _, live := st.streams[name]; !live {
+			deletes = append(deletes, name)
+		}
+	}
+	slices.Sort(deletes)
+	return puts, deletes
+}
