@@ -57,7 +57,7 @@ func newForwardPath(tb testing.TB, size int) *forwardPath {
 	out.tx = newLinkSender(out, conn)
 	out.tx.pace.floor = 0 // the pacer's sleeps are not work
 	d := &downSub{id: 7, l: out, closed: make(chan struct{})}
-	s.attach(d)
+	s.attach(d, false)
 	hdr := mediaHeader{SubID: 1}
 	return &forwardPath{hub: h, in: in, out: out, conn: conn, dgram: append(hdr.append(nil), rtpPacket(tb, 1, 1, false, size)...)}
 }

@@ -228,6 +228,8 @@ func (u *fakeUp) requestKeyframe() {
 	u.l.record("keyframe %s", u.s.name)
 }
 
+func (u *fakeUp) peer() string { return u.l.peer }
+
 func (u *fakeUp) stop() {
 	if u.stopped.Add(1) == 1 {
 		u.l.record("unsubscribe %s", u.s.name)
@@ -251,7 +253,7 @@ func (u *fakeUp) end(err error) { u.l.hub.removeStream(u.s, err) }
 func (u *fakeUp) serve(ctx context.Context) {
 	defer u.l.wg.Done()
 	remote := u.l.remote.hub
-	feed := SubscriberFunc(func(p *Packet) { u.s.writePacket(p) })
+	feed := downstreamFunc(func(p *Packet) { u.s.writePacket(p) })
 	sub, err := remote.Subscribe(ctx, u.s.name, feed)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -267,3 +269,10 @@ func (u *fakeUp) serve(ctx context.Context) {
 	case <-ctx.Done():
 	}
 }
+
+// downstreamFunc is a downstream datacenter's subscriber, as a link makes
+// one: it does not count as local interest.
+type downstreamFunc func(p *Packet)
+
+func (f downstreamFunc) WritePacket(p *Packet) { f(p) }
+func (downstreamFunc) downstream()             {}

@@ -36,6 +36,11 @@ type Config struct {
 	// last local subscriber left, so that a viewer who reloads the page gets
 	// the stream at once (default 2s).
 	Linger time.Duration
+	// Claim, when set, is called by Publish before the stream exists (not
+	// under any lock): the node claims the name in etcd. An error refuses the
+	// publication and is returned to the publisher; release is called once
+	// when the publication ends.
+	Claim func(stream string) (release func(), err error)
 }
 
 // Hub holds the streams of one node. It is safe for concurrent use.
@@ -52,7 +57,13 @@ type Hub struct {
 	streams map[string]*Stream           // published here or relayed here
 	routes  map[string]map[string]advert // stream → neighbour → what it announced
 	links   map[string]link              // connected neighbours by datacenter name
-	closed  bool
+	steer   map[string]Route             // routes set by the topology layer (steer.go)
+	wants   map[string]int               // Want holders by stream
+	// interest is what Interest reports; interestChanged is closed and
+	// replaced when it changes.
+	interest        Interest
+	interestChanged chan struct{}
+	closed          bool
 }
 
 // NewHub returns a hub with no streams.
@@ -72,6 +83,10 @@ func NewHub(cfg Config) *Hub {
 		streams: make(map[string]*Stream),
 		routes:  make(map[string]map[string]advert),
 		links:   make(map[string]link),
+		steer:   make(map[string]Route),
+		wants:   make(map[string]int),
+
+		interestChanged: make(chan struct{}),
 	}
 }
 
@@ -96,28 +111,52 @@ func (h *Hub) Publish(name string, desc Description, opts PublishOptions) (*Publ
 	}
 	desc = desc.Clone()
 	h.mu.Lock()
-	if h.closed {
-		h.mu.Unlock()
-		return nil, ErrClosed
+	err := h.publishableLocked(name)
+	h.mu.Unlock()
+	if err != nil {
+		return nil, err
 	}
-	if s, ok := h.streams[name]; ok {
-		h.mu.Unlock()
-		return nil, fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, s.origin)
+	unclaim := func() {}
+	if h.cfg.Claim != nil {
+		release, err := h.cfg.Claim(name)
+		if err != nil {
+			return nil, fmt.Errorf("stream %q: %w", name, err)
+		}
+		if release != nil {
+			unclaim = release
+		}
 	}
-	if r, ok := h.bestRouteLocked(name); ok {
+	h.mu.Lock()
+	if err := h.publishableLocked(name); err != nil {
 		h.mu.Unlock()
-		return nil, fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, r.origin)
+		unclaim()
+		return nil, err
 	}
 	s := newStream(h, name, h.cfg.Datacenter)
 	s.hops = []string{h.cfg.Datacenter}
-	p := &Publisher{s: s, onKeyframe: opts.OnKeyframeRequest}
+	p := &Publisher{s: s, onKeyframe: opts.OnKeyframeRequest, unclaim: unclaim}
 	s.src = p
 	s.setReady(desc)
 	h.streams[name] = s
 	h.advertiseLocked(name, advert{})
+	h.interestChangedLocked()
 	h.mu.Unlock()
 	h.log.Info("stream published", "stream", name, "tracks", len(desc.Tracks))
 	return p, nil
+}
+
+// publishableLocked refuses a publication of a name live here or announced.
+func (h *Hub) publishableLocked(name string) error {
+	if h.closed {
+		return ErrClosed
+	}
+	if s, ok := h.streams[name]; ok {
+		return fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, s.origin)
+	}
+	if r, ok := h.bestRouteLocked(name); ok {
+		return fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, r.origin)
+	}
+	return nil
 }
 
 // Subscribe attaches sub to the named stream, wherever in the overlay it is
@@ -128,15 +167,17 @@ func (h *Hub) Subscribe(ctx context.Context, name string, sub Subscriber) (*Subs
 	if err := ValidateStreamName(name); err != nil {
 		return nil, err
 	}
-	s, err := h.acquire(name)
+	_, downstream := sub.(downstreamSubscriber)
+	local := !downstream
+	s, err := h.acquire(name, local)
 	if err != nil {
 		return nil, err
 	}
 	if err := s.wait(ctx); err != nil {
-		h.release(s)
+		h.release(s, local)
 		return nil, fmt.Errorf("stream %q: %w", name, err)
 	}
-	ss := s.attach(sub) // the subscription holds the interest acquire took
+	ss := s.attach(sub, local) // the subscription holds the interest acquire took
 	select {
 	case <-s.done:
 		ss.Close()
@@ -149,8 +190,9 @@ func (h *Hub) Subscribe(ctx context.Context, name string, sub Subscriber) (*Subs
 // acquire returns the named stream, subscribing upstream when it is live in
 // another datacenter, and takes an interest in it: a relayed stream stays
 // while anything holds one (a Subscribe waiting for it, or attached) and
-// lingers after the last is released.
-func (h *Hub) acquire(name string) (*Stream, error) {
+// lingers after the last is released. local is false for a downstream
+// datacenter's subscription, which is no interest of this node's clients.
+func (h *Hub) acquire(name string, local bool) (*Stream, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed {
@@ -158,30 +200,34 @@ func (h *Hub) acquire(name string) (*Stream, error) {
 	}
 	s, ok := h.streams[name]
 	if !ok {
-		r, ok := h.bestRouteLocked(name)
-		if !ok {
+		l, origin, hops := h.upstreamLinkLocked(name)
+		if l == nil {
 			return nil, fmt.Errorf("%w: %q is not live in any datacenter", ErrStreamNotFound, name)
 		}
-		l := h.links[r.via]
-		if l == nil {
-			return nil, fmt.Errorf("%w: %q: no link to datacenter %s", ErrStreamNotFound, name, r.via)
-		}
-		s = newStream(h, name, r.origin)
-		s.hops = append(slices.Clone(r.hops), h.cfg.Datacenter)
+		s = newStream(h, name, origin)
+		s.hops = append(slices.Clone(hops), h.cfg.Datacenter)
 		s.src = l.subscribe(s)
 		h.streams[name] = s
 	}
 	s.interest++
+	if local {
+		s.localInterest++
+		h.interestChangedLocked()
+	}
 	h.stopLingerLocked(s)
 	return s, nil
 }
 
 // release gives back an interest taken by acquire. When none is left, a
 // relayed stream lingers, then stops and is unsubscribed upstream.
-func (h *Hub) release(s *Stream) {
+func (h *Hub) release(s *Stream, local bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	s.interest--
+	if local {
+		s.localInterest--
+		h.interestChangedLocked()
+	}
 	if s.interest > 0 || h.streams[s.name] != s || s.localLocked() {
 		return
 	}
@@ -235,6 +281,7 @@ func (h *Hub) forgetLocked(s *Stream) source {
 	delete(h.streams, s.name)
 	h.stopLingerLocked(s)
 	h.advertiseLocked(s.name, before)
+	h.interestChangedLocked()
 	return s.src
 }
 
@@ -328,6 +375,8 @@ var packetPool = sync.Pool{New: func() any { return new(Packet) }}
 type Publisher struct {
 	s          *Stream
 	onKeyframe func()
+	unclaim    func() // gives back the Config.Claim
+	closeOnce  sync.Once
 }
 
 var _ source = (*Publisher)(nil)
@@ -362,8 +411,11 @@ func (p *Publisher) WriteRTP(track int, data []byte) error {
 
 // Close ends the stream: subscribers see Done, and the overlay forgets it.
 func (p *Publisher) Close() {
-	p.s.hub.removeStream(p.s, ErrPublisherGone)
-	p.s.hub.log.Info("stream ended", "stream", p.s.name)
+	p.closeOnce.Do(func() {
+		p.s.hub.removeStream(p.s, ErrPublisherGone)
+		p.unclaim()
+		p.s.hub.log.Info("stream ended", "stream", p.s.name)
+	})
 }
 
 func (p *Publisher) requestKeyframe() {
@@ -373,3 +425,5 @@ func (p *Publisher) requestKeyframe() {
 }
 
 func (p *Publisher) stop() {}
+
+func (p *Publisher) peer() string { return "" }

@@ -308,6 +308,8 @@ func (u *upSub) requestKeyframe() {
 	u.l.sendCtl(&controlMsg{Type: msgKeyframeRequest, SubID: u.id})
 }
 
+func (u *upSub) peer() string { return u.l.peer }
+
 func (u *upSub) stop() {
 	if u.l.upSub(u.id, true) != nil {
 		u.l.sendCtl(&controlMsg{Type: msgUnsubscribe, SubID: u.id})
@@ -423,7 +425,9 @@ type downSub struct {
 	deficit int // owned by the sender
 }
 
-var _ Subscriber = (*downSub)(nil)
+var _ downstreamSubscriber = (*downSub)(nil)
+
+func (d *downSub) downstream() {}
 
 func (d *downSub) WritePacket(p *Packet) { d.WriteBuffer(NewBuffer(p)) }
 

@@ -92,7 +92,7 @@ func (p *linkPair) relay(t *testing.T, name string, id uint32) *seqRecorder {
 	s.setReady(h264Desc)
 	p.rx.ups[id] = &upSub{id: id, s: s, l: p.rx}
 	rec := &seqRecorder{}
-	s.attach(rec)
+	s.attach(rec, true)
 	return rec
 }
 

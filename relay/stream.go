@@ -19,6 +19,15 @@ type source interface {
 	// stop is called once when the last subscriber of a relayed stream has
 	// gone (after the linger time) or the stream is removed.
 	stop()
+	// peer is the neighbour the packets come from; "" for a publisher.
+	peer() string
+}
+
+// downstreamSubscriber marks the subscriber a link makes for a downstream
+// datacenter: it is no interest of this node's own clients (see Interest).
+type downstreamSubscriber interface {
+	Subscriber
+	downstream()
 }
 
 // Stream is one live stream known to a hub: published here, or relayed from
@@ -43,10 +52,13 @@ type Stream struct {
 
 	// Hub-owned: what the hub decides about the stream, guarded by hub.mu
 	// (see Hub). The source is replaceable: the stream outlives it.
-	src       source
-	interest  int         // acquire calls not released: Subscribes waiting or attached
-	linger    *time.Timer // stops a relayed stream nobody is interested in
-	lingerGen uint64      // bumped whenever linger is stopped or replaced
+	src      source
+	interest int // acquire calls not released: Subscribes waiting or attached
+	// localInterest counts the interests taken for this node's own clients,
+	// not for downstream datacenters (see Interest).
+	localInterest int
+	linger        *time.Timer // stops a relayed stream nobody is interested in
+	lingerGen     uint64      // bumped whenever linger is stopped or replaced
 	// announcedFlags are the flags the hub announces for a stream
 	// published here: Flags as the hub last took them (announceFlags).
 	announcedFlags Flags
@@ -183,8 +195,8 @@ func (s *Stream) localLocked() bool {
 // the new subscriber waits at the gate (deliver), so live packets follow the
 // replay. A writer waits only while a subscriber that joined concurrently
 // gets its replay, which never blocks (see Subscriber).
-func (s *Stream) attach(sub Subscriber) *Subscription {
-	ss := &Subscription{s: s, sub: sub}
+func (s *Stream) attach(sub Subscriber, local bool) *Subscription {
+	ss := &Subscription{s: s, sub: sub, local: local}
 	ss.bw, _ = sub.(BufferWriter)
 	_, ss.tap = sub.(Tap)
 	if _, ss.deferred = sub.(DeferredSubscriber); ss.deferred {
@@ -230,7 +242,7 @@ func (s *Stream) detach(ss *Subscription) {
 		s.pending = slices.Delete(s.pending, i, i+1)
 	}
 	s.mu.Unlock()
-	s.hub.release(s)
+	s.hub.release(s, ss.local)
 }
 
 // subList is one version of the attached subscriptions, replaced whole
@@ -307,6 +319,7 @@ type Subscription struct {
 	sub    Subscriber
 	bw     BufferWriter // sub, when it takes shared buffers
 	tap    bool         // sub is a Tap: left out of counts
+	local  bool         // for this node's clients, not a downstream datacenter
 	closed atomic.Bool
 
 	deferred bool // guarded by s.mu: a DeferredSubscriber not yet started
