@@ -1,9 +1,10 @@
 // Package player serves Stemflow's web pages: the list of live streams, a
-// WHEP player and a WHIP browser publisher. The HTML, CSS and JavaScript are
+// WHEP player, a WHIP browser publisher and a live map of the overlay. The HTML, CSS and JavaScript are
 // embedded in the binary and use no third-party code.
 //
 // The pages talk to the node only through its public HTTP API (WHIP on
-// /whip/{stream}, WHEP on /whep/{stream}, the stream list on /api/v1/streams),
+// /whip/{stream}, WHEP on /whep/{stream}, the stream list on /api/v1/streams,
+// the overlay on /api/v1/topology),
 // so the package depends on nothing but the standard library and the relay's
 // stream-name rule.
 package player
@@ -34,7 +35,7 @@ var startTime = time.Now()
 // pageData is what the page templates see.
 type pageData struct {
 	Title  string // page title suffix
-	Page   string // "index", "watch" or "publish": selects the script
+	Page   string // "index", "watch", "publish" or "topology": selects the script
 	Stream string // stream name, empty on the index page
 }
 
@@ -43,6 +44,7 @@ type pageData struct {
 //	GET /                   list of live streams and a form to publish a new one
 //	GET /watch/{stream}     WHEP player
 //	GET /publish/{stream}   WHIP publisher (?autostart=1 publishes camera and microphone at once)
+//	GET /topology           live map of the overlay (?stream=NAME highlights that stream's tree)
 //	GET /static/{file}      the pages' CSS and JavaScript
 //
 // Every other path answers 404, so a node can mount the handler at "/" and
@@ -59,6 +61,9 @@ func Handler() http.Handler {
 	})
 	mux.HandleFunc("GET /watch/{stream}", streamPage("watch.html", "watch", "Watch "))
 	mux.HandleFunc("GET /publish/{stream}", streamPage("publish.html", "publish", "Publish "))
+	mux.HandleFunc("GET /topology", func(w http.ResponseWriter, r *http.Request) {
+		render(w, "topology.html", pageData{Title: "Topology", Page: "topology"})
+	})
 	mux.HandleFunc("GET /static/{file}", func(w http.ResponseWriter, r *http.Request) {
 		name := r.PathValue("file")
 		b, err := fs.ReadFile(static, name)

@@ -2,6 +2,9 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -84,6 +87,19 @@ func TestBrowserPublishWatch(t *testing.T) {
 	if pic1.Hash == pic2.Hash {
 		watch.fatalf("the picture did not change in a second: %+v", pic2)
 	}
+	// The stats overlay shows the path x takes to c, as c's API names it
+	// (a → b → c), with each hop's measured delay: c measures its own link,
+	// so the last hop's delay is known.
+	hops := streamHops(t, c, "x")
+	if len(hops) < 2 || hops[0] != "a" || hops[len(hops)-1] != "c" {
+		t.Fatalf("c's /api/v1/streams gives x the hops %v; want a path from a to c", hops)
+	}
+	wantPath := "path " + strings.Join(hops, " → ")
+	lastHop := regexp.MustCompile(`(?m)^delay .*` + regexp.QuoteMeta(hops[len(hops)-2]+"→"+hops[len(hops)-1]) + ` [0-9.]+ ms`)
+	overlay := waitFor(watch, "the stats overlay shows "+wantPath+" with the last hop's delay",
+		`document.getElementById('stats').innerText`, 10*time.Second,
+		func(s string) bool { return strings.Contains(s, wantPath+"\n") && lastHop.MatchString(s) })
+	t.Logf("stats overlay at c:\n%s", overlay)
 	watch.screenshot("watch.png")
 	pub.screenshot("publish.png")
 
@@ -130,6 +146,31 @@ func TestBrowserPublishWatch(t *testing.T) {
 		func(s watchStats) bool { return s.State == "waiting" })
 	t.Logf("the watch page at c was waiting again %v after Stop (session ended: %s)", time.Since(stopped).Round(100*time.Millisecond), after.LastEnd)
 	watch.screenshot("watch-waiting.png")
+}
+
+// streamHops returns a stream's hops in a node's /api/v1/streams.
+func streamHops(t *testing.T, base, name string) []string {
+	t.Helper()
+	resp, err := http.Get(base + "/api/v1/streams")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var list struct {
+		Streams []struct {
+			Name string   `json:"name"`
+			Hops []string `json:"hops"`
+		} `json:"streams"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		t.Fatalf("GET %s/api/v1/streams: %v", base, err)
+	}
+	for _, s := range list.Streams {
+		if s.Name == name {
+			return s.Hops
+		}
+	}
+	return nil
 }
 
 // publishState mirrors window.stemflowPublish (player/assets/static/publish.js).

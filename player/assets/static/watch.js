@@ -1,6 +1,7 @@
 // Stemflow watch page: plays /whep/{stream}, reconnects with backoff when the
 // stream is not live, the connection fails or the picture stalls, and shows
-// statistics from getStats(). Tests read window.stemflowStats.
+// statistics from getStats() and the path the stream takes through the
+// overlay with each hop's measured delay. Tests read window.stemflowStats.
 'use strict';
 
 (() => {
@@ -24,6 +25,7 @@
   const FIRST_FRAME_TIMEOUT = 15000; // ms to wait for a first frame after answering
   const STALL_TIMEOUT = 6000; // ms without a new frame before reconnecting
   const DISCONNECTED_TIMEOUT = 5000; // ms in ICE "disconnected" before reconnecting
+  const PATH_INTERVAL = 3000; // ms between looks at the stream's path and its hops' delays
 
   /**
    * What the page shows, refreshed every second. End-to-end tests poll it.
@@ -47,6 +49,11 @@
     connectionState: 'new',
     sessions: 0, // WHEP sessions opened
     lastEnd: '', // why the last session ended
+    // The datacenters the stream crosses from its origin to the one that
+    // serves this page, and each hop's measured one-way delay in ms (half
+    // the link's RTT; null when not measured).
+    path: [],
+    pathHops: [], // [{from, to, delayMs}]
     updated: 0, // Date.now() of the last sample
   };
   window.stemflowStats = stats;
@@ -103,11 +110,37 @@
 
   let rate = new stemflow.RateMeter();
 
+  /** The measured one-way delay of a hop (half its link's RTT), or null. */
+  function hopDelay(links, from, to) {
+    const find = (a, b) => links.find((l) => l.from === a && l.to === b && !l.down);
+    const l = find(from, to) || find(to, from);
+    const rtt = l ? Number(l.rtt_ms) : NaN;
+    return Number.isFinite(rtt) && rtt > 0 ? rtt / 2 : null;
+  }
+
+  /**
+   * Reads the path the stream takes to this datacenter (its hops in
+   * /api/v1/streams: the live path, also right after a failover) and the
+   * measured links (/api/v1/topology).
+   */
+  async function refreshPath() {
+    const [list, topo] = await Promise.all([
+      stemflow.fetchStreams(),
+      fetch('/api/v1/topology', { cache: 'no-store' }).then((r) => (r.ok ? r.json() : null)).catch(() => null),
+    ]);
+    const s = list.streams.find((x) => x.name === name);
+    const path = s && Array.isArray(s.hops) ? s.hops.map(String) : [];
+    const links = topo && Array.isArray(topo.links) ? topo.links : [];
+    stats.path = path;
+    stats.pathHops = path.slice(1).map((to, i) => ({ from: path[i], to, delayMs: hopDelay(links, path[i], to) }));
+  }
+
   /** Clears the media figures when a session ends; the overlay hides. */
   function resetStats() {
     Object.assign(stats, {
       framesDecoded: 0, framesDropped: 0, videoWidth: 0, videoHeight: 0, fps: 0, bitrate: 0,
       rttMs: null, packetsLost: 0, videoCodec: '', audioCodec: '', connectionState: 'closed',
+      path: [], pathHops: [],
     });
     rate = new stemflow.RateMeter();
     statsBox.textContent = '';
@@ -151,6 +184,11 @@
     const rtt = stats.rttMs === null ? '–' : `${stats.rttMs.toFixed(stats.rttMs < 10 ? 1 : 0)} ms`;
     lines.push(`RTT ${rtt}  lost ${stats.packetsLost}`);
     lines.push(`frames ${stats.framesDecoded}  dropped ${stats.framesDropped}`);
+    if (stats.path.length) {
+      lines.push(`path ${stats.path.join(' → ')}`);
+      const hops = stats.pathHops.map((h) => `${h.from}→${h.to} ${h.delayMs === null ? '?' : `${h.delayMs.toFixed(h.delayMs < 10 ? 1 : 0)} ms`}`);
+      if (hops.length) lines.push(`delay ${hops.join('  ')}`);
+    }
     statsBox.textContent = lines.join('\n');
   }
 
@@ -205,6 +243,7 @@
     let lastFrameAt = 0;
     let disconnectedSince = 0;
     let nextInfo = 0;
+    let nextPath = 0;
     let infoDelay = INFO_FIRST_DELAY;
     // The node knows the flags of the stream it serves by the time it
     // answered; a stream that starts without B-frames may still get them.
@@ -217,6 +256,10 @@
           stats.bFrames = true;
           showBFrames();
         }
+      }
+      if (Date.now() >= nextPath) {
+        nextPath = Date.now() + PATH_INTERVAL;
+        refreshPath().catch(() => {}); // not awaited: a slow answer never holds the stats
       }
       await Promise.race([stemflow.sleep(STATS_INTERVAL), transportChange(pc)]);
       const now = Date.now();

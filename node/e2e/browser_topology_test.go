@@ -1,0 +1,223 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/internal/testutil"
+	"github.com/stemflow/stemflow/node"
+	"github.com/stemflow/stemflow/relay"
+)
+
+// topologyState mirrors window.stemflowTopology
+// (player/assets/static/topology.js).
+type topologyState struct {
+	Updated     int64       `json:"updated"`
+	Source      string      `json:"source"`
+	Stream      string      `json:"stream"`
+	Datacenters []string    `json:"datacenters"`
+	TreeEdges   [][2]string `json:"treeEdges"`
+	Error       string      `json:"error"`
+}
+
+// apiTopology is the part of GET /api/v1/topology the test compares with
+// the page.
+type apiTopology struct {
+	Source string `json:"source"`
+	Nodes  []struct {
+		DC string `json:"dc"`
+	} `json:"nodes"`
+	Trees []struct {
+		Stream string `json:"stream"`
+		Origin string `json:"origin"`
+		Edges  []struct {
+			From    string   `json:"from"`
+			To      string   `json:"to"`
+			DelayMs *float64 `json:"delay_ms"`
+		} `json:"edges"`
+	} `json:"trees"`
+}
+
+func getAPITopology(t *testing.T, base string) apiTopology {
+	t.Helper()
+	resp, err := http.Get(base + "/api/v1/topology")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v apiTopology
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET /api/v1/topology: %s", resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// publishAt publishes a stream (one H264 track, no packets needed: the
+// overlay announces it) at a node's hub until the test ends.
+func publishAt(t *testing.T, n *node.Node, name string) {
+	t.Helper()
+	pub, err := n.Hub().Publish(name, relay.Description{Tracks: []relay.Track{
+		{Kind: relay.KindVideo, MimeType: relay.MimeH264, ClockRate: 90000, PayloadType: 96, Fmtp: "packetization-mode=1"},
+	}}, relay.PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pub.Close)
+}
+
+// TestBrowserTopology opens the /topology page of datacenter c in headless
+// Chromium (inside a network namespace with only loopback) and checks what it
+// draws against the node's own /api/v1/topology: one circle per datacenter,
+// the links, and — once the stream x is picked — exactly x's tree edges
+// highlighted, with the path and its delays in words. The page follows the
+// overlay live: a stream published later appears in the picker by itself.
+// A screenshot goes to the artifacts.
+func TestBrowserTopology(t *testing.T) {
+	if !inNetns() {
+		requireChromium(t)
+		runInNetns(t, testutil.Scale(70*time.Second))
+		return
+	}
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 65*time.Second)
+	requireLoopbackOnly(t)
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(60*time.Second))
+	t.Cleanup(cancel)
+
+	sctx, scancel := context.WithTimeout(ctx, testutil.Scale(20*time.Second))
+	c, err := node.StartDev(sctx, node.DevConfig{DCs: []string{"a", "b", "c"}, Bind: "127.0.0.1", HTTPPort: 18080, RTSPPort: 18554, Logger: testutil.Logger()})
+	scancel()
+	if err != nil {
+		t.Fatalf("cannot start the dev cluster: %v", err)
+	}
+	t.Cleanup(c.Close)
+	publishAt(t, c.Nodes[0], "x")
+	cURL := c.HTTPURL(2)
+	testutil.WaitForWithin(t, 10*time.Second, "c to know x's tree", func() bool {
+		for _, tr := range getAPITopology(t, cURL).Trees {
+			if tr.Stream == "x" && len(tr.Edges) > 0 && tr.Edges[len(tr.Edges)-1].To == "c" {
+				return true
+			}
+		}
+		return false
+	})
+
+	br := startBrowser(t, ctx)
+	page := br.newTab("topology-c")
+	page.navigate(cURL + "/topology")
+	waitFor(page, "the topology page draws the overlay", `window.stemflowTopology || null`, 15*time.Second,
+		func(s topologyState) bool { return s.Updated > 0 && len(s.Datacenters) >= 3 })
+
+	// Pick x in the stream picker, as a user would.
+	if err := page.eval(`(() => { const s = document.getElementById('stream');
+		s.value = 'x'; s.dispatchEvent(new Event('change')); return s.value; })()`, new(string)); err != nil {
+		page.fatalf("cannot pick x: %v", err)
+	}
+	waitFor(page, "the page highlights x's tree", `window.stemflowTopology || null`, 10*time.Second,
+		func(s topologyState) bool { return s.Stream == "x" && len(s.TreeEdges) > 0 })
+
+	api := getAPITopology(t, cURL)
+	var wantDCs []string
+	for _, n := range api.Nodes {
+		wantDCs = append(wantDCs, n.DC)
+	}
+	var wantEdges [][2]string
+	var wantPath []string
+	for _, tr := range api.Trees {
+		if tr.Stream == "x" {
+			for _, e := range tr.Edges {
+				wantEdges = append(wantEdges, [2]string{e.From, e.To})
+				// "a → b", with its delay ("a → b 2.6 ms") when measured.
+				hop := regexp.QuoteMeta(e.From + " → " + e.To)
+				if e.DelayMs != nil {
+					hop += ` [0-9.]+ ms`
+				}
+				wantPath = append(wantPath, hop)
+			}
+		}
+	}
+	t.Logf("c's topology (source %s): datacenters %v, x's tree %v", api.Source, wantDCs, wantEdges)
+	for _, dc := range []string{"a", "b", "c"} {
+		if !slices.Contains(wantDCs, dc) {
+			t.Fatalf("c's /api/v1/topology lists datacenters %v: %s is missing", wantDCs, dc)
+		}
+	}
+
+	// What the SVG holds, read from the DOM: one <g class="dc"> per
+	// datacenter with its name as text, the link lines, x's tree edges.
+	type drawn struct {
+		DCs       []string    `json:"dcs"`
+		DCNames   []string    `json:"dcNames"`
+		Links     [][2]string `json:"links"`
+		TreeEdges [][2]string `json:"treeEdges"`
+		InTree    []string    `json:"inTree"`
+		Path      string      `json:"path"`
+	}
+	var got drawn
+	if err := page.eval(`(() => {
+		const m = document.getElementById('map');
+		const all = (sel) => [...m.querySelectorAll(sel)];
+		return {
+			dcs: all('g.dc').map((g) => g.dataset.dc),
+			dcNames: all('g.dc .dc-name').map((e) => e.textContent),
+			links: all('g.link').map((g) => [g.dataset.a, g.dataset.b]),
+			treeEdges: all('line.tree-edge').map((e) => [e.dataset.from, e.dataset.to]),
+			inTree: all('g.dc.origin, g.dc.in-tree').map((g) => g.dataset.dc),
+			path: document.getElementById('tree-path').textContent,
+		};
+	})()`, &got); err != nil {
+		page.fatalf("cannot read the map: %v", err)
+	}
+	t.Logf("drawn: %+v", got)
+	sorted := slices.Clone(got.DCs)
+	slices.Sort(sorted)
+	if !reflect.DeepEqual(sorted, wantDCs) || !reflect.DeepEqual(got.DCNames, got.DCs) {
+		page.fatalf("the map draws datacenters %v (names %v); want one each of %v", got.DCs, got.DCNames, wantDCs)
+	}
+	if !slices.Contains(got.Links, [2]string{"b", "c"}) {
+		page.fatalf("the map draws links %v; want the link b–c c measures", got.Links)
+	}
+	if !reflect.DeepEqual(got.TreeEdges, wantEdges) {
+		page.fatalf("the map highlights edges %v; want x's tree %v", got.TreeEdges, wantEdges)
+	}
+	for _, e := range wantEdges {
+		if !slices.Contains(got.InTree, e[0]) || !slices.Contains(got.InTree, e[1]) {
+			page.fatalf("datacenters marked in x's tree: %v; want both ends of every edge %v", got.InTree, wantEdges)
+		}
+	}
+	if !strings.HasPrefix(got.Path, "x from a: ") {
+		page.fatalf("the tree's path reads %q; want it to start with \"x from a: \"", got.Path)
+	}
+	for _, hop := range wantPath {
+		if !regexp.MustCompile(hop).MatchString(got.Path) {
+			page.fatalf("the tree's path reads %q; want it to name the hop /%s/", got.Path, hop)
+		}
+	}
+	// c measures its own link, so the last hop (into c) has a delay.
+	last := wantEdges[len(wantEdges)-1]
+	if !regexp.MustCompile(regexp.QuoteMeta(last[0]+" → "+last[1]) + ` [0-9.]+ ms`).MatchString(got.Path) {
+		page.fatalf("the tree's path reads %q; want the measured delay of the hop %s → %s that c measures", got.Path, last[0], last[1])
+	}
+	page.screenshot("topology.png")
+
+	// Live: a stream published at b later shows up in the picker without a
+	// reload, and x stays selected.
+	publishAt(t, c.Nodes[1], "y")
+	waitFor(page, "the picker offers y, published after the page opened",
+		`[...document.getElementById('stream').options].map((o) => o.value)`, 10*time.Second,
+		func(opts []string) bool { return slices.Contains(opts, "y") && slices.Contains(opts, "x") })
+	var sel string
+	if err := page.eval(`document.getElementById('stream').value`, &sel); err != nil || sel != "x" {
+		page.fatalf("after the refresh the picker selects %q (%v); want x still", sel, err)
+	}
+}
