@@ -1,4 +1,4 @@
-// The command line: dev, node, certs, etcd and version. Only cmd/stemflow prints
+// The command line: dev, node, certs, etcd, manager and version. Only cmd/stemflow prints
 // to the terminal.
 
 package main
@@ -31,6 +31,7 @@ Usage:
   stemflow node    --config FILE   run one node of a real deployment
   stemflow certs   --dcs a,b,c --out DIR   make a cluster CA and node certificates
   stemflow etcd    --name m1 --data-dir DIR [flags]   run one etcd member (small deployments)
+  stemflow manager --etcd URL --dc NAME [flags]   run a topology manager candidate
   stemflow version           print the version
 
 Run 'stemflow COMMAND --help' for a command's flags.
@@ -52,6 +53,8 @@ func runCLI(args []string, stdout, stderr io.Writer) int {
 		err = runCerts(args[1:], stdout, stderr)
 	case "etcd":
 		err = runEtcd(args[1:], stdout, stderr)
+	case "manager":
+		err = runManager(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "stemflow", Version)
 	case "help", "--help", "-help", "-h":

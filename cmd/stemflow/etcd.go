@@ -17,13 +17,17 @@ func runEtcd(args []string, stdout, stderr io.Writer) error {
 	peerURL := fs.String("peer-url", "http://127.0.0.1:2380", "URL the other members connect to (listened on and advertised)")
 	initial := fs.String("initial-cluster", "", "every member of a new cluster as name=peer-url,name=peer-url (default: this member alone, NAME=PEER-URL)")
 	token := fs.String("cluster-token", "stemflow", "tells apart clusters bootstrapped from the same --initial-cluster")
+	certFile := fs.String("cert-file", "", "PEM certificate the member serves clients with over TLS (--client-url must then be https://); it should allow client auth too")
+	keyFile := fs.String("key-file", "", "PEM key of --cert-file")
+	caFile := fs.String("trusted-ca-file", "", "PEM CA: with it, clients must present a certificate this CA signed (managers: --etcd-cert)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("etcd takes no arguments, got %q", fs.Args())
 	}
-	cfg := etcdembed.Config{Name: *name, Dir: *dir, ClientURL: *clientURL, PeerURL: *peerURL, InitialCluster: *initial, ClusterToken: *token}
+	cfg := etcdembed.Config{Name: *name, Dir: *dir, ClientURL: *clientURL, PeerURL: *peerURL, InitialCluster: *initial, ClusterToken: *token,
+		CertFile: *certFile, KeyFile: *keyFile, TrustedCAFile: *caFile}
 	if err := cfg.Validate(); err != nil {
 		return err
 	}

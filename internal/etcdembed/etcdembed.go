@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 )
@@ -44,6 +45,14 @@ type Config struct {
 	// UnsafeNoFsync skips fsync: for tests and `stemflow dev` only, where
 	// the data does not outlive the process.
 	UnsafeNoFsync bool
+	// CertFile and KeyFile are the member's TLS certificate and key for
+	// clients (--cert-file, --key-file): with them ClientURL must be
+	// https://. TrustedCAFile (--trusted-ca-file), when set, makes the
+	// member require client certificates signed by that CA. The
+	// certificate should allow client authentication too: the member
+	// dials itself with it. Peers still talk plain HTTP: keep PeerURL on a
+	// private network.
+	CertFile, KeyFile, TrustedCAFile string
 	// Tick is the raft heartbeat (default 100 ms); the election timeout
 	// is ten ticks. A member alone (StartFree) ticks faster: it elects
 	// itself sooner, and has no peer to time out.
@@ -80,6 +89,18 @@ func (cfg Config) Validate() error {
 	peer, err := parseURL(cfg.PeerURL)
 	if err != nil {
 		return fmt.Errorf("--peer-url %q: %w", cfg.PeerURL, err)
+	}
+	if tls := cfg.CertFile != "" || cfg.KeyFile != ""; tls != (client.Scheme == "https") {
+		if tls {
+			return fmt.Errorf("--client-url %q: with --cert-file and --key-file the client URL must be https://", cfg.ClientURL)
+		}
+		return fmt.Errorf("--client-url %q is https://: give the member's certificate and key (--cert-file, --key-file)", cfg.ClientURL)
+	}
+	if (cfg.CertFile == "") != (cfg.KeyFile == "") {
+		return errors.New("--cert-file and --key-file go together: give both")
+	}
+	if cfg.TrustedCAFile != "" && cfg.CertFile == "" {
+		return errors.New("--trusted-ca-file checks client certificates over TLS: give --cert-file and --key-file too")
 	}
 	if client.Host == peer.Host {
 		return fmt.Errorf("--client-url and --peer-url both use %s: give them different ports", client.Host)
@@ -169,6 +190,8 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	ec.InitialCluster = cfg.InitialCluster
 	ec.InitialClusterToken = cfg.ClusterToken
 	ec.UnsafeNoFsync = cfg.UnsafeNoFsync
+	ec.ClientTLSInfo = transport.TLSInfo{CertFile: cfg.CertFile, KeyFile: cfg.KeyFile,
+		TrustedCAFile: cfg.TrustedCAFile, ClientCertAuth: cfg.TrustedCAFile != ""}
 	if cfg.Tick > 0 {
 		ec.TickMs = uint(max(1, cfg.Tick.Milliseconds()))
 		ec.ElectionMs = 10 * ec.TickMs

@@ -14,9 +14,12 @@
 package store
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -37,6 +40,44 @@ type Config struct {
 	Prefix string
 	// DialTimeout bounds the first connection; default 5 s.
 	DialTimeout time.Duration
+	// TLS, for https:// endpoints: CAFile is the PEM file of the CA that
+	// signed the members' certificates (default: the system's roots);
+	// CertFile and KeyFile are this client's certificate and key, for a
+	// cluster that requires client certificates.
+	CAFile, CertFile, KeyFile string
+}
+
+// tlsConfig builds the client's TLS configuration, or nil without TLS.
+func (cfg Config) tlsConfig() (*tls.Config, error) {
+	https := false
+	for _, e := range cfg.Endpoints {
+		https = https || strings.HasPrefix(e, "https://")
+	}
+	if !https && cfg.CAFile == "" && cfg.CertFile == "" && cfg.KeyFile == "" {
+		return nil, nil
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.CAFile != "" {
+		pem, err := os.ReadFile(cfg.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("store: reading the etcd CA file: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("store: the etcd CA file %s holds no PEM certificate", cfg.CAFile)
+		}
+	}
+	if (cfg.CertFile == "") != (cfg.KeyFile == "") {
+		return nil, errors.New("store: an etcd client certificate needs its key, and a key its certificate: give both")
+	}
+	if cfg.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.CertFile, cfg.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("store: loading the etcd client certificate %s and key %s: %w", cfg.CertFile, cfg.KeyFile, err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
 }
 
 // Store is a connection to etcd with Stemflow's typed keys.
@@ -60,9 +101,14 @@ func Open(cfg Config) (*Store, error) {
 	if cfg.DialTimeout == 0 {
 		cfg.DialTimeout = 5 * time.Second
 	}
+	tc, err := cfg.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   cfg.Endpoints,
 		DialTimeout: cfg.DialTimeout,
+		TLS:         tc,
 		// The client logs retries and balancer changes at length; callers
 		// see errors as return values.
 		Logger: zap.NewNop(),
