@@ -25,8 +25,11 @@ type topologySource interface {
 	Leader(ctx context.Context) (string, error)
 	ListNodes(ctx context.Context) ([]store.Node, error)
 	ListLinks(ctx context.Context) ([]store.Link, error)
+	ListStreams(ctx context.Context) ([]store.Stream, error)
 	ListRoutes(ctx context.Context) ([]store.Route, error)
 }
+
+var _ topologySource = (*store.Store)(nil)
 
 // localTopology is what the node knows without etcd; *relay.Hub implements
 // it.
@@ -76,16 +79,19 @@ type apiTopologyLink struct {
 	Loss          float64 `json:"loss"` // fraction, 0 to 1
 	BandwidthKbps float64 `json:"bandwidth_kbps"`
 	Down          bool    `json:"down"`
-	// Streams counts the trees that send over this direction of the link:
-	// its load in streams.
-	Streams int        `json:"streams"`
-	Updated *time.Time `json:"updated,omitempty"`
+	// Streams counts the trees that send over this direction of the link,
+	// LoadKbps sums their bitrates (those known): the link's load.
+	Streams  int        `json:"streams"`
+	LoadKbps float64    `json:"load_kbps"`
+	Updated  *time.Time `json:"updated,omitempty"`
 }
 
 type apiTree struct {
 	Stream  string `json:"stream"`
 	Origin  string `json:"origin"`
-	Version int64  `json:"version"`
+	Version int64  `json:"version"` // 0: no route yet
+	// BitrateKbps is the stream's measured rate (0: unknown).
+	BitrateKbps float64 `json:"bitrate_kbps"`
 	// Edges run from the origin outwards, parents before children.
 	Edges []apiTreeEdge `json:"edges"`
 	// Backup maps a datacenter to the parent it switches to by itself when
@@ -105,9 +111,14 @@ type apiTreeEdge struct {
 
 // topologyAPI serves GET /api/v1/topology.
 type topologyAPI struct {
-	dc     string
-	source topologySource // nil: the node runs without etcd
+	dc string
+	// source returns the control plane's state, nil while the node runs
+	// without etcd (a node connects to etcd after it starts serving).
+	source func() topologySource
 	local  localTopology
+	// measured, when set, returns this node's own smoothed measurements of
+	// its links (from its datacenter), for the local view.
+	measured func() []store.Link
 }
 
 var _ http.Handler = (*topologyAPI)(nil)
@@ -119,10 +130,10 @@ func (a *topologyAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // view builds the answer: from etcd when the node has it and it answers,
 // else from the local view with the reason.
 func (a *topologyAPI) view(ctx context.Context) apiTopology {
-	if a.source != nil {
+	if src := a.etcd(); src != nil {
 		ctx, cancel := context.WithTimeout(ctx, topologyReadTimeout)
 		defer cancel()
-		v, err := a.fromEtcd(ctx)
+		v, err := a.fromEtcd(ctx, src)
 		if err == nil {
 			return v
 		}
@@ -136,20 +147,31 @@ func (a *topologyAPI) view(ctx context.Context) apiTopology {
 	return a.fromLocal()
 }
 
-func (a *topologyAPI) fromEtcd(ctx context.Context) (apiTopology, error) {
-	leader, err := a.source.Leader(ctx)
+func (a *topologyAPI) etcd() topologySource {
+	if a.source == nil {
+		return nil
+	}
+	return a.source()
+}
+
+func (a *topologyAPI) fromEtcd(ctx context.Context, src topologySource) (apiTopology, error) {
+	leader, err := src.Leader(ctx)
 	if err != nil {
 		return apiTopology{}, err
 	}
-	nodes, err := a.source.ListNodes(ctx)
+	nodes, err := src.ListNodes(ctx)
 	if err != nil {
 		return apiTopology{}, err
 	}
-	links, err := a.source.ListLinks(ctx)
+	links, err := src.ListLinks(ctx)
 	if err != nil {
 		return apiTopology{}, err
 	}
-	routes, err := a.source.ListRoutes(ctx)
+	streams, err := src.ListStreams(ctx)
+	if err != nil {
+		return apiTopology{}, err
+	}
+	routes, err := src.ListRoutes(ctx)
 	if err != nil {
 		return apiTopology{}, err
 	}
@@ -176,7 +198,13 @@ func (a *topologyAPI) fromEtcd(ctx context.Context) (apiTopology, error) {
 	if leader != "" {
 		g.dc(leader)
 	}
+	published := map[string]store.Stream{}
+	for _, st := range streams {
+		published[st.Name] = st
+	}
+	routed := map[string]bool{}
 	for _, rt := range routes {
+		routed[rt.Stream] = true
 		g.dc(rt.Origin)
 		edges := treeEdges(rt.Origin, rt.Parent)
 		backup := map[string]string{}
@@ -185,7 +213,20 @@ func (a *topologyAPI) fromEtcd(ctx context.Context) (apiTopology, error) {
 			g.dc(b)
 			backup[dc] = b
 		}
-		g.addTree(rt.Stream, rt.Origin, rt.Version, edges, backup)
+		g.addTree(rt.Stream, rt.Origin, rt.Version, published[rt.Stream].BitrateKbps, edges, backup)
+	}
+	// A published stream without a route (nobody outside its origin
+	// watches it, or no manager runs) flows as announcements lead it: its
+	// tree is the path this node knows to itself, if any.
+	hops := map[string][]string{}
+	for _, s := range a.local.Streams() {
+		hops[s.Name] = s.Hops
+	}
+	for _, st := range streams {
+		if !routed[st.Name] {
+			g.dc(st.OriginDC)
+			g.addTree(st.Name, st.OriginDC, 0, st.BitrateKbps, pathEdges(hops[st.Name]), map[string]string{})
+		}
 	}
 	out := g.result(a.dc, topologyFromEtcd)
 	out.Leader = leader
@@ -209,17 +250,38 @@ func (a *topologyAPI) fromLocal() apiTopology {
 		g.addLink(apiTopologyLink{From: a.dc, To: l.Peer, RTTMs: rtt})
 		g.addLink(apiTopologyLink{From: l.Peer, To: a.dc, RTTMs: rtt, Loss: loss})
 	}
-	for _, s := range a.local.Streams() {
-		var edges [][2]string
-		for i, dc := range s.Hops {
-			g.dc(dc).Up = true
-			if i > 0 {
-				edges = append(edges, [2]string{s.Hops[i-1], dc})
+	// The node's own measurements, when it makes them, replace the
+	// outgoing direction: smoothed, with jitter, loss and bandwidth.
+	if a.measured != nil {
+		for _, m := range a.measured() {
+			if m.From != a.dc || m.To == "" {
+				continue
 			}
+			g.dc(m.To)
+			l := apiTopologyLink{From: m.From, To: m.To, RTTMs: m.RTTMs, JitterMs: m.JitterMs, Loss: m.Loss, BandwidthKbps: m.BandwidthKbps, Down: m.Down}
+			if !m.Updated.IsZero() {
+				u := m.Updated.UTC()
+				l.Updated = &u
+			}
+			g.addLink(l)
 		}
-		g.addTree(s.Name, s.Origin, 0, edges, map[string]string{})
+	}
+	for _, s := range a.local.Streams() {
+		for _, dc := range s.Hops {
+			g.dc(dc).Up = true
+		}
+		g.addTree(s.Name, s.Origin, 0, 0, pathEdges(s.Hops), map[string]string{})
 	}
 	return g.result(a.dc, topologyFromLocal)
+}
+
+// pathEdges are the hops of a path as edges.
+func pathEdges(path []string) [][2]string {
+	var edges [][2]string
+	for i := 1; i < len(path); i++ {
+		edges = append(edges, [2]string{path[i-1], path[i]})
+	}
+	return edges
 }
 
 // treeEdges orders a route's parent map as edges from the origin outwards
@@ -294,12 +356,12 @@ func (g *topologyGraph) addLink(l apiTopologyLink) {
 	g.links[k] = &l
 }
 
-func (g *topologyGraph) addTree(stream, origin string, version int64, edges [][2]string, backup map[string]string) {
+func (g *topologyGraph) addTree(stream, origin string, version int64, kbps float64, edges [][2]string, backup map[string]string) {
 	for _, e := range edges {
 		g.dc(e[0])
 		g.dc(e[1])
 	}
-	g.trees = append(g.trees, apiTree{Stream: stream, Origin: origin, Version: version, Backup: backup})
+	g.trees = append(g.trees, apiTree{Stream: stream, Origin: origin, Version: version, BitrateKbps: kbps, Backup: backup})
 	g.edges = append(g.edges, edges)
 }
 
@@ -333,6 +395,7 @@ func (g *topologyGraph) result(dc, source string) apiTopology {
 			}
 			if l, ok := g.links[e]; ok {
 				l.Streams++
+				l.LoadKbps += t.BitrateKbps
 			}
 			t.Edges = append(t.Edges, edge)
 		}
@@ -361,5 +424,5 @@ func (g *topologyGraph) result(dc, source string) apiTopology {
 
 // topologyAPI returns the node's GET /api/v1/topology handler.
 func (n *Node) topologyAPI() *topologyAPI {
-	return &topologyAPI{dc: n.cfg.Datacenter, local: n.hub}
+	return &topologyAPI{dc: n.cfg.Datacenter, local: n.hub, source: func() topologySource { return nil }}
 }

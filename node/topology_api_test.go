@@ -110,22 +110,37 @@ func TestTopologyFromEtcd(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(20*time.Second))
 	defer cancel()
 
+	reg := map[string]*store.Registration{}
 	for _, dc := range []string{"a", "b", "d"} {
 		r, err := s.RegisterNode(ctx, store.Node{DC: dc, Node: dc + "1"}, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { r.Close() })
+		reg[dc] = r
 	}
 	updated := time.Date(2026, 12, 1, 23, 0, 0, 0, time.UTC)
 	for _, l := range []store.Link{
 		{From: "a", To: "b", RTTMs: 5.1, JitterMs: 0.2, BandwidthKbps: 100000},
 		{From: "b", To: "d", RTTMs: 4.9, Loss: 0.01, BandwidthKbps: 50000},
 		{From: "a", To: "c", RTTMs: 40, BandwidthKbps: 20000},
-		{From: "c", To: "d", RTTMs: 40, Down: true},
+		{From: "d", To: "c", RTTMs: 40, Down: true}, // configured at d, c is dead
 	} {
 		l.Updated = updated
-		putLink(t, ctx, s, l)
+		if err := s.PutLink(ctx, reg[l.From], l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// x is published at a at 4 Mbit/s and watched at d; y is published at b
+	// and watched nowhere else, so it has no route.
+	if err := s.ClaimStream(ctx, reg["a"], "x"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetStreamBitrate(ctx, reg["a"], "x", 4000); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ClaimStream(ctx, reg["b"], "y"); err != nil {
+		t.Fatal(err)
 	}
 	if err := s.PutRoute(ctx, store.Route{Stream: "x", Version: 3, Origin: "a",
 		Parent: map[string]string{"d": "b", "b": "a"}, Backup: map[string]string{"d": "c"}}); err != nil {
@@ -141,7 +156,12 @@ func TestTopologyFromEtcd(t *testing.T) {
 		return ok
 	})
 
-	api := &topologyAPI{dc: "d", source: etcdSource{s}, local: dLocal}
+	// d also knows y's path by announcement (b → d): without a route, that
+	// is y's tree as d answers.
+	local := fakeLocal{links: dLocal.links, streams: func() []relay.StreamInfo {
+		return append(dLocal.streams(), relay.StreamInfo{Name: "y", Origin: "b", Hops: []string{"b", "d"}})
+	}}
+	api := &topologyAPI{dc: "d", source: func() topologySource { return s }, local: local}
 	got, _ := getTopology(t, api)
 	diffJSON(t, got, wantJSON(t, `{
 		"datacenter": "d",
@@ -154,18 +174,20 @@ func TestTopologyFromEtcd(t *testing.T) {
 			{"dc": "d", "up": true, "nodes": ["d1"]}
 		],
 		"links": [
-			{"from": "a", "to": "b", "rtt_ms": 5.1, "jitter_ms": 0.2, "loss": 0, "bandwidth_kbps": 100000, "down": false, "streams": 1, "updated": "2026-12-01T23:00:00Z"},
-			{"from": "a", "to": "c", "rtt_ms": 40, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 20000, "down": false, "streams": 0, "updated": "2026-12-01T23:00:00Z"},
-			{"from": "b", "to": "d", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0.01, "bandwidth_kbps": 50000, "down": false, "streams": 1, "updated": "2026-12-01T23:00:00Z"},
-			{"from": "c", "to": "d", "rtt_ms": 40, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 0, "down": true, "streams": 0, "updated": "2026-12-01T23:00:00Z"}
+			{"from": "a", "to": "b", "rtt_ms": 5.1, "jitter_ms": 0.2, "loss": 0, "bandwidth_kbps": 100000, "down": false, "streams": 1, "load_kbps": 4000, "updated": "2026-12-01T23:00:00Z"},
+			{"from": "a", "to": "c", "rtt_ms": 40, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 20000, "down": false, "streams": 0, "load_kbps": 0, "updated": "2026-12-01T23:00:00Z"},
+			{"from": "b", "to": "d", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0.01, "bandwidth_kbps": 50000, "down": false, "streams": 2, "load_kbps": 4000, "updated": "2026-12-01T23:00:00Z"},
+			{"from": "d", "to": "c", "rtt_ms": 40, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 0, "down": true, "streams": 0, "load_kbps": 0, "updated": "2026-12-01T23:00:00Z"}
 		],
 		"trees": [
-			{"stream": "x", "origin": "a", "version": 3,
+			{"stream": "x", "origin": "a", "version": 3, "bitrate_kbps": 4000,
 			 "edges": [
 				{"from": "a", "to": "b", "rtt_ms": 5.1, "delay_ms": 2.55},
 				{"from": "b", "to": "d", "rtt_ms": 4.9, "delay_ms": 2.45}
 			 ],
-			 "backup": {"d": "c"}}
+			 "backup": {"d": "c"}},
+			{"stream": "y", "origin": "b", "version": 0, "bitrate_kbps": 0,
+			 "edges": [{"from": "b", "to": "d", "rtt_ms": 4.9, "delay_ms": 2.45}], "backup": {}}
 		]
 	}`))
 
@@ -176,7 +198,7 @@ func TestTopologyFromEtcd(t *testing.T) {
 		return err == nil && l == ""
 	})
 	got, _ = getTopology(t, api)
-	if got["leader"] != "" || len(got["trees"].([]any)) != 1 {
+	if got["leader"] != "" || len(got["trees"].([]any)) != 2 {
 		t.Fatalf("with no manager: leader %q, trees %v; want leader \"\" and x's tree kept", got["leader"], got["trees"])
 	}
 }
@@ -186,6 +208,28 @@ func TestTopologyFromEtcd(t *testing.T) {
 func TestTopologyLocal(t *testing.T) {
 	got, _ := getTopology(t, &topologyAPI{dc: "d", local: dLocal})
 	diffJSON(t, got, wantLocalD)
+}
+
+// TestTopologyLocalMeasured: a node that measures its links shows its own
+// smoothed figures for the outgoing direction.
+func TestTopologyLocalMeasured(t *testing.T) {
+	upd := time.Date(2026, 12, 1, 23, 30, 0, 0, time.UTC)
+	got, _ := getTopology(t, &topologyAPI{dc: "d", local: dLocal, measured: func() []store.Link {
+		return []store.Link{{From: "d", To: "b", RTTMs: 5, JitterMs: 0.3, Loss: 0.002, BandwidthKbps: 80000, Updated: upd}}
+	}})
+	want := wantJSON(t, mustJSON(t, wantLocalD))
+	want["links"].([]any)[1] = map[string]any{"from": "d", "to": "b", "rtt_ms": 5.0, "jitter_ms": 0.3, "loss": 0.002,
+		"bandwidth_kbps": 80000.0, "down": false, "streams": 0.0, "load_kbps": 0.0, "updated": "2026-12-01T23:30:00Z"}
+	diffJSON(t, got, want)
+}
+
+func mustJSON(t *testing.T, v any) string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
 
 // wantLocalD is d's own view (dLocal): the link to b both ways, loss as it
@@ -204,11 +248,11 @@ func init() {
 			{"dc": "d", "up": true, "nodes": []}
 		],
 		"links": [
-			{"from": "b", "to": "d", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0.01, "bandwidth_kbps": 0, "down": false, "streams": 1},
-			{"from": "d", "to": "b", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 0, "down": false, "streams": 0}
+			{"from": "b", "to": "d", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0.01, "bandwidth_kbps": 0, "down": false, "streams": 1, "load_kbps": 0},
+			{"from": "d", "to": "b", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 0, "down": false, "streams": 0, "load_kbps": 0}
 		],
 		"trees": [
-			{"stream": "x", "origin": "a", "version": 0,
+			{"stream": "x", "origin": "a", "version": 0, "bitrate_kbps": 0,
 			 "edges": [
 				{"from": "a", "to": "b", "rtt_ms": null, "delay_ms": null},
 				{"from": "b", "to": "d", "rtt_ms": 4.9, "delay_ms": 2.45}
@@ -231,7 +275,7 @@ func TestTopologyEtcdUnreachable(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
-	got, took := getTopology(t, &topologyAPI{dc: "d", source: etcdSource{s}, local: dLocal})
+	got, took := getTopology(t, &topologyAPI{dc: "d", source: func() topologySource { return s }, local: dLocal})
 	msg, _ := got["etcd_error"].(string)
 	t.Logf("answered in %v: etcd_error %q", took.Round(time.Millisecond), msg)
 	if !strings.Contains(msg, "etcd did not answer within 1s") || !strings.Contains(msg, "check that etcd runs") {
@@ -251,7 +295,7 @@ func TestTopologyEtcdBadValue(t *testing.T) {
 	if _, err := s.Client().Put(ctx, s.RouteKey("x"), "{not json"); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := getTopology(t, &topologyAPI{dc: "d", source: etcdSource{s}, local: dLocal})
+	got, _ := getTopology(t, &topologyAPI{dc: "d", source: func() topologySource { return s }, local: dLocal})
 	msg, _ := got["etcd_error"].(string)
 	if !strings.Contains(msg, s.RouteKey("x")) || !strings.Contains(msg, "holds no valid value") {
 		t.Errorf("etcd_error %q: want it to name the key %s that holds no valid value", msg, s.RouteKey("x"))

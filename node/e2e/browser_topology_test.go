@@ -210,6 +210,22 @@ func TestBrowserTopology(t *testing.T) {
 	}
 	page.screenshot("topology.png")
 
+	// Colour the links by load instead: every link line changes class and
+	// the load legend replaces the RTT one.
+	var classes []string
+	if err := page.eval(`(() => { const s = document.getElementById('colour-by');
+		s.value = 'load'; s.dispatchEvent(new Event('change'));
+		if (document.getElementById('legend-load').hidden || !document.getElementById('legend-rtt').hidden) return ['legend not switched'];
+		return [...document.querySelectorAll('#map g.link')].map((g) => g.getAttribute('class')); })()`, &classes); err != nil {
+		page.fatalf("cannot colour the links by load: %v", err)
+	}
+	for _, c := range classes {
+		if !strings.Contains(c, " load-") && !strings.Contains(c, " down") {
+			page.fatalf("after choosing load the links have classes %q; want load-* on every link up", classes)
+		}
+	}
+	page.screenshot("topology-load.png")
+
 	// Live: a stream published at b later shows up in the picker without a
 	// reload, and x stays selected.
 	publishAt(t, c.Nodes[1], "y")

@@ -1,6 +1,6 @@
 // Stemflow topology page: draws /api/v1/topology every second as an SVG map
-// of the datacenters and their links (coloured by RTT, thicker with more
-// streams) and highlights the selected stream's tree. Everything is built
+// of the datacenters and their links (coloured by RTT or by load, thicker
+// with more streams) and highlights the selected stream's tree. Everything is built
 // with DOM calls and textContent: no data ever becomes markup. Tests read
 // window.stemflowTopology.
 'use strict';
@@ -14,6 +14,8 @@
 
   const map = document.getElementById('map');
   const picker = document.getElementById('stream');
+  const colourBy = document.getElementById('colour-by');
+  const legends = { rtt: document.getElementById('legend-rtt'), load: document.getElementById('legend-load') };
   const leaderTag = document.getElementById('leader');
   const sourceTag = document.getElementById('source');
   const sourceNote = document.getElementById('source-note');
@@ -27,6 +29,7 @@
     source: '',
     leader: '',
     stream: new URLSearchParams(location.search).get('stream') || '',
+    colourBy: 'rtt', // or 'load'
     datacenters: [],
     treeEdges: [], // [from, to] of the selected tree, as drawn
     error: '',
@@ -34,6 +37,13 @@
   window.stemflowTopology = state;
 
   let last = null; // the last answer, redrawn when the picker changes
+
+  colourBy.addEventListener('change', () => {
+    state.colourBy = colourBy.value === 'load' ? 'load' : 'rtt';
+    legends.rtt.hidden = state.colourBy !== 'rtt';
+    legends.load.hidden = state.colourBy !== 'load';
+    if (last) draw(last);
+  });
 
   picker.addEventListener('change', () => {
     state.stream = picker.value;
@@ -77,6 +87,15 @@
     return 'rtt-bad';
   }
 
+  /** The colour class of a link's use of its bandwidth (0 to 1, or null when not measured). */
+  function loadClass(use, kbps) {
+    if (use === null) return kbps > 0 ? 'load-unknown' : 'load-low';
+    if (use < 0.5) return 'load-low';
+    if (use < 0.8) return 'load-mid';
+    if (use < 0.95) return 'load-high';
+    return 'load-bad';
+  }
+
   /** Places the datacenters on a circle, in name order. */
   function layout(names) {
     const pos = new Map();
@@ -103,11 +122,13 @@
       const key = from < to ? `${from}\u0000${to}` : `${to}\u0000${from}`;
       let p = out.get(key);
       if (!p) {
-        p = { a: from < to ? from : to, b: from < to ? to : from, rtt: 0, loss: 0, streams: 0, up: false, dirs: [] };
+        p = { a: from < to ? from : to, b: from < to ? to : from, rtt: 0, loss: 0, streams: 0, kbps: 0, use: null, up: false, dirs: [] };
         out.set(key, p);
       }
       p.dirs.push(l);
       p.streams += num(l.streams);
+      p.kbps = Math.max(p.kbps, num(l.load_kbps));
+      if (num(l.bandwidth_kbps) > 0) p.use = Math.max(p.use || 0, num(l.load_kbps) / num(l.bandwidth_kbps));
       if (!l.down) {
         p.up = true;
         p.rtt = Math.max(p.rtt, num(l.rtt_ms));
@@ -153,6 +174,7 @@
         if (num(l.bandwidth_kbps)) parts.push(`bandwidth ${stemflow.formatBitrate(num(l.bandwidth_kbps) * 1000)}`);
       }
       parts.push(`${num(l.streams)} stream(s)`);
+      if (num(l.load_kbps)) parts.push(`load ${stemflow.formatBitrate(num(l.load_kbps) * 1000)}`);
       lines.push(parts.join(' '));
     }
     return lines.join('\n');
@@ -202,12 +224,18 @@
       const b = pos.get(p.b);
       if (!a || !b) continue;
       const width = 2 + 2 * Math.min(p.streams, 6);
-      const cls = `link ${p.up ? rttClass(p.rtt) : 'down'}`;
-      const g = svg('g', { class: cls, 'data-a': p.a, 'data-b': p.b, 'data-rtt': p.rtt, 'data-streams': p.streams },
+      const colour = state.colourBy === 'load' ? loadClass(p.use, p.kbps) : rttClass(p.rtt);
+      const cls = `link ${p.up ? colour : 'down'}`;
+      const g = svg('g', { class: cls, 'data-a': p.a, 'data-b': p.b, 'data-rtt': p.rtt, 'data-streams': p.streams, 'data-load-kbps': p.kbps },
         svg('line', { x1: a.x, y1: a.y, x2: b.x, y2: b.y, 'stroke-width': width }),
         title(linkTitle(p)));
       const mid = { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 };
-      const label = p.up ? ms(p.rtt) + (p.streams ? ` · ${p.streams}▸` : '') : 'down';
+      let label = 'down';
+      if (p.up && state.colourBy === 'load') {
+        label = (p.kbps ? stemflow.formatBitrate(p.kbps * 1000) : `${p.streams}▸`) + (p.use === null ? '' : ` · ${Math.round(p.use * 100)} %`);
+      } else if (p.up) {
+        label = ms(p.rtt) + (p.streams ? ` · ${p.streams}▸` : '');
+      }
       g.append(svg('text', { x: mid.x, y: mid.y + 4, class: 'link-label' }, label)); // on the line: tree edges run beside it
       linkLayer.append(g);
     }
@@ -263,8 +291,10 @@
       const hops = edges.map((e) => `${e.from} → ${e.to}` +
         (e.delay_ms === null || e.delay_ms === undefined ? '' : ` ${ms(e.delay_ms)}`));
       const back = Object.entries(backup).map(([dc, p]) => `${dc} ⇢ ${p}`);
+      const rate = num(tree.bitrate_kbps) ? ` · ${stemflow.formatBitrate(num(tree.bitrate_kbps) * 1000)}` : '';
+      const how = tree.version ? ` · route v${tree.version}` : ' · no route: as announcements lead it';
       treePath.textContent = `${state.stream} from ${tree.origin}: ${hops.join(', ') || 'no hop yet'}` +
-        (back.length ? ` · backups ${back.join(', ')}` : '');
+        (back.length ? ` · backups ${back.join(', ')}` : '') + rate + how;
     } else {
       treePath.textContent = state.stream ? `${state.stream} has no tree right now.` : (trees.length ? 'Pick a stream to see its tree.' : 'No stream is live.');
     }
