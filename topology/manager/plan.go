@@ -114,15 +114,12 @@ func (st *state) problem(prev map[string]store.Route, defaultKbps float64) topol
 			Loss:         l.Loss,
 			CapacityKbps: l.BandwidthKbps})
 	}
-	// Map order must not reach the planner: equal links would tie
-	// differently from run to run.
-	slices.SortFunc(p.Links, func(a, b topology.Link) int {
-		return cmp.Or(cmp.Compare(a.From, b.From), cmp.Compare(a.To, b.To))
-	})
+	// Neither the links' nor the streams' order matters: the planner
+	// indexes datacenters by name, a link appears once per direction, and
+	// Compute places streams by bitrate and name.
 	p.Streams = make([]topology.StreamDemand, 0, len(st.streams))
 	p.Previous = make(map[string]*topology.Tree, len(prev))
-	for _, name := range slices.Sorted(maps.Keys(st.streams)) {
-		s := st.streams[name]
+	for name, s := range st.streams {
 		if st.dcs[s.OriginDC] == 0 {
 			continue // its origin's node is gone: the stream key goes soon too
 		}
@@ -131,10 +128,10 @@ func (st *state) problem(prev map[string]store.Route, defaultKbps float64) topol
 			rate = defaultKbps
 		}
 		d := topology.StreamDemand{Name: name, Origin: s.OriginDC, BitrateKbps: rate}
+		d.Subscribers = make([]string, 0, len(st.subs[name]))
 		for dc := range st.subs[name] {
-			d.Subscribers = append(d.Subscribers, dc)
+			d.Subscribers = append(d.Subscribers, dc) // the planner sorts them
 		}
-		slices.Sort(d.Subscribers)
 		p.Streams = append(p.Streams, d)
 		if rt, ok := prev[name]; ok {
 			p.Previous[name] = &topology.Tree{Stream: name, Origin: rt.Origin, Parent: rt.Parent}
@@ -164,6 +161,7 @@ func plan(st *state, routes map[string]store.Route, params topology.Params, defa
 			deletes = append(deletes, name)
 		}
 	}
+	slices.SortFunc(puts, func(a, b store.Route) int { return cmp.Compare(a.Stream, b.Stream) })
 	slices.Sort(deletes)
 	return puts, deletes
 }
