@@ -52,6 +52,8 @@ func newForwardPath(tb testing.TB, size int) *forwardPath {
 	s.setReady(h264Desc)
 	in := newLink(h, nil, nil, "a")
 	in.ups[1] = &upSub{id: 1, s: s, l: in}
+	s.src = in.ups[1]
+	s.in.setActive(s.src)
 	out := newLink(h, nil, nil, "c")
 	conn := newFakeDatagramConn(1400)
 	out.tx = newLinkSender(out, conn)

@@ -11,5 +11,17 @@
 // subscriber leaves: a stream crosses a link only while something downstream
 // watches it.
 //
+// Where a node takes a relayed stream from is steered (steer.go): the
+// topology manager's Route for the stream names a parent and a backup
+// neighbour, and announcements decide where there is no route. A relayed
+// Stream outlives each of its upstream subscriptions (its sources): when
+// one dies the stream, with its viewers attached, takes the stream from
+// elsewhere, and it ends only when its origin ends it or nowhere else has
+// it. A new route moves a flowing stream make-before-break, and the
+// stream's ingress (splice.go) splices the two sources by RTP sequence
+// number so viewers see no gap and no duplicate. Links beat every 100 ms;
+// a neighbour silent for 300 ms is dead for steering (heartbeat.go) and its
+// streams fail over to their backups at once.
+//
 // relay imports no protocol package; protocol packages import relay.
 package relay

@@ -194,7 +194,7 @@ func (l *fakeLink) dropEnd(cause error) {
 	ups := slices.Clone(l.ups)
 	l.mu.Unlock()
 	for _, u := range ups {
-		l.hub.removeStream(u.s, fmt.Errorf("link to datacenter %s lost: %w", l.peer, cause))
+		l.hub.upstreamEnded(u.s, u, fmt.Errorf("link to datacenter %s lost: %w", l.peer, cause))
 	}
 	l.wg.Wait()
 }
@@ -240,20 +240,27 @@ func (u *fakeUp) stop() {
 }
 
 // ready answers the subscription with the stream's description.
-func (u *fakeUp) ready(desc Description) { u.readyOnce.Do(func() { u.s.setReady(desc.Clone()) }) }
+func (u *fakeUp) ready(desc Description) { u.readyHops(desc, nil) }
+
+// readyHops answers the subscription with the description and the path the
+// stream takes to the neighbour.
+func (u *fakeUp) readyHops(desc Description, hops []string) {
+	u.readyOnce.Do(func() { u.l.hub.sourceReady(u.s, u, desc.Clone(), 0, hops) })
+}
 
 // write delivers one packet of the stream, as it arrives from upstream.
-func (u *fakeUp) write(p Packet) { u.s.writePacket(&p) }
+func (u *fakeUp) write(p Packet) { u.s.receive(u, &p) }
 
-// end ends the stream from upstream (a subscribe error, the stream ended).
-func (u *fakeUp) end(err error) { u.l.hub.removeStream(u.s, err) }
+// end ends the subscription from upstream (a subscribe error, the stream
+// ended there, the link lost).
+func (u *fakeUp) end(err error) { u.l.hub.upstreamEnded(u.s, u, err) }
 
 // serve subscribes at the remote hub and feeds what arrives into the local
 // stream, until the hub stops the subscription or the link drops.
 func (u *fakeUp) serve(ctx context.Context) {
 	defer u.l.wg.Done()
 	remote := u.l.remote.hub
-	feed := downstreamFunc(func(p *Packet) { u.s.writePacket(p) })
+	feed := downstreamFunc{peer: u.l.remote.peer, f: func(p *Packet) { u.s.receive(u, p) }}
 	sub, err := remote.Subscribe(ctx, u.s.name, feed)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -262,17 +269,28 @@ func (u *fakeUp) serve(ctx context.Context) {
 		return
 	}
 	defer sub.Close()
-	u.ready(sub.Description())
-	select {
-	case <-sub.Done():
-		u.end(fmt.Errorf("upstream datacenter %s: %w", u.l.peer, sub.Err()))
-	case <-ctx.Done():
+	hops, pathChanged := remote.watchPath(sub.Stream())
+	u.readyHops(sub.Description(), hops)
+	for {
+		select {
+		case <-pathChanged:
+			hops, pathChanged = remote.watchPath(sub.Stream())
+			u.l.hub.sourcePath(u.s, u, hops)
+			continue
+		case <-sub.Done():
+			u.end(fmt.Errorf("upstream datacenter %s: %w", u.l.peer, sub.Err()))
+		case <-ctx.Done():
+		}
+		return
 	}
 }
 
 // downstreamFunc is a downstream datacenter's subscriber, as a link makes
 // one: it does not count as local interest.
-type downstreamFunc func(p *Packet)
+type downstreamFunc struct {
+	peer string // the downstream datacenter
+	f    func(p *Packet)
+}
 
-func (f downstreamFunc) WritePacket(p *Packet) { f(p) }
-func (downstreamFunc) downstream()             {}
+func (d downstreamFunc) WritePacket(p *Packet)  { d.f(p) }
+func (d downstreamFunc) downstreamPeer() string { return d.peer }

@@ -58,6 +58,7 @@ type Hub struct {
 	routes  map[string]map[string]advert // stream → neighbour → what it announced
 	links   map[string]link              // connected neighbours by datacenter name
 	steer   map[string]Route             // routes set by the topology layer (steer.go)
+	silent  map[string]bool              // neighbours whose link is up but silent (heartbeat.go)
 	wants   map[string]int               // Want holders by stream
 	// interest is what Interest reports; interestChanged is closed and
 	// replaced when it changes.
@@ -84,6 +85,7 @@ func NewHub(cfg Config) *Hub {
 		routes:  make(map[string]map[string]advert),
 		links:   make(map[string]link),
 		steer:   make(map[string]Route),
+		silent:  make(map[string]bool),
 		wants:   make(map[string]int),
 
 		interestChanged: make(chan struct{}),
@@ -167,9 +169,12 @@ func (h *Hub) Subscribe(ctx context.Context, name string, sub Subscriber) (*Subs
 	if err := ValidateStreamName(name); err != nil {
 		return nil, err
 	}
-	_, downstream := sub.(downstreamSubscriber)
-	local := !downstream
-	s, err := h.acquire(name, local)
+	from := ""
+	if d, ok := sub.(downstreamSubscriber); ok {
+		from = d.downstreamPeer()
+	}
+	local := from == ""
+	s, err := h.acquire(name, from)
 	if err != nil {
 		return nil, err
 	}
@@ -190,9 +195,11 @@ func (h *Hub) Subscribe(ctx context.Context, name string, sub Subscriber) (*Subs
 // acquire returns the named stream, subscribing upstream when it is live in
 // another datacenter, and takes an interest in it: a relayed stream stays
 // while anything holds one (a Subscribe waiting for it, or attached) and
-// lingers after the last is released. local is false for a downstream
-// datacenter's subscription, which is no interest of this node's clients.
-func (h *Hub) acquire(name string, local bool) (*Stream, error) {
+// lingers after the last is released. from is the downstream datacenter
+// that asks, "" for this node's own clients: its interest is none of this
+// node's clients', and the stream is never taken from it (a loop).
+func (h *Hub) acquire(name, from string) (*Stream, error) {
+	local := from == ""
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed {
@@ -200,14 +207,20 @@ func (h *Hub) acquire(name string, local bool) (*Stream, error) {
 	}
 	s, ok := h.streams[name]
 	if !ok {
-		l, origin, hops := h.upstreamLinkLocked(name)
+		l, origin, hops := h.pickLinkLocked(name, map[string]bool{from: true})
 		if l == nil {
 			return nil, fmt.Errorf("%w: %q is not live in any datacenter", ErrStreamNotFound, name)
 		}
 		s = newStream(h, name, origin)
 		s.hops = append(slices.Clone(hops), h.cfg.Datacenter)
 		s.src = l.subscribe(s)
+		s.in.setActive(s.src)
 		h.streams[name] = s
+	} else if from != "" && !s.localLocked() {
+		h.syncSourcesLocked(s)
+		if s.src.peer() == from || s.next != nil && s.next.peer() == from {
+			return nil, fmt.Errorf("stream %q: this datacenter takes it from datacenter %s: subscribing there would loop", name, from)
+		}
 	}
 	s.interest++
 	if local {
@@ -255,9 +268,11 @@ func (h *Hub) lingerOut(s *Stream, gen uint64) {
 		h.mu.Unlock()
 		return
 	}
-	src := h.forgetLocked(s)
+	stops := h.forgetLocked(s)
 	h.mu.Unlock()
-	src.stop()
+	for _, src := range stops {
+		src.stop()
+	}
 	s.end(errIdle)
 	h.log.Debug("relayed stream stopped: no subscribers", "stream", s.name, "linger", h.cfg.Linger)
 }
@@ -265,24 +280,33 @@ func (h *Hub) lingerOut(s *Stream, gen uint64) {
 // removeStream forgets s, stops its source and ends it.
 func (h *Hub) removeStream(s *Stream, reason error) {
 	h.mu.Lock()
-	src := s.src
+	stops := []source{s.src}
 	if h.streams[s.name] == s {
-		h.forgetLocked(s)
+		stops = h.forgetLocked(s)
 	}
 	h.mu.Unlock()
-	src.stop()
+	for _, src := range stops {
+		src.stop()
+	}
 	s.end(reason)
 }
 
 // forgetLocked removes s from the streams and tells the neighbours what
-// changed; it returns the source to stop once h.mu is released.
-func (h *Hub) forgetLocked(s *Stream) source {
+// changed; it returns the sources to stop once h.mu is released.
+func (h *Hub) forgetLocked(s *Stream) []source {
+	h.syncSourcesLocked(s)
+	stops := []source{s.src}
+	if s.next != nil {
+		stops = append(stops, s.next)
+		s.in.drop(s.next)
+		s.next = nil
+	}
 	before := h.advertLocked(s.name)
 	delete(h.streams, s.name)
 	h.stopLingerLocked(s)
 	h.advertiseLocked(s.name, before)
 	h.interestChangedLocked()
-	return s.src
+	return stops
 }
 
 // StreamInfo describes a live stream for listings. The HTTP API's JSON shape
@@ -326,9 +350,12 @@ func (h *Hub) Streams() []StreamInfo {
 	out := make([]StreamInfo, 0, len(h.streams)+len(h.routes))
 	seen := make(map[string]bool)
 	var local []*Stream
+	hops := make(map[*Stream][]string, len(h.streams))
 	for name, s := range h.streams {
 		seen[name] = true
 		local = append(local, s)
+		h.syncSourcesLocked(s)
+		hops[s] = slices.Clone(s.hops)
 	}
 	for name := range h.routes {
 		if r, ok := h.bestRouteLocked(name); ok && !seen[name] {
@@ -339,7 +366,7 @@ func (h *Hub) Streams() []StreamInfo {
 	h.mu.Unlock()
 	for _, s := range local {
 		info := StreamInfo{Name: s.name, Origin: s.origin, Local: true, Subscribers: s.subscriberCount(),
-			Hops: s.hops, Since: s.since, Packets: s.packets.Load(), Bytes: s.bytes.Load(),
+			Hops: hops[s], Since: s.since, Packets: s.packets.Load(), Bytes: s.bytes.Load(),
 			SentPackets: s.sentPackets.Load(), SentBytes: s.sentBytes.Load(), BFrames: s.Flags()&FlagBFrames != 0}
 		select {
 		case <-s.ready:

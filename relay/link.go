@@ -219,17 +219,19 @@ func (l *quicLink) handleControl(m *controlMsg) {
 	case msgSubscribeOK:
 		if u := l.upSub(m.SubID, false); u != nil {
 			if err := m.Desc.Validate(); err != nil {
-				l.hub.removeStream(u.s, fmt.Errorf("datacenter %s sent a bad description: %w", l.peer, err))
+				u.stop()
+				l.hub.upstreamEnded(u.s, u, fmt.Errorf("datacenter %s sent a bad description: %w", l.peer, err))
 				return
 			}
-			u.ready.Do(func() {
-				u.s.setFlags(Flags(m.Flags)) // before subscribers can see the stream
-				u.s.setReady(m.Desc)
-			})
+			l.hub.sourceReady(u.s, u, m.Desc, Flags(m.Flags), m.Hops)
 		}
 	case msgStreamFlags:
 		if u := l.upSub(m.SubID, false); u != nil {
 			u.s.setFlags(Flags(m.Flags))
+		}
+	case msgStreamPath:
+		if u := l.upSub(m.SubID, false); u != nil && len(m.Hops) > 0 {
+			l.hub.sourcePath(u.s, u, m.Hops)
 		}
 	case msgSubscribeError:
 		if u := l.upSub(m.SubID, true); u != nil {
@@ -237,11 +239,16 @@ func (l *quicLink) handleControl(m *controlMsg) {
 			if m.Code == codeNotFound {
 				err = fmt.Errorf("%w: datacenter %s: %s", ErrStreamNotFound, l.peer, m.Reason)
 			}
-			l.hub.removeStream(u.s, err)
+			l.hub.upstreamEnded(u.s, u, err)
 		}
 	case msgStreamEnd:
 		if u := l.upSub(m.SubID, true); u != nil {
-			l.hub.removeStream(u.s, fmt.Errorf("upstream datacenter %s: %s", l.peer, m.Reason))
+			err := fmt.Errorf("upstream datacenter %s: %s", l.peer, m.Reason)
+			if m.Code == codePublisherGone {
+				// The origin ended it: nowhere else has it either.
+				err = fmt.Errorf("%w (upstream datacenter %s: %s)", ErrPublisherGone, l.peer, m.Reason)
+			}
+			l.hub.upstreamEnded(u.s, u, err)
 		}
 	default:
 		l.log.Warn("unexpected control message", "type", m.Type)
@@ -268,7 +275,7 @@ func (l *quicLink) closeSubscriptions(cause error) {
 		d.close()
 	}
 	for _, u := range ups {
-		l.hub.removeStream(u.s, fmt.Errorf("link to datacenter %s lost: %w", l.peer, cause))
+		l.hub.upstreamEnded(u.s, u, fmt.Errorf("link to datacenter %s lost: %w", l.peer, cause))
 	}
 }
 
@@ -293,10 +300,9 @@ func (l *quicLink) subscribe(s *Stream) source {
 
 // upSub is a stream this node receives from the neighbour.
 type upSub struct {
-	id    uint32
-	s     *Stream
-	l     *quicLink
-	ready sync.Once
+	id uint32
+	s  *Stream
+	l  *quicLink
 
 	// Owned by the datagram reader.
 	lastSeq uint32
@@ -385,22 +391,30 @@ func (l *quicLink) serveSubscribe(id uint32, name string) {
 		}
 		d.sub.Store(sub)
 		flags, flagsChanged := sub.Stream().watchFlags()
-		l.sendCtl(&controlMsg{Type: msgSubscribeOK, SubID: id, Desc: sub.Description(), Flags: uint32(flags)})
+		hops, pathChanged := l.hub.watchPath(sub.Stream())
+		l.sendCtl(&controlMsg{Type: msgSubscribeOK, SubID: id, Desc: sub.Description(), Flags: uint32(flags), Hops: hops})
 		for {
 			select {
 			case <-flagsChanged:
 				flags, flagsChanged = sub.Stream().watchFlags()
 				l.sendCtl(&controlMsg{Type: msgStreamFlags, SubID: id, Flags: uint32(flags)})
 				continue
+			case <-pathChanged:
+				hops, pathChanged = l.hub.watchPath(sub.Stream())
+				l.sendCtl(&controlMsg{Type: msgStreamPath, SubID: id, Hops: hops})
+				continue
 			case <-sub.Done():
 				l.mu.Lock()
 				delete(l.downs, id)
 				l.mu.Unlock()
-				reason := "stream ended"
+				reason, code := "stream ended", uint64(0)
 				if err := sub.Err(); err != nil {
 					reason = err.Error()
 				}
-				l.sendCtl(&controlMsg{Type: msgStreamEnd, SubID: id, Reason: reason})
+				if errors.Is(sub.Err(), ErrPublisherGone) {
+					code = codePublisherGone
+				}
+				l.sendCtl(&controlMsg{Type: msgStreamEnd, SubID: id, Code: code, Reason: reason})
 			case <-d.closed:
 			case <-l.ctx.Done():
 			}
@@ -427,7 +441,7 @@ type downSub struct {
 
 var _ downstreamSubscriber = (*downSub)(nil)
 
-func (d *downSub) downstream() {}
+func (d *downSub) downstreamPeer() string { return d.l.peer }
 
 func (d *downSub) WritePacket(p *Packet) { d.WriteBuffer(NewBuffer(p)) }
 

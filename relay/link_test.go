@@ -91,6 +91,8 @@ func (p *linkPair) relay(t *testing.T, name string, id uint32) *seqRecorder {
 	s := newStream(p.b, name, "a")
 	s.setReady(h264Desc)
 	p.rx.ups[id] = &upSub{id: id, s: s, l: p.rx}
+	s.src = p.rx.ups[id]
+	s.in.setActive(s.src)
 	rec := &seqRecorder{}
 	s.attach(rec, true)
 	return rec

@@ -89,5 +89,5 @@ func (r *linkReceiver) handle(b []byte) {
 	}
 	l.received.Add(1)
 	r.pkt = Packet{Track: r.h.Track, Keyframe: r.h.Flags&flagKeyframe != 0, Data: payload}
-	u.s.writePacket(&r.pkt)
+	u.s.receive(u, &r.pkt)
 }

@@ -1,6 +1,8 @@
 package relay
 
 import (
+	"errors"
+	"fmt"
 	"slices"
 	"sort"
 )
@@ -106,20 +108,11 @@ func (h *Hub) Upstream(stream string) (parent, origin string, ok bool) {
 		if s.localLocked() {
 			return "", h.cfg.Datacenter, true
 		}
+		h.syncSourcesLocked(s)
 		return s.src.peer(), s.origin, true
 	}
-	best, found := h.bestRouteLocked(stream)
-	if r, ok := h.steer[stream]; ok && r.Parent != "" {
-		if h.links[r.Parent] != nil {
-			origin := best.origin
-			if ad, ok := h.routes[stream][r.Parent]; ok {
-				origin = ad.hops[0]
-			}
-			return r.Parent, origin, true
-		}
-	}
-	if found {
-		return best.via, best.origin, true
+	if l, origin, _ := h.pickLinkLocked(stream, nil); l != nil {
+		return l.neighbour(), origin, true
 	}
 	return "", "", false
 }
@@ -148,17 +141,44 @@ func (h *Hub) interestChangedLocked() {
 	h.interestChanged = make(chan struct{})
 }
 
-// upstreamLinkLocked picks the link to subscribe to a stream through: the
-// route's parent when its link is up, else the neighbour of the best
-// announcement. It returns nil when there is none.
-func (h *Hub) upstreamLinkLocked(name string) (l link, origin string, hops []string) {
-	best, found := h.bestRouteLocked(name)
-	if r, ok := h.steer[name]; ok && r.Parent != "" {
-		if l := h.links[r.Parent]; l != nil {
-			if ad, ok := h.routes[name][r.Parent]; ok {
-				return l, ad.hops[0], ad.hops
+// usableLocked reports whether new subscriptions may go through a
+// neighbour: its link is up and it has not gone silent (see heartbeat.go).
+func (h *Hub) usableLocked(peer string) bool {
+	return h.links[peer] != nil && !h.silent[peer]
+}
+
+// pickLinkLocked picks the link to take a stream through, leaving out the
+// neighbours in exclude: the route's parent, else its backup, else the
+// neighbour of the best announcement; only neighbours that are usable. It
+// returns nil when there is none; origin and hops come from that
+// neighbour's announcement, when it made one.
+func (h *Hub) pickLinkLocked(name string, exclude map[string]bool) (l link, origin string, hops []string) {
+	var best route
+	found := false
+	for via, ad := range h.routes[name] {
+		if exclude[via] || !h.usableLocked(via) {
+			continue
+		}
+		if hops := ad.hops; !found || len(hops) < len(best.hops) || len(hops) == len(best.hops) && via < best.via {
+			best, found = route{origin: hops[0], via: via, hops: hops, flags: ad.flags}, true
+		}
+	}
+	if r, ok := h.steer[name]; ok {
+		for _, p := range []string{r.Parent, r.Backup} {
+			if p == "" || exclude[p] || !h.usableLocked(p) {
+				continue
 			}
-			return l, best.origin, nil
+			if ad, ok := h.routes[name][p]; ok {
+				return h.links[p], ad.hops[0], ad.hops
+			}
+			if origin = best.origin; origin == "" {
+				// Any neighbour's announcement names the origin.
+				for _, ad := range h.routes[name] {
+					origin = ad.hops[0]
+					break
+				}
+			}
+			return h.links[p], origin, nil
 		}
 	}
 	if !found {
@@ -167,7 +187,245 @@ func (h *Hub) upstreamLinkLocked(name string) (l link, origin string, hops []str
 	return h.links[best.via], best.origin, best.hops
 }
 
-// followRouteLocked moves a relayed stream to its route's parent. This first
-// version only records the route; the stream moves when it is subscribed
-// again.
-func (h *Hub) followRouteLocked(*Stream) {}
+// pathThrough is the path of a stream taken from upstream hops, ending at
+// this node; nil when the hops are not known.
+func (h *Hub) pathThrough(hops []string) []string {
+	if hops == nil {
+		return nil
+	}
+	return append(slices.Clone(hops), h.cfg.Datacenter)
+}
+
+// Source changes. The ingress (splice.go) is the truth about which source
+// a relayed stream forwards; the hub mirrors it in s.src and s.next, and
+// catches up with a splice the data path completed (syncSourcesLocked)
+// before every decision about the stream's sources.
+
+// followRouteLocked moves a relayed stream to its route's parent
+// make-before-break: it subscribes through the parent and lets the ingress
+// splice when the new packets arrive (then spliced retires the old source).
+func (h *Hub) followRouteLocked(s *Stream) {
+	h.syncSourcesLocked(s)
+	r := h.steer[s.name]
+	if r.Parent == "" || !h.usableLocked(r.Parent) {
+		return
+	}
+	if s.src != nil && s.src.peer() == r.Parent {
+		h.dropJoiningLocked(s) // back to where it was before the move finished
+		return
+	}
+	if s.next != nil && s.next.peer() == r.Parent {
+		return
+	}
+	h.dropJoiningLocked(s)
+	l := h.links[r.Parent]
+	s.next = l.subscribe(s)
+	s.nextHops = nil
+	if ad, ok := h.routes[s.name][r.Parent]; ok {
+		s.nextHops = h.pathThrough(ad.hops)
+	}
+	s.in.join(s.next)
+	h.log.Info("stream moving to a new parent", "stream", s.name, "from", s.src.peer(), "to", r.Parent, "route_version", r.Version)
+}
+
+// dropJoiningLocked abandons a make-before-break move in progress.
+func (h *Hub) dropJoiningLocked(s *Stream) {
+	if s.next == nil {
+		return
+	}
+	next := s.next
+	s.next, s.nextHops = nil, nil
+	s.in.drop(next)
+	next.stop()
+}
+
+// syncSourcesLocked catches the hub up with a splice the ingress completed:
+// the joining source became active, and the old one is unsubscribed.
+func (h *Hub) syncSourcesLocked(s *Stream) {
+	if s.localLocked() {
+		return
+	}
+	active, _ := s.in.sources()
+	if active == s.src || active == nil || active != s.next {
+		return
+	}
+	old := s.src
+	s.src, s.next = active, nil
+	if s.nextHops != nil {
+		h.setHopsLocked(s, s.nextHops)
+	}
+	s.nextHops = nil
+	if old != nil {
+		old.stop()
+	}
+	h.log.Info("stream spliced onto its new parent", "stream", s.name, "parent", active.peer(), "hops", s.hops)
+}
+
+// spliced is called by the data path after it made the joining source of a
+// stream active.
+func (h *Hub) spliced(s *Stream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.streams[s.name] == s {
+		h.syncSourcesLocked(s)
+	}
+}
+
+// upstreamEnded is called when one of a relayed stream's sources ends: its
+// link was lost, the upstream ended the stream or refused the subscription,
+// or its neighbour went silent. The stream outlives it when anything else
+// has it: a joining source takes over, else the route's parent or backup,
+// else the best announcement not through a neighbour that failed it. It
+// ends only when its origin ended it (ErrPublisherGone) or nowhere else has
+// it (with err).
+func (h *Hub) upstreamEnded(s *Stream, src source, err error) {
+	h.mu.Lock()
+	if h.streams[s.name] != s {
+		h.mu.Unlock()
+		return
+	}
+	h.syncSourcesLocked(s)
+	switch {
+	case src == s.next:
+		h.dropJoiningLocked(s)
+		h.mu.Unlock()
+		h.log.Info("new parent failed; the stream stays where it is", "stream", s.name, "parent", src.peer(), "err", err)
+		return
+	case src != s.src:
+		h.mu.Unlock()
+		return // retired already
+	case !errors.Is(err, ErrPublisherGone):
+		if s.failed == nil {
+			s.failed = make(map[string]bool)
+		}
+		s.failed[src.peer()] = true
+		if h.replaceSourceLocked(s) {
+			parent := s.src.peer()
+			h.mu.Unlock()
+			src.stop()
+			h.log.Info("stream switched parent", "stream", s.name, "from", src.peer(), "to", parent, "reason", err)
+			return
+		}
+	}
+	stops := h.forgetLocked(s)
+	h.mu.Unlock()
+	for _, src := range stops {
+		src.stop()
+	}
+	s.end(err)
+}
+
+// replaceSourceLocked gives a relayed stream whose active source died a new
+// one at once (break-then-make): the joining source if a move was under
+// way, else a fresh subscription. It reports false when there is none.
+func (h *Hub) replaceSourceLocked(s *Stream) bool {
+	if s.next != nil && !s.failed[s.next.peer()] {
+		s.src, s.next = s.next, nil
+		if s.nextHops != nil {
+			h.setHopsLocked(s, s.nextHops)
+		}
+		s.nextHops = nil
+		s.in.setActive(s.src)
+		return true
+	}
+	h.dropJoiningLocked(s)
+	l, _, hops := h.pickLinkLocked(s.name, s.failed)
+	if l == nil {
+		return false
+	}
+	s.src = l.subscribe(s)
+	if hops != nil {
+		h.setHopsLocked(s, h.pathThrough(hops))
+	}
+	s.in.setActive(s.src)
+	return true
+}
+
+// errLoop refuses an upstream whose path crosses this node.
+var errLoop = errors.New("upstream path crosses this datacenter (a routing loop)")
+
+// sourceReady is called when a source answered the subscription: the
+// stream's description and flags, and the upstream's path from the origin
+// (nil when it did not say). The first answer makes the stream ready; later
+// ones (another source) keep its description.
+func (h *Hub) sourceReady(s *Stream, src source, desc Description, flags Flags, hops []string) {
+	h.mu.Lock()
+	if h.streams[s.name] != s {
+		h.mu.Unlock()
+		return
+	}
+	h.syncSourcesLocked(s)
+	if slices.Contains(hops, h.cfg.Datacenter) {
+		h.mu.Unlock()
+		h.upstreamEnded(s, src, fmt.Errorf("datacenter %s: %w: %v", src.peer(), errLoop, hops))
+		return
+	}
+	switch src {
+	case s.src:
+		if hops != nil {
+			h.setHopsLocked(s, h.pathThrough(hops))
+		}
+		s.failed = nil
+	case s.next:
+		if hops != nil {
+			s.nextHops = h.pathThrough(hops)
+		}
+	default:
+		h.mu.Unlock()
+		return
+	}
+	if s.origin == "" && len(hops) > 0 && !s.isReady() {
+		s.origin = hops[0]
+	}
+	h.mu.Unlock()
+	s.setFlags(flags)
+	s.setReady(desc)
+}
+
+// watchPath returns a stream's path from its origin to this node, and a
+// channel closed when it changes: a link tells its downstream neighbour
+// (msgStreamPath), so that every hop lists the live path.
+func (h *Hub) watchPath(s *Stream) ([]string, <-chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.syncSourcesLocked(s)
+	if s.pathChanged == nil {
+		s.pathChanged = make(chan struct{})
+	}
+	return slices.Clone(s.hops), s.pathChanged
+}
+
+// setHopsLocked changes a stream's path and wakes its watchers.
+func (h *Hub) setHopsLocked(s *Stream, hops []string) {
+	if slices.Equal(s.hops, hops) {
+		return
+	}
+	s.hops = hops
+	if s.pathChanged != nil {
+		close(s.pathChanged)
+		s.pathChanged = nil
+	}
+}
+
+// sourcePath is called when a source says the path it takes the stream on
+// changed upstream.
+func (h *Hub) sourcePath(s *Stream, src source, hops []string) {
+	h.mu.Lock()
+	if h.streams[s.name] != s {
+		h.mu.Unlock()
+		return
+	}
+	h.syncSourcesLocked(s)
+	if slices.Contains(hops, h.cfg.Datacenter) {
+		h.mu.Unlock()
+		h.upstreamEnded(s, src, fmt.Errorf("datacenter %s: %w: %v", src.peer(), errLoop, hops))
+		return
+	}
+	switch src {
+	case s.src:
+		h.setHopsLocked(s, h.pathThrough(hops))
+	case s.next:
+		s.nextHops = h.pathThrough(hops)
+	}
+	h.mu.Unlock()
+}

@@ -226,3 +226,106 @@ func TestClaimGuardsPublish(t *testing.T) {
 		t.Fatalf("claimed %v released %v, want x claimed and released once", claimed, released)
 	}
 }
+
+// TestRelayedStreamOutlivesItsUpstream: on a full mesh a,b,c,d a viewer at
+// d watches a stream from a that d takes through b (its route). When b goes
+// away (the link d–b is lost; b's hub shuts down; the link a–b is lost) the
+// viewer's subscription stays and packets keep coming, now through another
+// datacenter. Before, each of these ended the stream at d ("link to
+// datacenter b lost").
+func TestRelayedStreamOutlivesItsUpstream(t *testing.T) {
+	cases := []struct {
+		name string
+		kill func(m *fakeMesh)
+		path string // d's path to x after
+	}{
+		{"link d-b lost", func(m *fakeMesh) { m.links["d"]["b"].drop(errors.New("cut")) }, "a>c>d"},
+		{"b shuts down", func(m *fakeMesh) { m.hubs["b"].Close() }, "a>c>d"},
+		// b takes it from c now (d would loop) and tells d the path.
+		{"link a-b lost", func(m *fakeMesh) { m.links["a"]["b"].drop(errors.New("cut")) }, "a>c>b>d"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			testutil.CheckLeaks(t)
+			m := newFakeMesh(t, Config{}, "a", "b", "c", "d")
+			a, d := m.hubs["a"], m.hubs["d"]
+			pub, err := a.Publish("x", h264Desc, PublishOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pub.Close()
+			for _, n := range []string{"b", "c", "d"} {
+				testutil.WaitFor(t, n+" learns of x", func() bool { return hopsOf(m.hubs[n], "x") == "a>"+n })
+			}
+			d.SetRoute("x", Route{Parent: "b", Backup: "c", Version: 1})
+			q := NewQueue(1024)
+			ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
+			defer cancel()
+			sub, err := d.Subscribe(ctx, "x", q)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sub.Close()
+			seq := uint16(0)
+			write := func() {
+				pub.WriteRTP(0, rtpPacket(t, seq, uint32(seq)*3000, seq%10 == 0, 200))
+				seq++
+			}
+			for range 5 {
+				write()
+			}
+			if got := hopsOf(d, "x"); got != "a>b>d" {
+				t.Fatalf("d takes x through %s, want a>b>d", got)
+			}
+			c.kill(m)
+			testutil.WaitFor(t, "x to flow again at d through "+c.path, func() bool {
+				write()
+				time.Sleep(time.Millisecond)
+				return hopsOf(d, "x") == c.path && q.Len() > 5
+			})
+			select {
+			case <-sub.Done():
+				t.Fatalf("the viewer's stream ended: %v", sub.Err())
+			default:
+			}
+			before := q.Len()
+			write()
+			testutil.WaitFor(t, "a packet written after the switch", func() bool { return q.Len() > before })
+			t.Logf("d takes x through %s after %s", hopsOf(d, "x"), c.name)
+		})
+	}
+}
+
+// TestOriginEndEndsEverywhere: the publisher leaving ends the stream at
+// every hop with ErrPublisherGone, and no node looks for another parent
+// (which would find none and end it later with "not found").
+func TestOriginEndEndsEverywhere(t *testing.T) {
+	testutil.CheckLeaks(t)
+	m := newFakeMesh(t, Config{}, "a", "b", "c", "d")
+	a, d := m.hubs["a"], m.hubs["d"]
+	pub, err := a.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, "d learns of x", func() bool { return hopsOf(d, "x") == "a>d" })
+	d.SetRoute("x", Route{Parent: "b", Backup: "c", Version: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
+	defer cancel()
+	sub, err := d.Subscribe(ctx, "x", NewQueue(16))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	pub.Close()
+	select {
+	case <-sub.Done():
+	case <-time.After(testutil.Scale(2 * time.Second)):
+		t.Fatal("the viewer at d was not told the stream ended")
+	}
+	if !errors.Is(sub.Err(), ErrPublisherGone) {
+		t.Fatalf("the stream ended at d with %v, want ErrPublisherGone", sub.Err())
+	}
+	if n := subscribes(m.links["d"]["c"], "x") + subscribes(m.links["d"]["a"], "x"); n != 0 {
+		t.Fatalf("d subscribed %d times elsewhere after the origin ended the stream", n)
+	}
+}

@@ -23,11 +23,12 @@ type source interface {
 	peer() string
 }
 
-// downstreamSubscriber marks the subscriber a link makes for a downstream
-// datacenter: it is no interest of this node's own clients (see Interest).
+// downstreamSubscriber is the subscriber a link makes for a downstream
+// datacenter: it is no interest of this node's own clients (see Interest),
+// and the stream is never taken from that datacenter.
 type downstreamSubscriber interface {
 	Subscriber
-	downstream()
+	downstreamPeer() string
 }
 
 // Stream is one live stream known to a hub: published here, or relayed from
@@ -43,17 +44,23 @@ type Stream struct {
 	origin string    // datacenter the stream was published at
 	since  time.Time // when the stream was created here
 
-	hops     []string      // datacenters from the origin to this node
-	ready    chan struct{} // closed once desc or err is set
-	desc     Description
-	done     chan struct{} // closed when the stream ends
-	doneOnce sync.Once
-	err      error // why it ended, or why it never started; read after ready/done
+	ready     chan struct{} // closed once desc or err is set
+	readyOnce sync.Once
+	desc      Description
+	done      chan struct{} // closed when the stream ends
+	doneOnce  sync.Once
+	err       error // why it ended, or why it never started; read after ready/done
 
 	// Hub-owned: what the hub decides about the stream, guarded by hub.mu
 	// (see Hub). The source is replaceable: the stream outlives it.
 	src      source
-	interest int // acquire calls not released: Subscribes waiting or attached
+	next     source          // make-before-break: the new parent's subscription, until spliced
+	nextHops []string        // the path through next, once known
+	failed   map[string]bool // neighbours whose subscription failed since the stream last got an answer
+	hops     []string        // datacenters from the origin to this node
+	// pathChanged is closed when hops changes; nil until watched.
+	pathChanged chan struct{}
+	interest    int // acquire calls not released: Subscribes waiting or attached
 	// localInterest counts the interests taken for this node's own clients,
 	// not for downstream datacenters (see Interest).
 	localInterest int
@@ -75,6 +82,8 @@ type Stream struct {
 	flags        atomic.Uint32 // Flags; see flags.go
 	flagsMu      sync.Mutex    // guards flagsChanged
 	flagsChanged chan struct{} // closed when flags change; nil until watched
+
+	in ingress // a relayed stream's sources meet here (splice.go)
 
 	// subs is read lock-free by the fan-out; written under mu.
 	subs atomic.Pointer[subList]
@@ -104,20 +113,29 @@ func (s *Stream) Name() string { return s.name }
 func (s *Stream) Origin() string { return s.origin }
 
 // setReady publishes the stream's description to waiting subscribers.
+// Only the first call counts: a source that replaced another keeps the
+// description the stream started with.
 func (s *Stream) setReady(desc Description) {
-	s.desc = desc
-	close(s.ready)
+	s.readyOnce.Do(func() {
+		s.desc = desc
+		close(s.ready)
+	})
+}
+
+func (s *Stream) isReady() bool {
+	select {
+	case <-s.ready:
+		return true
+	default:
+		return false
+	}
 }
 
 // end ends the stream, ready or not, and wakes everyone waiting on it.
 func (s *Stream) end(err error) {
 	s.doneOnce.Do(func() {
 		s.err = err
-		select {
-		case <-s.ready:
-		default:
-			close(s.ready)
-		}
+		s.readyOnce.Do(func() { close(s.ready) })
 		close(s.done)
 		s.mu.Lock()
 		s.ended = true
@@ -167,6 +185,7 @@ func (s *Stream) requestKeyframe() {
 		return // coalesced with a recent request
 	}
 	s.hub.mu.Lock()
+	s.hub.syncSourcesLocked(s)
 	src := s.src
 	s.hub.mu.Unlock()
 	if src != nil {

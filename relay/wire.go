@@ -125,15 +125,23 @@ const (
 	// msgStreamFlags carries a subscribed stream's flags when they change
 	// after the subscribe-ok (which carries them too).
 	msgStreamFlags = 10
+	// msgStreamPath carries a subscribed stream's path from its origin to
+	// the sender when it changes after the subscribe-ok (the sender moved
+	// to another parent).
+	msgStreamPath = 11
 )
 
 // maxControlMessage bounds one control message on the wire.
 const maxControlMessage = 64 << 10
 
-// Subscribe error codes.
+// Subscribe error and stream end codes.
 const (
 	codeNotFound = 1
 	codeInternal = 2
+	// codePublisherGone ends a stream because its publisher left the
+	// origin: no other datacenter has it either, so downstream nodes end it
+	// rather than look for another parent.
+	codePublisherGone = 3
 )
 
 // controlMsg is one control message. Which fields are meaningful depends on
@@ -144,12 +152,20 @@ type controlMsg struct {
 	Version    uint64   // hello
 	Datacenter string   // hello
 	Stream     string   // announce, unannounce, subscribe
-	Hops       []string // announce: datacenters from the origin to the sender
+	Hops       []string // announce, subscribe ok: datacenters from the origin to the sender
 	SubID      uint32   // subscribe…keyframe request
-	Code       uint64   // subscribe error
+	Code       uint64   // subscribe error, stream end
 	Reason     string   // subscribe error, stream end
 	Desc       Description
 	Flags      uint32 // announce, subscribe ok, stream flags: the stream's Flags
+}
+
+func appendHops(b []byte, hops []string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(hops)))
+	for _, h := range hops {
+		b = appendString(b, h)
+	}
+	return b
 }
 
 func appendString(b []byte, s string) []byte {
@@ -166,10 +182,7 @@ func appendControl(b []byte, m *controlMsg) []byte {
 		body = appendString(body, m.Datacenter)
 	case msgAnnounce:
 		body = appendString(body, m.Stream)
-		body = binary.AppendUvarint(body, uint64(len(m.Hops)))
-		for _, h := range m.Hops {
-			body = appendString(body, h)
-		}
+		body = appendHops(body, m.Hops)
 		if m.Flags != 0 {
 			// Optional: an announce without flags is what nodes that
 			// predate them send and accept.
@@ -191,9 +204,16 @@ func appendControl(b []byte, m *controlMsg) []byte {
 			body = appendString(body, t.Fmtp)
 		}
 		body = binary.AppendUvarint(body, uint64(m.Flags))
+		if len(m.Hops) > 0 {
+			// Optional: the path the stream takes to the sender now.
+			body = appendHops(body, m.Hops)
+		}
 	case msgStreamFlags:
 		body = binary.AppendUvarint(body, uint64(m.SubID))
 		body = binary.AppendUvarint(body, uint64(m.Flags))
+	case msgStreamPath:
+		body = binary.AppendUvarint(body, uint64(m.SubID))
+		body = appendHops(body, m.Hops)
 	case msgSubscribeError:
 		body = binary.AppendUvarint(body, uint64(m.SubID))
 		body = binary.AppendUvarint(body, m.Code)
@@ -203,6 +223,10 @@ func appendControl(b []byte, m *controlMsg) []byte {
 	case msgStreamEnd:
 		body = binary.AppendUvarint(body, uint64(m.SubID))
 		body = appendString(body, m.Reason)
+		if m.Code != 0 {
+			// Optional: why it ended (codePublisherGone).
+			body = binary.AppendUvarint(body, m.Code)
+		}
 	}
 	b = binary.AppendUvarint(b, uint64(len(body)))
 	return append(b, body...)
@@ -266,6 +290,22 @@ func (d *decoder) string(max int) string {
 // maxHops bounds the path an announcement may carry.
 const maxHops = 64
 
+// hops reads a path of datacenters.
+func (d *decoder) hops() []string {
+	n := d.uvarint()
+	if n > maxHops {
+		if d.err == nil {
+			d.err = fmt.Errorf("path of %d hops, at most %d", n, maxHops)
+		}
+		return nil
+	}
+	var hops []string
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		hops = append(hops, d.string(128))
+	}
+	return hops
+}
+
 // parseControl decodes one control message body (type byte included; the
 // length prefix already removed).
 func parseControl(body []byte) (*controlMsg, error) {
@@ -277,13 +317,7 @@ func parseControl(body []byte) (*controlMsg, error) {
 		m.Datacenter = d.string(128)
 	case msgAnnounce:
 		m.Stream = d.string(128)
-		n := d.uvarint()
-		if n > maxHops {
-			return nil, fmt.Errorf("announce with %d hops, at most %d", n, maxHops)
-		}
-		for i := uint64(0); i < n && d.err == nil; i++ {
-			m.Hops = append(m.Hops, d.string(128))
-		}
+		m.Hops = d.hops()
 		if d.err == nil && len(d.b) > 0 {
 			m.Flags = d.uint32()
 		}
@@ -313,9 +347,15 @@ func parseControl(body []byte) (*controlMsg, error) {
 			m.Desc.Tracks = append(m.Desc.Tracks, t)
 		}
 		m.Flags = d.uint32()
+		if d.err == nil && len(d.b) > 0 {
+			m.Hops = d.hops()
+		}
 	case msgStreamFlags:
 		m.SubID = d.uint32()
 		m.Flags = d.uint32()
+	case msgStreamPath:
+		m.SubID = d.uint32()
+		m.Hops = d.hops()
 	case msgSubscribeError:
 		m.SubID = d.uint32()
 		m.Code = d.uvarint()
@@ -325,6 +365,9 @@ func parseControl(body []byte) (*controlMsg, error) {
 	case msgStreamEnd:
 		m.SubID = d.uint32()
 		m.Reason = d.string(1024)
+		if d.err == nil && len(d.b) > 0 {
+			m.Code = d.uvarint()
+		}
 	default:
 		if d.err == nil {
 			return nil, fmt.Errorf("unknown control message type %d", m.Type)

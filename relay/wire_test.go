@@ -21,6 +21,9 @@ var sampleControl = []controlMsg{
 	{Type: msgSubscribeError, SubID: 7, Code: codeNotFound, Reason: "stream not found"},
 	{Type: msgUnsubscribe, SubID: 7},
 	{Type: msgStreamEnd, SubID: 7, Reason: "publisher left"},
+	{Type: msgStreamEnd, SubID: 7, Reason: "publisher left", Code: codePublisherGone},
+	{Type: msgSubscribeOK, SubID: 9, Desc: h264Desc, Hops: []string{"a", "b"}},
+	{Type: msgStreamPath, SubID: 9, Hops: []string{"a", "c", "b"}},
 	{Type: msgKeyframeRequest, SubID: 1 << 31},
 }
 
