@@ -276,8 +276,8 @@ func (m *Manager) recompute(ctx context.Context, st *state, routes map[string]st
 	m.planning.Store(true)
 	defer m.recomputes.Add(1) // counted once its writes are done
 	var errs []error
-	for _, rt := range puts {
-		err := m.cand.PutRoute(ctx, rt)
+	for i, err := range m.cand.PutRoutes(ctx, puts) {
+		rt := puts[i]
 		if errors.Is(err, store.ErrStaleRoute) {
 			// Another writer went past the version we knew (a
 			// predecessor's write after we read): continue above it.
@@ -298,19 +298,21 @@ func (m *Manager) recompute(ctx context.Context, st *state, routes map[string]st
 		m.written.Add(1)
 		m.log.Debug("route written", "stream", rt.Stream, "version", rt.Version, "parent", rt.Parent, "backup", rt.Backup)
 	}
-	for _, name := range deletes {
-		err := m.cand.DeleteRoute(ctx, name)
+	if len(deletes) > 0 {
+		err := m.cand.DeleteRoutes(ctx, deletes)
 		if errors.Is(err, store.ErrNotLeader) {
 			m.refused.Add(1)
 			return err
 		}
 		if err != nil {
 			errs = append(errs, err)
-			continue
+		} else {
+			for _, name := range deletes {
+				delete(routes, name)
+				m.log.Debug("route deleted: the stream ended", "stream", name)
+			}
+			m.deleted.Add(int64(len(deletes)))
 		}
-		delete(routes, name)
-		m.deleted.Add(1)
-		m.log.Debug("route deleted: the stream ended", "stream", name)
 	}
 	if len(puts)+len(deletes) > 0 {
 		m.log.Info("routes updated", "streams", len(st.streams), "written", len(puts), "deleted", len(deletes),

@@ -460,3 +460,60 @@ func TestStreamEnds(t *testing.T) {
 	}
 	testutil.WaitForWithin(t, time.Second, "x's route to go", func() bool { _, ok := w.last(); return !ok })
 }
+
+// TestManyStreamsMove: 2,000 streams from a watched at d flow over b; b's
+// node dies and every route moves to a→c→d. The figure is how long after
+// b's lease expired the last route was in etcd (the writes dominate).
+func TestManyStreamsMove(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 120*time.Second)
+	o := diamond(t)
+	const n = 2000
+	ctx := ctxT(t)
+	// Claim and subscribe in bulk, as the nodes' own calls would, leased
+	// by a's and d's registrations.
+	cli := o.stores["a"].Client()
+	for i := 0; i < n; i += 50 {
+		var ops []clientv3.Op
+		for j := i; j < i+50; j++ {
+			name := fmt.Sprintf("s%04d", j)
+			ops = append(ops,
+				clientv3.OpPut(o.stores["a"].StreamKey(name), fmt.Sprintf(`{"name":%q,"origin_dc":"a","origin_node":"a1"}`, name), clientv3.WithLease(o.regs["a"].Lease())),
+				clientv3.OpPut(o.stores["a"].SubscriptionKey(name, "d"), fmt.Sprintf(`{"stream":%q,"dc":"d","node":"d1"}`, name), clientv3.WithLease(o.regs["d"].Lease())))
+		}
+		if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 10 Gbit/s links: 2,000 streams of 2.5 Mbit/s fit on one path.
+	for _, l := range [][3]string{{"a", "d", "300"}, {"a", "b", "10"}, {"b", "d", "10"}, {"a", "c", "40"}, {"c", "d", "40"}} {
+		var rtt float64
+		fmt.Sscan(l[2], &rtt)
+		o.put(store.Link{From: l[0], To: l[1], RTTMs: rtt, BandwidthKbps: 1e7})
+		o.put(store.Link{From: l[1], To: l[0], RTTMs: rtt, BandwidthKbps: 1e7})
+	}
+	observer := o.open()
+	m, _ := o.startManager("a", 0)
+	onB := func() int {
+		routes, err := observer.ListRoutes(ctxT(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := 0
+		for _, rt := range routes {
+			if rt.Parent["d"] == "b" {
+				c++
+			}
+		}
+		return c
+	}
+	start := time.Now()
+	testutil.WaitForWithin(t, 60*time.Second, "every stream's route over b", func() bool { return onB() == n+1 })
+	t.Logf("%d routes written %v after the manager started", n+1, time.Since(start).Round(time.Millisecond))
+
+	gone := nodeGone(t, observer, "b")
+	o.kill("b")
+	expired := <-gone
+	testutil.WaitForWithin(t, 30*time.Second, "every route off b", func() bool { return onB() == 0 })
+	t.Logf("all %d routes moved off b %v after b's lease expired (manager: %+v)", n+1, time.Since(expired).Round(time.Millisecond), m.Status())
+}

@@ -66,6 +66,38 @@ func (c *Candidate) DeleteRoute(ctx context.Context, stream string) error {
 	return c.s.deleteRoute(ctx, stream, key, rev)
 }
 
+// PutRoutes writes many routes, as PutRoute each but in transactions of
+// up to 100 routes (two round trips per batch instead of two per route),
+// fenced by leadership. It returns one error per route, nil where the route
+// was written: ErrStaleRoute for a version not above the stored one; after
+// ErrNotLeader or an etcd failure, every route not yet written has that
+// error.
+func (c *Candidate) PutRoutes(ctx context.Context, rts []Route) []error {
+	c.mu.Lock()
+	leading, key, rev := c.leading, c.key, c.rev
+	c.mu.Unlock()
+	if !leading {
+		errs := make([]error, len(rts))
+		for i := range errs {
+			errs[i] = fmt.Errorf("store: routes not written by manager %s: %w", c.id, ErrNotLeader)
+		}
+		return errs
+	}
+	return c.s.putRoutes(ctx, rts, key, rev)
+}
+
+// DeleteRoutes deletes many routes in transactions of up to 100, fenced by
+// leadership.
+func (c *Candidate) DeleteRoutes(ctx context.Context, streams []string) error {
+	c.mu.Lock()
+	leading, key, rev := c.leading, c.key, c.rev
+	c.mu.Unlock()
+	if !leading {
+		return fmt.Errorf("store: routes not deleted by manager %s: %w", c.id, ErrNotLeader)
+	}
+	return c.s.deleteRoutes(ctx, streams, key, rev)
+}
+
 // ID returns the candidate's id.
 func (c *Candidate) ID() string { return c.id }
 

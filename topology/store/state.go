@@ -466,3 +466,131 @@ func (s *Store) WatchRoutes(ctx context.Context) <-chan RouteEvent {
 	}()
 	return ch
 }
+
+// routeBatch is how many routes one transaction writes: etcd refuses
+// transactions of more than 128 operations (or comparisons) by default.
+const routeBatch = 100
+
+// putRoutes is putRoute for many routes at once, in transactions of up to
+// routeBatch: one reads the batch's keys, one writes them, comparing each
+// key's revision with the one read (and the leader key, when set). It
+// returns one error per route, nil where the route was written.
+func (s *Store) putRoutes(ctx context.Context, rts []Route, leaderKey string, leaderRev int64) []error {
+	errs := make([]error, len(rts))
+	for lo := 0; lo < len(rts); lo += routeBatch {
+		hi := min(lo+routeBatch, len(rts))
+		if err := s.putRouteBatch(ctx, rts[lo:hi], errs[lo:hi], leaderKey, leaderRev); err != nil {
+			for i := lo; i < len(rts); i++ {
+				if errs[i] == nil {
+					errs[i] = err
+				}
+			}
+			break
+		}
+	}
+	return errs
+}
+
+// putRouteBatch writes one batch, filling errs for routes refused one by
+// one (a bad name, a stale version); it returns an error that ends the
+// whole write (etcd failed, or the fence refused).
+func (s *Store) putRouteBatch(ctx context.Context, rts []Route, errs []error, leaderKey string, leaderRev int64) error {
+	vals := make([]string, len(rts))
+	for i := range rts {
+		if err := checkName("stream", rts[i].Stream); err != nil {
+			errs[i] = err
+			continue
+		}
+		if rts[i].Computed.IsZero() {
+			rts[i].Computed = time.Now().UTC()
+		}
+		b, err := json.Marshal(rts[i])
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		vals[i] = string(b)
+	}
+	for {
+		var gets []clientv3.Op
+		var idx []int
+		for i, rt := range rts {
+			if errs[i] == nil {
+				gets = append(gets, clientv3.OpGet(s.RouteKey(rt.Stream)))
+				idx = append(idx, i)
+			}
+		}
+		if len(idx) == 0 {
+			return nil
+		}
+		cur, err := s.cli.Txn(ctx).Then(gets...).Commit()
+		if err != nil {
+			return fmt.Errorf("store: reading routes before writing them: %w", err)
+		}
+		var cmps []clientv3.Cmp
+		var puts []clientv3.Op
+		for j, i := range idx {
+			key := s.RouteKey(rts[i].Stream)
+			var modRev int64
+			if kvs := cur.Responses[j].GetResponseRange().Kvs; len(kvs) > 0 {
+				old, err := decode[Route](key, kvs[0].Value)
+				if err == nil && old.Version >= rts[i].Version {
+					errs[i] = fmt.Errorf("store: route of %q version %d: %w (%d)", rts[i].Stream, rts[i].Version, ErrStaleRoute, old.Version)
+					continue
+				}
+				modRev = kvs[0].ModRevision
+			}
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", modRev))
+			puts = append(puts, clientv3.OpPut(key, vals[i]))
+		}
+		if len(puts) == 0 {
+			return nil
+		}
+		var orElse []clientv3.Op
+		if leaderKey != "" {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(leaderKey), "=", leaderRev))
+			orElse = append(orElse, clientv3.OpGet(leaderKey))
+		}
+		resp, err := s.cli.Txn(ctx).If(cmps...).Then(puts...).Else(orElse...).Commit()
+		if err != nil {
+			return fmt.Errorf("store: writing routes: %w", err)
+		}
+		if resp.Succeeded {
+			return nil
+		}
+		if leaderKey != "" {
+			kvs := resp.Responses[0].GetResponseRange().Kvs
+			if len(kvs) == 0 || kvs[0].CreateRevision != leaderRev {
+				return fmt.Errorf("store: routes not written: %w", ErrNotLeader)
+			}
+		}
+		// Another writer changed one of the keys between the read and the
+		// write: read the batch again (a route now stale is refused).
+	}
+}
+
+// deleteRoutes deletes routes in transactions of up to routeBatch, fenced
+// by the leader key when set.
+func (s *Store) deleteRoutes(ctx context.Context, streams []string, leaderKey string, leaderRev int64) error {
+	for lo := 0; lo < len(streams); lo += routeBatch {
+		var dels []clientv3.Op
+		for _, name := range streams[lo:min(lo+routeBatch, len(streams))] {
+			if err := checkName("stream", name); err != nil {
+				return err
+			}
+			dels = append(dels, clientv3.OpDelete(s.RouteKey(name)))
+		}
+		txn := s.cli.Txn(ctx)
+		if leaderKey != "" {
+			txn = txn.If(clientv3.Compare(clientv3.CreateRevision(leaderKey), "=", leaderRev))
+		}
+		resp, err := txn.Then(dels...).Commit()
+		if err != nil {
+			return fmt.Errorf("store: deleting routes: %w", err)
+		}
+		if !resp.Succeeded {
+			return fmt.Errorf("store: routes not deleted: %w", ErrNotLeader)
+		}
+	}
+	return nil
+}

@@ -508,3 +508,65 @@ func TestWatchTopology(t *testing.T) {
 	for range batches {
 	}
 }
+
+// TestPutRoutes: the leader writes 250 routes in batches; a stale version
+// is refused alone; a standby's batch is refused whole; DeleteRoutes
+// deletes in batches.
+func TestPutRoutes(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	sa, sb := open(t), open(t)
+	ca, err := sa.Campaign("a", 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ca.Close)
+	testutil.WaitFor(t, "a to lead", func() bool { l, _ := ca.Leading(); return l })
+	cb, err := sb.Campaign("b", 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cb.Close)
+	ctx := ctxT(t)
+	if err := sa.PutRoute(ctx, store.Route{Stream: "s042", Version: 9, Origin: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	var rts []store.Route
+	var names []string
+	for i := range 250 {
+		name := fmt.Sprintf("s%03d", i)
+		rts = append(rts, store.Route{Stream: name, Version: 5, Origin: "a", Parent: map[string]string{"b": "a"}})
+		names = append(names, name)
+	}
+	errs := ca.PutRoutes(ctx, rts)
+	for i, err := range errs {
+		if i == 42 {
+			if !errors.Is(err, store.ErrStaleRoute) {
+				t.Errorf("route s042 version 5 over version 9: %v, want ErrStaleRoute", err)
+			}
+		} else if err != nil {
+			t.Errorf("route %s: %v", rts[i].Stream, err)
+		}
+	}
+	got, err := sa.ListRoutes(ctx)
+	if err != nil || len(got) != 250 || got[42].Version != 9 || got[249].Version != 5 || got[0].Parent["b"] != "a" {
+		t.Fatalf("ListRoutes: %d routes (err %v), want 250 with s042 still at version 9", len(got), err)
+	}
+	for i := range rts {
+		rts[i].Version = 10
+	}
+	for _, err := range cb.PutRoutes(ctx, rts) {
+		if !errors.Is(err, store.ErrNotLeader) {
+			t.Fatalf("a standby's batch: %v, want ErrNotLeader", err)
+		}
+	}
+	if err := cb.DeleteRoutes(ctx, names); !errors.Is(err, store.ErrNotLeader) {
+		t.Fatalf("a standby's deletion: %v, want ErrNotLeader", err)
+	}
+	if err := ca.DeleteRoutes(ctx, names); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := sa.ListRoutes(ctx); err != nil || len(got) != 0 {
+		t.Fatalf("ListRoutes after DeleteRoutes: %d routes, %v; want none", len(got), err)
+	}
+}
