@@ -228,6 +228,14 @@ func (a *topologyAPI) fromEtcd(ctx context.Context, src topologySource) (apiTopo
 			g.addTree(st.Name, st.OriginDC, 0, st.BitrateKbps, pathEdges(hops[st.Name]), map[string]string{})
 		}
 	}
+	// A stream the overlay announces that etcd does not list (its origin
+	// node runs without etcd, or has not claimed it yet) is shown the same
+	// way.
+	for _, s := range a.local.Streams() {
+		if _, ok := published[s.Name]; !ok && !routed[s.Name] {
+			g.addTree(s.Name, s.Origin, 0, 0, pathEdges(s.Hops), map[string]string{})
+		}
+	}
 	out := g.result(a.dc, topologyFromEtcd)
 	out.Leader = leader
 	return out, nil

@@ -157,9 +157,12 @@ func TestTopologyFromEtcd(t *testing.T) {
 	})
 
 	// d also knows y's path by announcement (b → d): without a route, that
-	// is y's tree as d answers.
+	// is y's tree as d answers. z is announced but not in etcd (its origin
+	// runs without etcd): d shows its path too.
 	local := fakeLocal{links: dLocal.links, streams: func() []relay.StreamInfo {
-		return append(dLocal.streams(), relay.StreamInfo{Name: "y", Origin: "b", Hops: []string{"b", "d"}})
+		return append(dLocal.streams(),
+			relay.StreamInfo{Name: "y", Origin: "b", Hops: []string{"b", "d"}},
+			relay.StreamInfo{Name: "z", Origin: "b", Hops: []string{"b", "d"}})
 	}}
 	api := &topologyAPI{dc: "d", source: func() topologySource { return s }, local: local}
 	got, _ := getTopology(t, api)
@@ -176,7 +179,7 @@ func TestTopologyFromEtcd(t *testing.T) {
 		"links": [
 			{"from": "a", "to": "b", "rtt_ms": 5.1, "jitter_ms": 0.2, "loss": 0, "bandwidth_kbps": 100000, "down": false, "streams": 1, "load_kbps": 4000, "updated": "2026-12-01T23:00:00Z"},
 			{"from": "a", "to": "c", "rtt_ms": 40, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 20000, "down": false, "streams": 0, "load_kbps": 0, "updated": "2026-12-01T23:00:00Z"},
-			{"from": "b", "to": "d", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0.01, "bandwidth_kbps": 50000, "down": false, "streams": 2, "load_kbps": 4000, "updated": "2026-12-01T23:00:00Z"},
+			{"from": "b", "to": "d", "rtt_ms": 4.9, "jitter_ms": 0, "loss": 0.01, "bandwidth_kbps": 50000, "down": false, "streams": 3, "load_kbps": 4000, "updated": "2026-12-01T23:00:00Z"},
 			{"from": "d", "to": "c", "rtt_ms": 40, "jitter_ms": 0, "loss": 0, "bandwidth_kbps": 0, "down": true, "streams": 0, "load_kbps": 0, "updated": "2026-12-01T23:00:00Z"}
 		],
 		"trees": [
@@ -187,6 +190,8 @@ func TestTopologyFromEtcd(t *testing.T) {
 			 ],
 			 "backup": {"d": "c"}},
 			{"stream": "y", "origin": "b", "version": 0, "bitrate_kbps": 0,
+			 "edges": [{"from": "b", "to": "d", "rtt_ms": 4.9, "delay_ms": 2.45}], "backup": {}},
+			{"stream": "z", "origin": "b", "version": 0, "bitrate_kbps": 0,
 			 "edges": [{"from": "b", "to": "d", "rtt_ms": 4.9, "delay_ms": 2.45}], "backup": {}}
 		]
 	}`))
@@ -198,7 +203,7 @@ func TestTopologyFromEtcd(t *testing.T) {
 		return err == nil && l == ""
 	})
 	got, _ = getTopology(t, api)
-	if got["leader"] != "" || len(got["trees"].([]any)) != 2 {
+	if got["leader"] != "" || len(got["trees"].([]any)) != 3 {
 		t.Fatalf("with no manager: leader %q, trees %v; want leader \"\" and x's tree kept", got["leader"], got["trees"])
 	}
 }
