@@ -9,10 +9,13 @@
 // (datacenters with a live node; links that are up, with delay = RTT/2,
 // their loss, capacity = measured bandwidth; streams with their origin,
 // bitrate and subscribing datacenters), computes one tree per stream with
-// topology.Compute, the routes in use given as the previous trees so that
+// topology's Planner, the routes in use given as the previous trees so that
 // trees only move when a better one wins by a margin, and writes the routes
 // whose tree changed, one version above the last. Bursts of changes are
-// gathered for Config.Debounce before one recompute. A new leader first
+// gathered for Config.Debounce before one recompute. A change of nodes or
+// links re-places every stream; a change of a stream's subscribers or
+// bitrate re-places that stream alone (keeping the others' load on the
+// links), and every stream is re-placed again within 10 s after that. A new leader first
 // reads the routes in etcd, so versions keep rising and hysteresis keeps
 // the trees its predecessor chose: a takeover moves no stream.
 //
@@ -79,9 +82,9 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	recomputes, written, deleted, refused atomic.Int64
-	lastCompute                           atomic.Int64 // ns
-	planning                              atomic.Bool
+	recomputes, fulls, written, deleted, refused atomic.Int64
+	lastCompute                                  atomic.Int64 // ns
+	planning                                     atomic.Bool
 }
 
 // Start validates cfg, starts campaigning and returns; the manager plans
@@ -144,10 +147,12 @@ type Status struct {
 	// state and plans (it leads and is not refused).
 	Leading, Planning bool
 	// Recomputes counts the recomputes done (their writes included),
+	// FullRecomputes those that re-placed every stream (the others
+	// re-placed only streams whose subscribers or bitrate changed),
 	// RoutesWritten and
 	// RoutesDeleted the routes changed in etcd, Refused the writes that
 	// the fence refused (this manager no longer led).
-	Recomputes, RoutesWritten, RoutesDeleted, Refused int64
+	Recomputes, FullRecomputes, RoutesWritten, RoutesDeleted, Refused int64
 	// LastCompute is how long the last recompute took, without the
 	// writes.
 	LastCompute time.Duration
@@ -155,7 +160,7 @@ type Status struct {
 
 // Status returns the manager's counters.
 func (m *Manager) Status() Status {
-	return Status{Leading: m.Leading(), Planning: m.planning.Load(), Recomputes: m.recomputes.Load(),
+	return Status{Leading: m.Leading(), Planning: m.planning.Load(), Recomputes: m.recomputes.Load(), FullRecomputes: m.fulls.Load(),
 		RoutesWritten: m.written.Load(), RoutesDeleted: m.deleted.Load(), Refused: m.refused.Load(),
 		LastCompute: time.Duration(m.lastCompute.Load())}
 }
@@ -219,12 +224,19 @@ func (m *Manager) lead(changed <-chan struct{}) error {
 		}
 	}
 	st := newState()
+	pln := newPlanner(m.cfg.Params, m.cfg.DefaultBitrateKbps)
+	// What the next recompute covers: every stream (needFull: nodes or
+	// links changed, or nothing was planned yet), or the streams whose
+	// subscribers or bitrate changed.
+	needFull, streams := true, map[string]bool{}
+	var lastFull time.Time
 	batches := s.WatchTopology(ctx)
 	synced, dirty := false, false
 	var first time.Time // of the changes not yet planned
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
+	var rebalance <-chan time.Time // a full recompute after incremental ones
 	for {
 		select {
 		case <-changed:
@@ -237,7 +249,18 @@ func (m *Manager) lead(changed <-chan struct{}) error {
 			}
 			changes := b.Listing && !synced
 			for _, ev := range b.Events {
-				changes = st.apply(ev) || changes
+				if !st.apply(ev) {
+					continue
+				}
+				changes = true
+				switch ev.Kind {
+				case store.KindStream:
+					streams[ev.Stream.Name] = true
+				case store.KindSubscription:
+					streams[ev.Subscription.Stream] = true
+				default:
+					needFull = true
+				}
 			}
 			synced = synced || b.Listing
 			if !synced || !changes {
@@ -249,9 +272,22 @@ func (m *Manager) lead(changed <-chan struct{}) error {
 			}
 			// Wait for the burst to end, but not for ever.
 			timer.Reset(min(m.cfg.Debounce, first.Add(4*m.cfg.Debounce).Sub(now)))
+		case <-rebalance:
+			rebalance = nil
+			needFull, dirty, first = true, true, time.Now()
+			timer.Reset(0)
 		case <-timer.C:
-			dirty = false
-			if err := m.recompute(ctx, st, routes); err != nil {
+			full := needFull
+			err := m.recompute(ctx, st, routes, pln, full, streams)
+			dirty, needFull, streams = false, false, map[string]bool{}
+			if full {
+				lastFull, rebalance = time.Now(), nil
+			} else if rebalance == nil {
+				// Incremental placements depend on their order; re-place
+				// everything now and then, as the design notes ask.
+				rebalance = time.After(time.Until(lastFull.Add(rebalanceEvery)))
+			}
+			if err != nil {
 				if errors.Is(err, store.ErrNotLeader) {
 					return err
 				}
@@ -259,18 +295,29 @@ func (m *Manager) lead(changed <-chan struct{}) error {
 					return nil
 				}
 				m.log.Warn("manager could not write every route; retrying in 500 ms", "err", err)
-				dirty, first = true, time.Now()
+				needFull, dirty, first = true, true, time.Now()
 				timer.Reset(500 * time.Millisecond)
 			}
 		}
 	}
 }
 
-// recompute plans every stream and writes what changed, updating routes
-// as it goes.
-func (m *Manager) recompute(ctx context.Context, st *state, routes map[string]store.Route) error {
+// rebalanceEvery is how long after a full recompute incremental ones are
+// followed by another full one.
+const rebalanceEvery = 10 * time.Second
+
+// recompute plans every stream (full) or the named ones, and writes what
+// changed, updating routes as it goes.
+func (m *Manager) recompute(ctx context.Context, st *state, routes map[string]store.Route, pln *planner, full bool, names map[string]bool) error {
 	start := time.Now()
-	puts, deletes := plan(st, routes, m.cfg.Params, m.cfg.DefaultBitrateKbps, start.UTC())
+	var puts []store.Route
+	var deletes []string
+	if full {
+		puts, deletes = pln.full(st, routes, start.UTC())
+		m.fulls.Add(1)
+	} else {
+		puts, deletes = pln.streams(st, routes, names, start.UTC())
+	}
 	took := time.Since(start)
 	m.lastCompute.Store(int64(took))
 	m.planning.Store(true)
@@ -315,7 +362,7 @@ func (m *Manager) recompute(ctx context.Context, st *state, routes map[string]st
 		}
 	}
 	if len(puts)+len(deletes) > 0 {
-		m.log.Info("routes updated", "streams", len(st.streams), "written", len(puts), "deleted", len(deletes),
+		m.log.Info("routes updated", "streams", len(st.streams), "full", full, "written", len(puts), "deleted", len(deletes),
 			"compute", took.Round(time.Microsecond), "total", time.Since(start).Round(time.Millisecond))
 	}
 	return errors.Join(errs...)

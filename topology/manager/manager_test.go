@@ -389,6 +389,10 @@ func TestLeaderCrash(t *testing.T) {
 	if next.route.Version != first.route.Version+1 || next.route.Parent["d"] != "b" {
 		t.Fatalf("route after c subscribed: %+v, want version %d with d still fed by b", next.route, first.route.Version+1)
 	}
+	testutil.WaitFor(t, "c's second recompute", func() bool { return mc.Status().Recomputes >= 2 })
+	if st := mc.Status(); st.FullRecomputes != 1 {
+		t.Errorf("c's status %+v: want one full recompute (the takeover) and the subscription placed alone", st)
+	}
 
 	// No manager at all: the routes stay.
 	mc.Close()

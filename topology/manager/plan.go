@@ -116,45 +116,91 @@ func (st *state) problem(prev map[string]store.Route, defaultKbps float64) topol
 	}
 	// Neither the links' nor the streams' order matters: the planner
 	// indexes datacenters by name, a link appears once per direction, and
-	// Compute places streams by bitrate and name.
+	// streams are placed by bitrate and name.
 	p.Streams = make([]topology.StreamDemand, 0, len(st.streams))
 	p.Previous = make(map[string]*topology.Tree, len(prev))
-	for name, s := range st.streams {
-		if st.dcs[s.OriginDC] == 0 {
-			continue // its origin's node is gone: the stream key goes soon too
-		}
-		rate := s.BitrateKbps
-		if rate <= 0 {
-			rate = defaultKbps
-		}
-		d := topology.StreamDemand{Name: name, Origin: s.OriginDC, BitrateKbps: rate}
-		d.Subscribers = make([]string, 0, len(st.subs[name]))
-		for dc := range st.subs[name] {
-			d.Subscribers = append(d.Subscribers, dc) // the planner sorts them
+	for name := range st.streams {
+		d, ok := st.demand(name, defaultKbps)
+		if !ok {
+			continue
 		}
 		p.Streams = append(p.Streams, d)
-		if rt, ok := prev[name]; ok {
-			p.Previous[name] = &topology.Tree{Stream: name, Origin: rt.Origin, Parent: rt.Parent}
+		if t := previous(prev, name); t != nil {
+			p.Previous[name] = t
 		}
 	}
 	return p
 }
 
-// plan computes every stream's tree and returns the routes to write (the
-// streams whose tree changed, each one version above the route in use) and
-// the streams whose routes to delete (the stream ended). A stream whose
-// origin datacenter has no live node keeps its route: its key goes with
-// the node's lease, and the route then.
-func plan(st *state, routes map[string]store.Route, params topology.Params, defaultKbps float64, now time.Time) (puts []store.Route, deletes []string) {
-	p := st.problem(routes, defaultKbps)
-	trees := topology.Compute(p, params)
-	for _, t := range trees {
-		old, had := routes[t.Stream]
-		if had && old.Origin == t.Origin && maps.Equal(old.Parent, t.Parent) && maps.Equal(old.Backup, t.Backup) {
-			continue
+// demand is one stream's demand; ok is false when the stream is unknown or
+// its origin has no live node (its key goes with that node's lease soon).
+func (st *state) demand(name string, defaultKbps float64) (topology.StreamDemand, bool) {
+	s, ok := st.streams[name]
+	if !ok || st.dcs[s.OriginDC] == 0 {
+		return topology.StreamDemand{}, false
+	}
+	rate := s.BitrateKbps
+	if rate <= 0 {
+		rate = defaultKbps
+	}
+	d := topology.StreamDemand{Name: name, Origin: s.OriginDC, BitrateKbps: rate}
+	d.Subscribers = make([]string, 0, len(st.subs[name]))
+	for dc := range st.subs[name] {
+		d.Subscribers = append(d.Subscribers, dc) // the planner sorts them
+	}
+	return d, true
+}
+
+// previous is the tree a route in use describes, or nil.
+func previous(routes map[string]store.Route, name string) *topology.Tree {
+	rt, ok := routes[name]
+	if !ok {
+		return nil
+	}
+	return &topology.Tree{Stream: name, Origin: rt.Origin, Parent: rt.Parent}
+}
+
+// planner keeps the trees placed on one snapshot of the overlay, with the
+// load each puts on the links, so that a change of one stream's
+// subscribers or bitrate re-places that stream alone. A change of nodes or
+// links needs a full recompute. It is owned by the manager's goroutine.
+type planner struct {
+	params      topology.Params
+	defaultKbps float64
+	pl          *topology.Planner // nil before the first full recompute
+	placed      map[string]placedTree
+}
+
+type placedTree struct {
+	tree *topology.Tree
+	kbps float64
+}
+
+func newPlanner(params topology.Params, defaultKbps float64) *planner {
+	return &planner{params: params, defaultKbps: defaultKbps}
+}
+
+// full places every stream afresh on the overlay as it is now, the routes
+// in use as previous trees (Compute's order: highest bitrate first, then
+// by name), and returns the routes to write (the streams whose tree
+// changed, each one version above the route in use) and the streams whose
+// routes to delete (the stream ended). A stream whose origin datacenter has
+// no live node keeps its route: its key goes with the node's lease, and
+// the route then.
+func (p *planner) full(st *state, routes map[string]store.Route, now time.Time) (puts []store.Route, deletes []string) {
+	prob := st.problem(routes, p.defaultKbps)
+	slices.SortFunc(prob.Streams, func(a, b topology.StreamDemand) int {
+		return cmp.Or(cmp.Compare(b.BitrateKbps, a.BitrateKbps), cmp.Compare(a.Name, b.Name))
+	})
+	p.pl = topology.NewPlanner(prob.Datacenters, prob.Links, p.params)
+	p.placed = make(map[string]placedTree, len(prob.Streams))
+	for i := range prob.Streams {
+		d := &prob.Streams[i]
+		t := p.pl.Place(d, prob.Previous[d.Name])
+		p.placed[d.Name] = placedTree{tree: t, kbps: d.BitrateKbps}
+		if rt, changed := routeOf(t, routes, now); changed {
+			puts = append(puts, rt)
 		}
-		puts = append(puts, store.Route{Stream: t.Stream, Version: old.Version + 1, Origin: t.Origin,
-			Parent: t.Parent, Backup: t.Backup, Computed: now})
 	}
 	for name := range routes {
 		if _, live := st.streams[name]; !live {
@@ -164,4 +210,49 @@ func plan(st *state, routes map[string]store.Route, params topology.Params, defa
 	slices.SortFunc(puts, func(a, b store.Route) int { return cmp.Compare(a.Stream, b.Stream) })
 	slices.Sort(deletes)
 	return puts, deletes
+}
+
+// streams re-places the named streams alone, keeping every other tree and
+// its load; before any full recompute it does one.
+func (p *planner) streams(st *state, routes map[string]store.Route, names map[string]bool, now time.Time) (puts []store.Route, deletes []string) {
+	if p.pl == nil {
+		return p.full(st, routes, now)
+	}
+	for _, name := range slices.Sorted(maps.Keys(names)) {
+		if old, ok := p.placed[name]; ok {
+			p.pl.Release(old.tree, old.kbps)
+			delete(p.placed, name)
+		}
+		d, ok := st.demand(name, p.defaultKbps)
+		if !ok {
+			if _, live := st.streams[name]; !live {
+				if _, had := routes[name]; had {
+					deletes = append(deletes, name)
+				}
+			}
+			continue
+		}
+		t := p.pl.Place(&d, previous(routes, name))
+		p.placed[name] = placedTree{tree: t, kbps: d.BitrateKbps}
+		if rt, changed := routeOf(t, routes, now); changed {
+			puts = append(puts, rt)
+		}
+	}
+	return puts, deletes
+}
+
+// routeOf is the route for tree t, one version above the route in use;
+// changed is false when the route in use says the same.
+func routeOf(t *topology.Tree, routes map[string]store.Route, now time.Time) (store.Route, bool) {
+	old, had := routes[t.Stream]
+	if had && old.Origin == t.Origin && maps.Equal(old.Parent, t.Parent) && maps.Equal(old.Backup, t.Backup) {
+		return old, false
+	}
+	return store.Route{Stream: t.Stream, Version: old.Version + 1, Origin: t.Origin,
+		Parent: t.Parent, Backup: t.Backup, Computed: now}, true
+}
+
+// plan is a full recompute on a planner of its own.
+func plan(st *state, routes map[string]store.Route, params topology.Params, defaultKbps float64, now time.Time) (puts []store.Route, deletes []string) {
+	return newPlanner(params, defaultKbps).full(st, routes, now)
 }

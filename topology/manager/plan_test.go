@@ -169,3 +169,73 @@ func TestPlanSteady(t *testing.T) {
 		t.Fatalf("after y ended: puts %+v, deletes %v; want y deleted", puts, dels)
 	}
 }
+
+// TestPlanIncremental: on links without capacity limits, re-placing the
+// streams whose subscribers changed gives the routes a full recompute
+// gives, and touches no other stream; a stream that ended is deleted.
+func TestPlanIncremental(t *testing.T) {
+	st := newState()
+	for _, ev := range benchListing().Events {
+		if ev.Kind == store.KindLink {
+			ev.Link.BandwidthKbps = 0 // unlimited: trees do not depend on each other
+		}
+		st.apply(ev)
+	}
+	now := time.Now()
+	pln := newPlanner(topology.Params{}, DefaultBitrateKbps)
+	routes := map[string]store.Route{}
+	puts, _ := pln.full(st, routes, now)
+	for _, rt := range puts {
+		routes[rt.Stream] = rt
+	}
+	changed := map[string]bool{}
+	for i := range 50 {
+		name := fmt.Sprintf("s%05d", i*97)
+		dc := fmt.Sprintf("dc%03d", (i*31)%100)
+		ev := store.TopologyEvent{Kind: store.KindSubscription, Subscription: store.Subscription{Stream: name, DC: dc}}
+		ev.Deleted = st.subs[name][dc]
+		st.apply(ev)
+		changed[name] = true
+	}
+	st.apply(store.TopologyEvent{Kind: store.KindStream, Deleted: true, Stream: store.Stream{Name: "s00001"}})
+	changed["s00001"] = true
+	inc, incDel := pln.streams(st, routes, changed, now)
+	full, fullDel := plan(st, routes, topology.Params{}, DefaultBitrateKbps, now)
+	if len(inc) == 0 || fmt.Sprint(inc) != fmt.Sprint(full) || fmt.Sprint(incDel) != fmt.Sprint(fullDel) {
+		t.Fatalf("incremental: %d routes, deletes %v; full: %d routes, deletes %v; want the same (and some)", len(inc), incDel, len(full), fullDel)
+	}
+	for _, rt := range inc {
+		if !changed[rt.Stream] {
+			t.Fatalf("incremental recompute wrote %s, whose subscribers did not change", rt.Stream)
+		}
+	}
+	t.Logf("%d of %d changed streams got a new route", len(inc), len(changed))
+}
+
+// BenchmarkManagerSubscriptionChange is the recompute after one
+// datacenter joins or leaves one stream's audience, at 100 datacenters ×
+// 10,000 streams: that stream alone is re-placed. Compare with topology's
+// BenchmarkSubscriptionChange and with BenchmarkManagerSteadyRecompute,
+// what every such change would cost with full recomputes.
+func BenchmarkManagerSubscriptionChange(b *testing.B) {
+	st := benchState(b)
+	now := time.Now()
+	pln := newPlanner(topology.Params{}, DefaultBitrateKbps)
+	routes := map[string]store.Route{}
+	puts, _ := pln.full(st, routes, now)
+	for _, rt := range puts {
+		routes[rt.Stream] = rt
+	}
+	names := map[string]bool{"s00042": true}
+	start := cpuTime()
+	for b.Loop() {
+		ev := store.TopologyEvent{Kind: store.KindSubscription, Subscription: store.Subscription{Stream: "s00042", DC: "dc099"}}
+		ev.Deleted = st.subs["s00042"]["dc099"]
+		st.apply(ev)
+		puts, _ := pln.streams(st, routes, names, now)
+		for _, rt := range puts {
+			routes[rt.Stream] = rt
+		}
+	}
+	reportCPU(b, start)
+}
