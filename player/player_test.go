@@ -21,6 +21,7 @@ func TestHandler(t *testing.T) {
 		{"/", 200, "text/html; charset=utf-8", `<script src="/static/index.js">`},
 		{"/watch/x", 200, "text/html; charset=utf-8", `data-stream="x"`},
 		{"/watch/cam-1.main_~", 200, "text/html; charset=utf-8", `<video id="video" muted autoplay playsinline>`},
+		{"/watch/cam-1.main_~", 200, "text/html; charset=utf-8", `href="/topology?stream=cam-1.main_~"`},
 		{"/publish/x", 200, "text/html; charset=utf-8", `<script src="/static/publish.js">`},
 		{"/publish/x?autostart=1", 200, "text/html; charset=utf-8", `data-page="publish"`},
 		{"/static/style.css", 200, "text/css; charset=utf-8", ":root"},
