@@ -42,6 +42,7 @@ type apiTopology struct {
 			To      string   `json:"to"`
 			DelayMs *float64 `json:"delay_ms"`
 		} `json:"edges"`
+		Backup map[string]string `json:"backup"`
 	} `json:"trees"`
 }
 
@@ -60,6 +61,19 @@ func getAPITopology(t *testing.T, base string) apiTopology {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// treeEdges returns a stream's tree edges in a topology answer.
+func treeEdges(api apiTopology, stream string) [][2]string {
+	var edges [][2]string
+	for _, tr := range api.Trees {
+		if tr.Stream == stream {
+			for _, e := range tr.Edges {
+				edges = append(edges, [2]string{e.From, e.To})
+			}
+		}
+	}
+	return edges
 }
 
 // publishAt publishes a stream (one H264 track, no packets needed: the
@@ -102,15 +116,10 @@ func TestBrowserTopology(t *testing.T) {
 	}
 	t.Cleanup(c.Close)
 	publishAt(t, c.Nodes[0], "x")
+	// c wants x (as a viewer there would): with a manager, x gets a route
+	// to c; without, c knows x's path by announcement.
+	t.Cleanup(c.Nodes[2].Hub().Want("x"))
 	cURL := c.HTTPURL(2)
-	testutil.WaitForWithin(t, 10*time.Second, "c to know x's tree", func() bool {
-		for _, tr := range getAPITopology(t, cURL).Trees {
-			if tr.Stream == "x" && len(tr.Edges) > 0 && tr.Edges[len(tr.Edges)-1].To == "c" {
-				return true
-			}
-		}
-		return false
-	})
 
 	br := startBrowser(t, ctx)
 	page := br.newTab("topology-c")
@@ -123,10 +132,15 @@ func TestBrowserTopology(t *testing.T) {
 		s.value = 'x'; s.dispatchEvent(new Event('change')); return s.value; })()`, new(string)); err != nil {
 		page.fatalf("cannot pick x: %v", err)
 	}
-	waitFor(page, "the page highlights x's tree", `window.stemflowTopology || null`, 10*time.Second,
-		func(s topologyState) bool { return s.Stream == "x" && len(s.TreeEdges) > 0 })
-
-	api := getAPITopology(t, cURL)
+	// The tree may still change (a route replacing the announced path):
+	// wait until the page draws what c's API answers now, a tree to c.
+	var api apiTopology
+	waitFor(page, "the page highlights x's tree to c as c's /api/v1/topology gives it", `window.stemflowTopology || null`, 20*time.Second,
+		func(s topologyState) bool {
+			api = getAPITopology(t, cURL)
+			want := treeEdges(api, "x")
+			return s.Stream == "x" && len(want) > 0 && want[len(want)-1][1] == "c" && reflect.DeepEqual(s.TreeEdges, want)
+		})
 	var wantDCs []string
 	for _, n := range api.Nodes {
 		wantDCs = append(wantDCs, n.DC)
@@ -160,6 +174,7 @@ func TestBrowserTopology(t *testing.T) {
 		DCNames   []string    `json:"dcNames"`
 		Links     [][2]string `json:"links"`
 		TreeEdges [][2]string `json:"treeEdges"`
+		Backups   [][2]string `json:"backups"`
 		InTree    []string    `json:"inTree"`
 		Path      string      `json:"path"`
 	}
@@ -172,6 +187,7 @@ func TestBrowserTopology(t *testing.T) {
 			dcNames: all('g.dc .dc-name').map((e) => e.textContent),
 			links: all('g.link').map((g) => [g.dataset.a, g.dataset.b]),
 			treeEdges: all('line.tree-edge').map((e) => [e.dataset.from, e.dataset.to]),
+			backups: all('line.backup-edge').map((e) => [e.dataset.from, e.dataset.to]),
 			inTree: all('g.dc.origin, g.dc.in-tree').map((g) => g.dataset.dc),
 			path: document.getElementById('tree-path').textContent,
 		};
@@ -189,6 +205,23 @@ func TestBrowserTopology(t *testing.T) {
 	}
 	if !reflect.DeepEqual(got.TreeEdges, wantEdges) {
 		page.fatalf("the map highlights edges %v; want x's tree %v", got.TreeEdges, wantEdges)
+	}
+	// Backup parents (with a manager) are drawn as dashed edges parent → dc.
+	var wantBackups [][2]string
+	for _, tr := range api.Trees {
+		if tr.Stream == "x" {
+			for dc, parent := range tr.Backup {
+				wantBackups = append(wantBackups, [2]string{parent, dc})
+			}
+		}
+	}
+	if len(got.Backups) != len(wantBackups) {
+		page.fatalf("the map draws backup edges %v; want %v", got.Backups, wantBackups)
+	}
+	for _, b := range wantBackups {
+		if !slices.Contains(got.Backups, b) {
+			page.fatalf("the map draws backup edges %v; want %v", got.Backups, wantBackups)
+		}
 	}
 	for _, e := range wantEdges {
 		if !slices.Contains(got.InTree, e[0]) || !slices.Contains(got.InTree, e[1]) {

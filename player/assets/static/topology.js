@@ -294,7 +294,8 @@
       const rate = num(tree.bitrate_kbps) ? ` · ${stemflow.formatBitrate(num(tree.bitrate_kbps) * 1000)}` : '';
       const how = tree.version ? ` · route v${tree.version}` : ' · no route: as announcements lead it';
       treePath.textContent = `${state.stream} from ${tree.origin}: ${hops.join(', ') || 'no hop yet'}` +
-        (back.length ? ` · backups ${back.join(', ')}` : '') + rate + how;
+        (back.length ? ` · backups ${back.join(', ')}` : '') + rate + how +
+        (edges.some((e) => e.delay_ms !== null && e.delay_ms !== undefined) ? ' · hop delays one-way (half the RTT)' : '');
     } else {
       treePath.textContent = state.stream ? `${state.stream} has no tree right now.` : (trees.length ? 'Pick a stream to see its tree.' : 'No stream is live.');
     }
