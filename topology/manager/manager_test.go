@@ -287,7 +287,8 @@ func nodeGone(t *testing.T, s *store.Store, dc string) <-chan time.Time {
 // delays a–d 150 ms, a–b and b–d 5 ms, a–c and c–d 20 ms) a stream from a
 // watched at d flows a→b→d with c as d's backup. b's node dies (its lease
 // expires): within the TTL + 1 s the route becomes a→c→d. The figure is how
-// long after the lease expired the new route was in etcd.
+// long after the lease expired the new route was in etcd. b restarts: x
+// flows over it again.
 func TestRouteFollowsTopology(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 60*time.Second)
@@ -316,6 +317,16 @@ func TestRouteFollowsTopology(t *testing.T) {
 	}
 	if st := m.Status(); !st.Leading || st.RoutesWritten != 2 {
 		t.Errorf("manager status %+v, want leading with 2 routes written", st)
+	}
+
+	// b restarts: it registers and writes its links again, and carries x
+	// again (10 ms against 40: better by more than the margin).
+	o.node("b")
+	o.link("a", "b", 5*time.Millisecond)
+	o.link("b", "d", 5*time.Millisecond)
+	back := w.waitPath(t, 5*time.Second, "d", "a→b→d backup c")
+	if back.route.Version != 3 {
+		t.Fatalf("route after b came back: version %d, want 3", back.route.Version)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -174,13 +175,30 @@ type watchEvent struct {
 // false to stop) with the whole listing (listing true) and then with each
 // watch response's changes. After a broken watch it lists again; that
 // listing also holds a deletion for every key gone meanwhile, so fn sees
-// every change. keep, when set, selects the keys (by rel) fn sees. It
-// returns when ctx ends or fn returns false.
-func (s *Store) watchPrefix(ctx context.Context, pfx string, fn func(evs []watchEvent, listing bool) bool, keep ...func(rel string) bool) {
-	wanted := func(rel string) bool { return len(keep) == 0 || keep[0](rel) }
+// every change. It returns when ctx ends or fn returns false.
+//
+// dirs, when given, are the directories below pfx to list and watch (keys
+// elsewhere under pfx are left out): they are listed in one transaction, so
+// at one revision, and watched with one watch over pfx.
+func (s *Store) watchPrefix(ctx context.Context, pfx string, fn func(evs []watchEvent, listing bool) bool, dirs ...string) {
+	wanted := func(rel string) bool {
+		for _, d := range dirs {
+			if strings.HasPrefix(rel, d) {
+				return true
+			}
+		}
+		return len(dirs) == 0
+	}
+	gets := []clientv3.Op{clientv3.OpGet(pfx, clientv3.WithPrefix())}
+	if len(dirs) > 0 {
+		gets = gets[:0]
+		for _, d := range dirs {
+			gets = append(gets, clientv3.OpGet(pfx+d, clientv3.WithPrefix()))
+		}
+	}
 	known := map[string]bool{}
 	for ctx.Err() == nil {
-		resp, err := s.cli.Get(ctx, pfx, clientv3.WithPrefix())
+		resp, err := s.cli.Txn(ctx).Then(gets...).Commit()
 		if err != nil {
 			select {
 			case <-ctx.Done():
@@ -189,9 +207,13 @@ func (s *Store) watchPrefix(ctx context.Context, pfx string, fn func(evs []watch
 			continue
 		}
 		rev := resp.Header.Revision
-		evs := make([]watchEvent, 0, len(resp.Kvs))
-		listed := make(map[string]bool, len(resp.Kvs))
-		for _, kv := range resp.Kvs {
+		var kvs []*mvccpb.KeyValue
+		for _, r := range resp.Responses {
+			kvs = append(kvs, r.GetResponseRange().Kvs...)
+		}
+		evs := make([]watchEvent, 0, len(kvs))
+		listed := make(map[string]bool, len(kvs))
+		for _, kv := range kvs {
 			k := string(kv.Key)
 			rel := strings.TrimPrefix(k, pfx)
 			if !wanted(rel) {

@@ -57,7 +57,8 @@ type TopologyBatch struct {
 
 // WatchTopology watches nodes/, links/, streams/ and subscriptions/ with
 // one watch over the whole prefix (routes and the election are filtered
-// out): first one batch listing everything, then one batch per change of
+// out; the listing reads the four directories alone, in one transaction):
+// first one batch listing everything, then one batch per change of
 // etcd (a transaction's or a lease expiry's keys arrive together). The
 // channel closes when ctx ends; a consumer that stops reading stalls the
 // watch, not etcd.
@@ -65,10 +66,6 @@ func (s *Store) WatchTopology(ctx context.Context) <-chan TopologyBatch {
 	ch := make(chan TopologyBatch, 16)
 	go func() {
 		defer close(ch)
-		keep := func(rel string) bool {
-			return strings.HasPrefix(rel, nodesDir) || strings.HasPrefix(rel, linksDir) ||
-				strings.HasPrefix(rel, streamsDir) || strings.HasPrefix(rel, subscriptionsDir)
-		}
 		s.watchPrefix(ctx, s.prefix, func(evs []watchEvent, listing bool) bool {
 			b := TopologyBatch{Listing: listing, Events: make([]TopologyEvent, 0, len(evs))}
 			for _, ev := range evs {
@@ -82,7 +79,7 @@ func (s *Store) WatchTopology(ctx context.Context) <-chan TopologyBatch {
 			case <-ctx.Done():
 				return false
 			}
-		}, keep)
+		}, nodesDir, linksDir, streamsDir, subscriptionsDir)
 	}()
 	return ch
 }
