@@ -6,12 +6,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -50,7 +52,11 @@ type Config struct {
 		// Neighbours maps neighbouring datacenters to their overlay
 		// addresses (host:port).
 		Neighbours map[string]string `yaml:"neighbours"`
-		TLS        struct {
+		// Capacity is the bandwidth of the link to a neighbour (e.g.
+		// {us: 1gbit}), published as its available bandwidth; links not
+		// listed publish the delivery rate measured under load.
+		Capacity map[string]Rate `yaml:"capacity"`
+		TLS      struct {
 			CA   string `yaml:"ca"`
 			Cert string `yaml:"cert"`
 			Key  string `yaml:"key"`
@@ -73,6 +79,13 @@ type Config struct {
 	Log struct {
 		Level string `yaml:"level"` // debug, info, warn, error; default info
 	} `yaml:"log"`
+	// Etcd is where the control plane keeps its state (docs/etcd.md). With
+	// no endpoints the node runs alone: routes come from announcements.
+	Etcd EtcdConfig `yaml:"etcd"`
+	// Manager, when true, runs a topology manager candidate beside the
+	// node (it needs etcd): one of the candidates leads and computes the
+	// trees.
+	Manager bool `yaml:"manager"`
 
 	// identity is set by stemflow dev, which makes certificates in memory.
 	identity *relay.Identity
@@ -81,12 +94,29 @@ type Config struct {
 	overlayConn net.PacketConn
 	// extraRoutes, when set (by the WAN lab), adds routes to the HTTP API.
 	extraRoutes func(*http.ServeMux)
+	// measureEvery, when set (by tests), is the link measurement interval.
+	measureEvery time.Duration
+}
+
+// EtcdConfig says how a node reaches etcd.
+type EtcdConfig struct {
+	// Endpoints are the client URLs of the etcd members, e.g.
+	// https://10.0.0.5:2379.
+	Endpoints []string `yaml:"endpoints"`
+	// CAFile verifies the members' certificates (https endpoints);
+	// CertFile and KeyFile, set together, are the node's client
+	// certificate when the cluster asks for one.
+	CAFile   string `yaml:"ca_file"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// Prefix is prepended to every key; default "/stemflow/".
+	Prefix string `yaml:"prefix"`
 }
 
 // LoadConfig reads and validates a YAML config file. Its errors name the
 // file, the line and the key: unknown keys, values of the wrong type and
-// values that fail Validate. Relative paths in overlay.tls are relative to
-// the directory of the file.
+// values that fail Validate. Relative paths in overlay.tls and etcd are
+// relative to the directory of the file.
 func LoadConfig(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -96,7 +126,8 @@ func LoadConfig(path string) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, p := range []*string{&cfg.Overlay.TLS.CA, &cfg.Overlay.TLS.Cert, &cfg.Overlay.TLS.Key} {
+	for _, p := range []*string{&cfg.Overlay.TLS.CA, &cfg.Overlay.TLS.Cert, &cfg.Overlay.TLS.Key,
+		&cfg.Etcd.CAFile, &cfg.Etcd.CertFile, &cfg.Etcd.KeyFile} {
 		if *p != "" && !filepath.IsAbs(*p) {
 			*p = filepath.Join(filepath.Dir(path), *p)
 		}
@@ -430,6 +461,14 @@ func (c *Config) Validate() error {
 			bad("overlay.neighbours."+name, "%q is not host:port", addr)
 		}
 	}
+	for name, r := range c.Overlay.Capacity {
+		if _, ok := c.Overlay.Neighbours[name]; !ok {
+			bad("overlay.capacity."+name, "%q is not in overlay.neighbours: give the capacity of links to neighbours only", name)
+		}
+		if r <= 0 {
+			bad("overlay.capacity."+name, "give a rate above 0, e.g. 1gbit")
+		}
+	}
 	if c.identity == nil && (c.Overlay.TLS.CA == "" || c.Overlay.TLS.Cert == "" || c.Overlay.TLS.Key == "") {
 		bad("overlay.tls", "ca, cert and key are required (make them with `stemflow certs`)")
 	}
@@ -455,5 +494,40 @@ func (c *Config) Validate() error {
 	if _, err := ParseLogLevel(c.Log.Level); err != nil {
 		bad("log.level", "%v", err)
 	}
+	c.validateEtcd(bad)
 	return errors.Join(errs...)
+}
+
+// validateEtcd checks the etcd section: URLs, TLS files set together, the
+// prefix, and that the manager has an etcd to run on.
+func (c *Config) validateEtcd(bad func(field, format string, args ...any)) {
+	e := &c.Etcd
+	tlsURL := false
+	for _, ep := range e.Endpoints {
+		u, err := url.Parse(ep)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Port() == "" {
+			bad("etcd.endpoints", "%q is not an etcd client URL: write http://HOST:PORT or https://HOST:PORT (e.g. https://10.0.0.5:2379)", ep)
+			continue
+		}
+		tlsURL = tlsURL || u.Scheme == "https"
+	}
+	if (e.CertFile == "") != (e.KeyFile == "") {
+		missing := "etcd.key_file"
+		if e.CertFile == "" {
+			missing = "etcd.cert_file"
+		}
+		bad(missing, "not set: give etcd.cert_file and etcd.key_file together (the node's client certificate and its key), or neither")
+	}
+	if (e.CAFile != "" || e.CertFile != "") && !tlsURL && len(e.Endpoints) > 0 {
+		bad("etcd.endpoints", "TLS files are set but every endpoint is http://: use https:// URLs to reach etcd over TLS")
+	}
+	if (e.CAFile != "" || e.CertFile != "" || e.Prefix != "") && len(e.Endpoints) == 0 {
+		bad("etcd.endpoints", "empty: list the etcd members' client URLs (e.g. [https://10.0.0.5:2379]) or leave the etcd section out")
+	}
+	if e.Prefix != "" && (!strings.HasPrefix(e.Prefix, "/") || !strings.HasSuffix(e.Prefix, "/")) {
+		bad("etcd.prefix", "%q must start and end with / (e.g. /stemflow/)", e.Prefix)
+	}
+	if c.Manager && len(e.Endpoints) == 0 {
+		bad("manager", "true needs etcd: set etcd.endpoints (the manager keeps its trees and its election there)")
+	}
 }

@@ -37,7 +37,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{"udp_port: 8189", "udp_port: 70000", "webrtc.udp_port"},
 		{"level: info", "level: loud", "log.level"},
 		{"ips: [10.1.0.10]", "ips: [not-an-ip]", "webrtc.ips"},
-		{"level: info", "level: info\nextra: 1", `config:24: unknown key "extra" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log)`},
+		{"level: info", "level: info\nextra: 1", `config:32: unknown key "extra" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager)`},
 		{"listen: 0.0.0.0:8080", "listen: 8080", `config:4: http.listen: "8080" is not host:port`},
 		{"nat_1to1_ips: [198.51.100.20]", "nat_1to1_ips: [198.51.100.20, 198.51.100.21]", "webrtc.nat_1to1_ips: 2 addresses for 1 in webrtc.ips"},
 		{"    eu: 10.0.0.10:7000", "    us: 10.0.0.10:7000", "own datacenter"},
@@ -63,11 +63,11 @@ func TestConfigFileErrorsNameFileLineAndKey(t *testing.T) {
 		{"", path + " is empty: write a node config (samples in deploy/"},
 		{"# just a comment\n", path + " is empty"},
 		{"datacenter: a\nhttp:\n  lisen: 127.0.0.1:8080\n", path + `:3: unknown key "lisen" in http (known: listen)`},
-		{"datacentre: a\n", path + `:1: unknown key "datacentre" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log)`},
+		{"datacentre: a\n", path + `:1: unknown key "datacentre" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager)`},
 		{"datacenter: a\noverlay:\n  tls:\n    crt: a.pem\n", path + `:4: unknown key "crt" in overlay.tls (known: ca, cert, key)`},
 		{"datacenter: a\nwebrtc:\n  ips: [127.0.0.1]\n  udp_port: lots\n", path + ":4: webrtc.udp_port: cannot unmarshal !!str `lots` into int"},
 		{"datacenter: a\nhttp: {listen: [\n", path + ":2: "},
-		{"- a\n- b\n", path + ":1: a node config is a mapping of keys (datacenter, http, rtsp, overlay, webrtc, auth, log), not a list"},
+		{"- a\n- b\n", path + ":1: a node config is a mapping of keys (datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager), not a list"},
 		{"datacenter: A\n", path + `:1: datacenter: datacenter name "A"`},
 		{"datacenter: a\n", path + ": webrtc.ips: list the host IPs"}, // not in the file: no line
 	} {
@@ -143,5 +143,49 @@ func TestConfigSourceErrorHidesPassword(t *testing.T) {
 	_, err = ParseConfig([]byte(bad))
 	if err == nil || !strings.Contains(err.Error(), `"http://admin:xxxxx@cam.example/live" is not an rtsp:// URL`) || strings.Contains(err.Error(), "s3cret") {
 		t.Errorf("error %v, want the URL without its password", err)
+	}
+}
+
+// TestEtcdConfig: the etcd section's mistakes name the key; relative TLS
+// paths follow the file.
+func TestEtcdConfig(t *testing.T) {
+	base := "datacenter: a\noverlay: {tls: {ca: ca.pem, cert: a.pem, key: a-key.pem}}\nwebrtc: {ips: [127.0.0.1]}\n"
+	for _, tc := range []struct{ yaml, want string }{
+		{"etcd: {endpoints: [http://127.0.0.1:2379]}\n", ""},
+		{"etcd: {endpoints: [https://10.0.0.5:2379], ca_file: ca.pem, cert_file: a.pem, key_file: a-key.pem, prefix: /sf/}\nmanager: true\n", ""},
+		{"etcd: {endpoints: [10.0.0.5:2379]}\n", `config:4: etcd.endpoints: "10.0.0.5:2379" is not an etcd client URL: write http://HOST:PORT or https://HOST:PORT`},
+		{"etcd: {endpoints: [http://10.0.0.5]}\n", `"http://10.0.0.5" is not an etcd client URL`},
+		{"etcd: {endpoints: [https://10.0.0.5:2379], cert_file: a.pem}\n", "etcd.key_file: not set: give etcd.cert_file and etcd.key_file together"},
+		{"etcd: {endpoints: [http://10.0.0.5:2379], ca_file: ca.pem}\n", "etcd.endpoints: TLS files are set but every endpoint is http://"},
+		{"etcd: {prefix: /sf/}\n", "etcd.endpoints: empty: list the etcd members' client URLs"},
+		{"etcd: {endpoints: [http://10.0.0.5:2379], prefix: sf}\n", `etcd.prefix: "sf" must start and end with /`},
+		{"manager: true\n", "config:4: manager: true needs etcd: set etcd.endpoints"},
+		{"etcd: {endpoint: [http://10.0.0.5:2379]}\n", `unknown key "endpoint" in etcd (known: endpoints, ca_file, cert_file, key_file, prefix)`},
+		{"overlay: {neighbours: {b: 127.0.0.1:7001}, capacity: {c: 1gbit}, tls: {ca: ca.pem, cert: a.pem, key: a-key.pem}}\n", `overlay.capacity.c: "c" is not in overlay.neighbours`},
+		{"overlay: {neighbours: {b: 127.0.0.1:7001}, capacity: {b: fast}, tls: {ca: ca.pem, cert: a.pem, key: a-key.pem}}\n", `not a rate`},
+	} {
+		y := base + tc.yaml
+		if strings.HasPrefix(tc.yaml, "overlay:") {
+			y = "datacenter: a\nwebrtc: {ips: [127.0.0.1]}\n" + tc.yaml
+		}
+		cfg, err := ParseConfig([]byte(y))
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%s: %v", tc.yaml, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: error %v\nwant one containing %q", tc.yaml, err, tc.want)
+		case tc.want == "" && len(cfg.Etcd.Endpoints) != 1:
+			t.Errorf("%s: endpoints %v", tc.yaml, cfg.Etcd.Endpoints)
+		}
+	}
+	dir := t.TempDir()
+	path := filepath.Join(dir, "a.yaml")
+	os.WriteFile(path, []byte(base+"etcd: {endpoints: [https://10.0.0.5:2379], ca_file: etcd/ca.pem}\n"), 0o600)
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := filepath.Join(dir, "etcd", "ca.pem"); cfg.Etcd.CAFile != want {
+		t.Errorf("etcd.ca_file = %q, want %q", cfg.Etcd.CAFile, want)
 	}
 }

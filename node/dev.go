@@ -13,7 +13,6 @@ import (
 
 	"github.com/stemflow/stemflow/internal/etcdembed"
 	"github.com/stemflow/stemflow/relay"
-	"github.com/stemflow/stemflow/topology"
 )
 
 // DevConfig configures a development cluster: several datacenters in one
@@ -126,10 +125,11 @@ type Cluster struct {
 	etcdTmp string // the member's temporary data directory, if any
 }
 
-// StartDev starts the datacenters of a development cluster linked in a
-// static chain (a–b–c), with certificates from a CA made in memory, and an
-// embedded etcd member for the control plane (started beside the nodes, so
-// it adds little to the start-up), and returns once every node serves
+// StartDev starts the datacenters of a development cluster linked as a full
+// mesh (every pair of datacenters has an overlay link), with certificates
+// from a CA made in memory, and an embedded etcd member for the control
+// plane (started beside the nodes, so it adds little to the start-up; each
+// node connects to it once it serves), and returns once every node serves
 // HTTP, every overlay link is up and etcd serves.
 func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 	cfg.setDefaults()
@@ -146,7 +146,7 @@ func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 		srv, tmp, err := startDevEtcd(ctx, cfg)
 		etcdCh <- etcdResult{srv, tmp, err}
 	}()
-	c, err := startChain(ctx, cfg)
+	c, err := startMesh(ctx, cfg)
 	r := <-etcdCh
 	if err == nil && r.err != nil {
 		c.Close()
@@ -162,6 +162,12 @@ func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 		return nil, err
 	}
 	c.etcd, c.etcdTmp = r.srv, r.tmp
+	for _, n := range c.Nodes {
+		if err := n.startControl(EtcdConfig{Endpoints: []string{c.etcd.ClientURL()}}); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
 	return c, nil
 }
 
@@ -186,13 +192,21 @@ func startDevEtcd(ctx context.Context, cfg DevConfig) (srv *etcdembed.Server, tm
 	return srv, tmp, nil
 }
 
-// startChain starts the nodes linked in a chain and waits for their links.
-func startChain(ctx context.Context, cfg DevConfig) (*Cluster, error) {
+// startMesh starts the nodes linked as a full mesh and waits for their
+// links.
+func startMesh(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 	ca, err := relay.NewClusterCA()
 	if err != nil {
 		return nil, err
 	}
-	neighbours := topology.Chain(cfg.DCs)
+	neighbours := map[string][]string{}
+	for _, a := range cfg.DCs {
+		for _, b := range cfg.DCs {
+			if a != b {
+				neighbours[a] = append(neighbours[a], b)
+			}
+		}
+	}
 	c := &Cluster{cfg: cfg, Nodes: make([]*Node, len(cfg.DCs))}
 	overlayAddrs := map[string]string{}
 	// Start the later datacenters first: a node dials the neighbours whose
@@ -223,7 +237,7 @@ func startChain(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 		c.Nodes[i] = n
 		overlayAddrs[dc] = n.OverlayAddr().String()
 	}
-	// Ready when every link of the chain is up.
+	// Ready when every link of the mesh is up.
 	for {
 		ready := true
 		for i, n := range c.Nodes {

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/etcdembed"
 	"github.com/stemflow/stemflow/internal/netem"
 	"github.com/stemflow/stemflow/relay"
 )
@@ -32,6 +34,11 @@ type Lab struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	// etcd is the lab's embedded etcd member: it lives on when a
+	// datacenter is killed, as a real cluster outside the datacenter would.
+	etcd    *etcdembed.Server
+	etcdTmp string
 
 	// Owned by the run goroutine (and by Close once it has stopped).
 	dcs   []*labDC
@@ -92,8 +99,12 @@ func StartLab(ctx context.Context, cfg DevConfig, p *LabProfile, profile string)
 	defer func() {
 		if !started {
 			l.closeNodes()
+			l.closeEtcd()
 		}
 	}()
+	if l.etcd, l.etcdTmp, err = startDevEtcd(ctx, cfg); err != nil {
+		return nil, err
+	}
 	for i, dc := range cfg.DCs {
 		id, err := ca.Issue(dc)
 		if err != nil {
@@ -175,6 +186,15 @@ func (l *Lab) startNode(d *labDC) error {
 		return err
 	}
 	nc.Overlay.Listen = d.overlay.String()
+	nc.Etcd.Endpoints = []string{l.etcd.ClientURL()}
+	for _, o := range l.dcs {
+		if ln := l.links[pairKey(d.name, o.name)]; o != d && ln.Rate > 0 {
+			if nc.Overlay.Capacity == nil {
+				nc.Overlay.Capacity = map[string]Rate{}
+			}
+			nc.Overlay.Capacity[o.name] = ln.Rate
+		}
+	}
 	nc.overlayConn = d.conn
 	nc.extraRoutes = l.routes
 	n, err := Start(nc, l.cfg.Logger)
@@ -307,7 +327,7 @@ func (l *Lab) Kill(ctx context.Context, dc string) error {
 		// The slow part runs on this goroutine after the reply: later
 		// requests wait for it, so a start finds the ports free.
 		l.after = append(l.after, func() {
-			n.Close()
+			n.kill()
 			conn.Close()
 			l.cfg.Logger.Info("lab: datacenter killed", "dc", dc)
 		})
@@ -355,7 +375,19 @@ func (l *Lab) closeNodes() {
 	}
 }
 
-// Close stops every node of the lab.
+// closeEtcd stops the lab's etcd member and removes its temporary data.
+func (l *Lab) closeEtcd() {
+	if l.etcd != nil {
+		l.etcd.Close()
+		l.etcd = nil
+	}
+	if l.etcdTmp != "" {
+		os.RemoveAll(l.etcdTmp)
+		l.etcdTmp = ""
+	}
+}
+
+// Close stops every node of the lab, then its etcd member.
 func (l *Lab) Close() {
 	l.cancel()
 	<-l.done
@@ -364,7 +396,11 @@ func (l *Lab) Close() {
 	}
 	l.after = nil
 	l.closeNodes()
+	l.closeEtcd()
 }
+
+// EtcdURL returns the client URL of the lab's embedded etcd member.
+func (l *Lab) EtcdURL() string { return l.etcd.ClientURL() }
 
 // Node returns the running node of a datacenter, or nil while it is killed.
 func (l *Lab) Node(dc string) *Node {

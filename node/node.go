@@ -20,6 +20,7 @@ import (
 	"github.com/stemflow/stemflow/internal/rtc"
 	"github.com/stemflow/stemflow/node/rtspserver"
 	"github.com/stemflow/stemflow/relay"
+	"github.com/stemflow/stemflow/topology/store"
 )
 
 // Node is one running node. Close stops everything it started.
@@ -36,6 +37,9 @@ type Node struct {
 	httpLn  net.Listener
 	httpSrv *http.Server
 	wg      sync.WaitGroup
+
+	ctlMu sync.Mutex // guards ctl
+	ctl   *control   // the control plane in etcd; nil without etcd
 }
 
 // NewLogger returns the text logger every component derives its own from.
@@ -125,8 +129,70 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 		}
 	}()
 	log.Info("HTTP listening", "address", n.httpLn.Addr().String())
+	if len(cfg.Etcd.Endpoints) > 0 {
+		if err := n.startControl(cfg.Etcd); err != nil {
+			return nil, err
+		}
+	}
 	log.Info("node ready", "http", n.httpLn.Addr().String(), "rtsp", n.rtsp.Addr(), "overlay", n.ovl.Addr().String())
 	return n, nil
+}
+
+// startControl connects the node to the control plane in etcd (once).
+// It does not wait for etcd: an unreachable etcd is logged and retried
+// while media flows.
+func (n *Node) startControl(e EtcdConfig) error {
+	capacity := map[string]int64{}
+	for peer, r := range n.cfg.Overlay.Capacity {
+		capacity[peer] = int64(r)
+	}
+	ctl, err := startControl(controlConfig{
+		DC:   n.cfg.Datacenter,
+		Etcd: e,
+		Hub:  n.hub,
+		Log:  n.log,
+		Addresses: map[string]string{
+			"overlay": n.ovl.Addr().String(),
+			"http":    n.httpLn.Addr().String(),
+			"rtsp":    n.rtsp.Addr(),
+		},
+		Capacity:     capacity,
+		MeasureEvery: n.cfg.measureEvery,
+	})
+	if err != nil {
+		return err
+	}
+	n.ctlMu.Lock()
+	n.ctl = ctl
+	n.ctlMu.Unlock()
+	return nil
+}
+
+func (n *Node) control() *control {
+	n.ctlMu.Lock()
+	defer n.ctlMu.Unlock()
+	return n.ctl
+}
+
+// Store returns the node's connection to the control plane's etcd, or nil
+// when the node runs without etcd. It is safe for concurrent use and lives
+// until Close.
+func (n *Node) Store() *store.Store {
+	if c := n.control(); c != nil {
+		return c.st
+	}
+	return nil
+}
+
+// Measurements returns the node's current, smoothed measurements of its
+// links to its neighbours (one direction: from this node's datacenter),
+// sorted by neighbour; nil without etcd. What etcd holds is the last of
+// these published past hysteresis.
+func (n *Node) Measurements() []store.Link {
+	if c := n.control(); c != nil {
+		return c.meter.measurements()
+	}
+	return nil
 }
 
 // Hub returns the node's relay hub.
@@ -141,8 +207,19 @@ func (n *Node) RTSPAddr() string { return n.rtsp.Addr() }
 // OverlayAddr returns the UDP address of the node's overlay endpoint.
 func (n *Node) OverlayAddr() net.Addr { return n.ovl.Addr() }
 
-// Close stops the node: HTTP first, then the protocols, then the relay.
-func (n *Node) Close() {
+// Close stops the node: the control plane first (its lease revoked, so its
+// streams, subscriptions and links leave etcd at once), then HTTP, the
+// protocols and the relay.
+func (n *Node) Close() { n.close(false) }
+
+// kill stops the node as if its process died: its etcd lease is not
+// revoked but expires (the lab's kill).
+func (n *Node) kill() { n.close(true) }
+
+func (n *Node) close(abrupt bool) {
+	if c := n.control(); c != nil {
+		c.close(abrupt)
+	}
 	if n.httpSrv != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		n.httpSrv.Shutdown(ctx)

@@ -65,6 +65,10 @@ type LinkStats struct {
 	// Malformed counts datagrams that failed to parse.
 	Malformed uint64        `json:"malformed"`
 	RTT       time.Duration `json:"rtt_ns"`
+	// Path is quic-go's view of the connection: RTT and its mean
+	// deviation, packets and bytes sent and declared lost (node/measure.go
+	// derives the link's jitter, loss and delivery rate from it).
+	Path quic.ConnectionStats `json:"-"`
 }
 
 // quicLink is the connection to one neighbouring datacenter. It owns five
@@ -493,7 +497,8 @@ func (l *quicLink) stats() LinkStats {
 		Malformed:           l.malformed.Load(),
 	}
 	if l.conn != nil { // nil in tests of the link without the network
-		st.RTT = l.conn.ConnectionStats().SmoothedRTT
+		st.Path = l.conn.ConnectionStats()
+		st.RTT = st.Path.SmoothedRTT
 	}
 	return st
 }

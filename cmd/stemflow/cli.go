@@ -106,7 +106,7 @@ func signalContext() (context.Context, context.CancelFunc) {
 
 func runDev(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("dev", "dev [flags]", stderr)
-	dcs := fs.String("dcs", "a,b,c", "datacenters: names (a,b,c,d) or a count (4); linked in a chain")
+	dcs := fs.String("dcs", "a,b,c", "datacenters: names (a,b,c,d) or a count (4); every pair linked (a full mesh)")
 	bind := fs.String("bind", "127.0.0.1", "address every datacenter listens on")
 	httpPort := fs.Int("http-port", 8080, "HTTP port of the first datacenter; datacenter i uses port+i")
 	rtspPort := fs.Int("rtsp-port", 8554, "RTSP port of the first datacenter; datacenter i uses port+i")
@@ -191,7 +191,7 @@ func printBanner(w io.Writer, c bannerCluster) {
 	if len(dcs) == 1 {
 		fmt.Fprintf(w, "Stemflow dev: 1 datacenter (%s), no overlay links\n\n", dcs[0])
 	} else {
-		fmt.Fprintf(w, "Stemflow dev: %d datacenters linked in a chain: %s\n\n", len(dcs), strings.Join(dcs, " – "))
+		fmt.Fprintf(w, "Stemflow dev: %d datacenters, every pair linked: %s\n\n", len(dcs), strings.Join(dcs, ", "))
 	}
 	printURLs(w, c)
 }

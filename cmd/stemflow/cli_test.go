@@ -120,8 +120,8 @@ func TestBannerReadsWell(t *testing.T) {
 		notContain string
 	}{
 		{fakeCluster{"a"}, "Stemflow dev: 1 datacenter (a), no overlay links\n", `Publish a stream "x" at a:`, "Watch it at a:", "datacenters"},
-		{fakeCluster{"a", "b", "c"}, "Stemflow dev: 3 datacenters linked in a chain: a – b – c\n", `Publish a stream "x" at a:`, "Watch it at c:", "1 datacenter"},
-		{fakeCluster{"a", "b", "c", "d", "e"}, "Stemflow dev: 5 datacenters linked in a chain: a – b – c – d – e\n", `Publish a stream "x" at a:`, "Watch it at e:", "1 datacenter"},
+		{fakeCluster{"a", "b", "c"}, "Stemflow dev: 3 datacenters, every pair linked: a, b, c\n", `Publish a stream "x" at a:`, "Watch it at c:", "1 datacenter"},
+		{fakeCluster{"a", "b", "c", "d", "e"}, "Stemflow dev: 5 datacenters, every pair linked: a, b, c, d, e\n", `Publish a stream "x" at a:`, "Watch it at e:", "1 datacenter"},
 	} {
 		var b strings.Builder
 		printBanner(&b, tc.dcs)

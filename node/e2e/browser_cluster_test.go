@@ -10,7 +10,7 @@ import (
 	"github.com/stemflow/stemflow/node"
 )
 
-// startCluster starts datacenters a, b and c (a–b–c) in this process and
+// startCluster starts datacenters a, b and c (a full mesh) in this process and
 // returns their HTTP base URLs. The test runs in a fresh network namespace,
 // so fixed ports cannot collide with anything.
 func startCluster(t *testing.T, ctx context.Context) []string {

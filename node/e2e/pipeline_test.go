@@ -25,7 +25,7 @@ func pipelineLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
-// startChain starts datacenters a–b–c in process on loopback, every
+// startChain starts datacenters a, b and c (a full mesh) in process on loopback, every
 // listener on a port the system picks, so that tests run beside a `stemflow
 // dev` and each other.
 func startChain(t *testing.T) *node.Cluster {

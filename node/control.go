@@ -1,0 +1,201 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/stemflow/stemflow/relay"
+	"github.com/stemflow/stemflow/topology/store"
+)
+
+// control connects a node to the control plane in etcd: it registers the
+// node (leased, TTL 3 s), claims the streams published here, publishes which
+// streams are wanted here, applies the routes the manager computes, and
+// publishes the measured links. etcd being away never stops media: the
+// node keeps its last routes, and announcements route what has none; the
+// control plane retries in the background and catches up when etcd is back.
+//
+// Each concern runs in a goroutine of its own (registration, claims,
+// subscriptions, routes, measurement), all under one ctx; close cancels and
+// waits for them.
+type control struct {
+	dc        string
+	log       *slog.Logger
+	hub       *relay.Hub
+	st        *store.Store
+	endpoints string
+	self      store.Node // the registration's value
+	ttl       time.Duration
+	meter     *meter
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu sync.Mutex // guards the following fields
+	// reg is the node's lease while registered, nil while etcd is away.
+	reg *store.Registration
+	// regChanged is closed and replaced when reg changes.
+	regChanged chan struct{}
+	// abrupt: close without revoking the lease (the lab's kill: the keys
+	// go when the lease expires, as after a crash).
+	abrupt bool
+}
+
+// controlConfig is what a node's control plane needs.
+type controlConfig struct {
+	DC        string
+	Etcd      EtcdConfig
+	Hub       *relay.Hub
+	Log       *slog.Logger
+	Addresses map[string]string
+	// Capacity is the configured capacity of the links to neighbours, in
+	// bits per second, published as their bandwidth (0: measured).
+	Capacity map[string]int64
+	// MeasureEvery is the measurement interval (default 1 s).
+	MeasureEvery time.Duration
+}
+
+// startControl opens the store and starts the control plane's goroutines.
+// It does not wait for etcd: an unreachable etcd is logged and retried.
+func startControl(cfg controlConfig) (*control, error) {
+	st, err := store.Open(store.Config{Endpoints: cfg.Etcd.Endpoints, Prefix: cfg.Etcd.Prefix,
+		CAFile: cfg.Etcd.CAFile, CertFile: cfg.Etcd.CertFile, KeyFile: cfg.Etcd.KeyFile, DialTimeout: 2 * time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("etcd: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &control{
+		dc:         cfg.DC,
+		log:        cfg.Log.With("component", "control"),
+		hub:        cfg.Hub,
+		st:         st,
+		endpoints:  strings.Join(cfg.Etcd.Endpoints, ","),
+		self:       store.Node{DC: cfg.DC, Node: cfg.DC, Addresses: cfg.Addresses},
+		ttl:        store.DefaultNodeTTL,
+		ctx:        ctx,
+		cancel:     cancel,
+		regChanged: make(chan struct{}),
+	}
+	c.meter = newMeter(cfg.DC, cfg.Hub.Links, cfg.Capacity)
+	every := cfg.MeasureEvery
+	if every <= 0 {
+		every = time.Second
+	}
+	c.wg.Add(2)
+	go c.runRegistration()
+	go c.runMeasurements(every)
+	c.startSeam()
+	return c, nil
+}
+
+// registration returns the node's lease (nil while etcd is away) and a
+// channel closed when it changes.
+func (c *control) registration() (*store.Registration, <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.reg, c.regChanged
+}
+
+func (c *control) setRegistration(r *store.Registration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reg = r
+	close(c.regChanged)
+	c.regChanged = make(chan struct{})
+}
+
+// etcdDownLogEvery rate-limits the warning that etcd is unreachable.
+const etcdDownLogEvery = 30 * time.Second
+
+// runRegistration registers the node, keeps it registered, and registers
+// again when the lease is lost (etcd away for longer than its TTL).
+func (c *control) runRegistration() {
+	defer c.wg.Done()
+	var failingSince, lastWarn time.Time
+	for c.ctx.Err() == nil {
+		ctx, cancel := context.WithTimeout(c.ctx, 2*time.Second)
+		reg, err := c.st.RegisterNode(ctx, c.self, c.ttl)
+		cancel()
+		if err != nil {
+			if c.ctx.Err() != nil {
+				return
+			}
+			now := time.Now()
+			if failingSince.IsZero() {
+				failingSince = now
+			}
+			if now.Sub(lastWarn) >= etcdDownLogEvery {
+				lastWarn = now
+				c.log.Warn("etcd unreachable: the node serves media without the control plane (streams route by announcements, routes already applied stay) and keeps retrying; check etcd.endpoints and that etcd runs",
+					"etcd", c.endpoints, "for", now.Sub(failingSince).Round(time.Second), "err", err)
+			}
+			select {
+			case <-c.ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		if !failingSince.IsZero() {
+			c.log.Info("etcd reachable again: node registered", "etcd", c.endpoints, "after", time.Since(failingSince).Round(time.Second))
+		} else {
+			c.log.Info("node registered in etcd", "etcd", c.endpoints)
+		}
+		failingSince, lastWarn = time.Time{}, time.Time{}
+		c.setRegistration(reg)
+		select {
+		case <-reg.Lost():
+			c.setRegistration(nil)
+			c.log.Warn("etcd lease lost (etcd unreachable for longer than its TTL): registering again; the node's streams, subscriptions and links are written again then", "etcd", c.endpoints)
+		case <-c.ctx.Done():
+			c.mu.Lock()
+			abrupt := c.abrupt
+			c.mu.Unlock()
+			if !abrupt {
+				reg.Close() // a clean goodbye: the node's keys go at once
+			}
+			return
+		}
+	}
+}
+
+// close stops the control plane. Unless abrupt, the node's lease is
+// revoked, so its keys go at once.
+func (c *control) close(abrupt bool) {
+	c.mu.Lock()
+	c.abrupt = abrupt
+	c.mu.Unlock()
+	if abrupt {
+		// Close the client first: nothing more reaches etcd, as when a
+		// process dies; the lease then runs out on its own.
+		c.st.Close()
+	}
+	c.cancel()
+	c.wg.Wait()
+	if !abrupt {
+		c.st.Close()
+	}
+}
+
+// wait sleeps for d or until the control plane stops; false if it stopped.
+func (c *control) wait(d time.Duration) bool {
+	select {
+	case <-c.ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
+// opTimeout bounds one etcd request of the control plane.
+const opTimeout = 2 * time.Second
+
+// errNoEtcd is what an operation that needs the lease meets while etcd is
+// away.
+var errNoEtcd = errors.New("not registered in etcd (etcd unreachable)")

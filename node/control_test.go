@@ -1,0 +1,106 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/internal/etcdembed"
+	"github.com/stemflow/stemflow/internal/testutil"
+	"github.com/stemflow/stemflow/relay"
+	"github.com/stemflow/stemflow/topology/store"
+)
+
+// startEtcdNode starts one node of datacenter dc whose etcd is at url (that
+// may not run), logging into buf.
+func startEtcdNode(t *testing.T, dc, url string, buf *syncBuffer) *Node {
+	t.Helper()
+	ca, err := relay.NewClusterCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := ca.Issue(dc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := DevConfig{FreePorts: true}
+	dev.setDefaults()
+	rtp, err := freeUDPPair(dev.Bind)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := dev.nodeConfig(dc, &id, 0, 0, rtp, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc.Etcd.Endpoints = []string{url}
+	log := slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	n, err := Start(nc, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.Close)
+	return n
+}
+
+// TestNodeEtcdDownAtStart: a node whose etcd does not run starts anyway,
+// says so naming the endpoint, and serves media; once etcd runs it
+// registers on its own, and says so.
+func TestNodeEtcdDownAtStart(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	port := testutil.FreePort(t)
+	url := fmt.Sprintf("http://127.0.0.1:%d", port)
+	var buf syncBuffer
+	started := time.Now()
+	n := startEtcdNode(t, "a", url, &buf)
+	t.Logf("node ready %v after start with etcd down", time.Since(started).Round(time.Millisecond))
+	testutil.WaitFor(t, "a warning that etcd is unreachable", func() bool {
+		return strings.Contains(buf.String(), `msg="etcd unreachable: the node serves media without the control plane`) &&
+			strings.Contains(buf.String(), "etcd="+url)
+	})
+	// Media flows meanwhile.
+	publish(t, n, "x")
+	v := watch(t, n, "x")
+	v.flowing(t, "packets of x at a with etcd down", 50)
+
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(20*time.Second))
+	defer cancel()
+	srv, err := etcdembed.Start(ctx, etcdembed.Config{Name: "t", Dir: t.TempDir(), UnsafeNoFsync: true, Tick: 10 * time.Millisecond,
+		ClientURL: url, PeerURL: fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	s := n.Store()
+	if s == nil {
+		t.Fatal("a node with etcd.endpoints has no Store()")
+	}
+	testutil.WaitFor(t, "a registered once etcd runs", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		nodes, err := s.ListNodes(ctx)
+		return err == nil && len(nodes) == 1 && nodes[0].DC == "a" && nodes[0].Addresses["http"] == n.HTTPAddr().String()
+	})
+	if !strings.Contains(buf.String(), `msg="etcd reachable again: node registered"`) {
+		t.Errorf("no log line saying etcd is reachable again:\n%s", buf.String())
+	}
+	v.flowing(t, "packets of x at a with etcd up", 50)
+	// A clean close revokes the lease: the node leaves at once.
+	n.Close()
+	nodes, err := s.ListNodes(ctx)
+	if err == nil {
+		t.Errorf("the store of a closed node still answers: %v", nodes)
+	}
+	check, err := store.Open(store.Config{Endpoints: []string{url}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer check.Close()
+	if nodes, err := check.ListNodes(ctx); err != nil || len(nodes) != 0 {
+		t.Errorf("after a clean close etcd lists nodes %v (%v), want none at once", nodes, err)
+	}
+}
