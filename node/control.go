@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -183,19 +182,5 @@ func (c *control) close(abrupt bool) {
 	}
 }
 
-// wait sleeps for d or until the control plane stops; false if it stopped.
-func (c *control) wait(d time.Duration) bool {
-	select {
-	case <-c.ctx.Done():
-		return false
-	case <-time.After(d):
-		return true
-	}
-}
-
 // opTimeout bounds one etcd request of the control plane.
 const opTimeout = 2 * time.Second
-
-// errNoEtcd is what an operation that needs the lease meets while etcd is
-// away.
-var errNoEtcd = errors.New("not registered in etcd (etcd unreachable)")
