@@ -96,6 +96,9 @@ type Config struct {
 	extraRoutes func(*http.ServeMux)
 	// measureEvery, when set (by tests), is the link measurement interval.
 	measureEvery time.Duration
+	// capacity, when set (by the WAN lab: its rate caps, as they change),
+	// replaces overlay.capacity.
+	capacity func(peer string) int64
 }
 
 // EtcdConfig says how a node reaches etcd.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/stemflow/stemflow/relay"
+	"github.com/stemflow/stemflow/topology/manager"
 	"github.com/stemflow/stemflow/topology/store"
 )
 
@@ -31,6 +32,7 @@ type control struct {
 	self      store.Node // the registration's value
 	ttl       time.Duration
 	meter     *meter
+	mgr       *manager.Manager // the manager candidate beside the node, if any
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -44,6 +46,9 @@ type control struct {
 	// abrupt: close without revoking the lease (the lab's kill: the keys
 	// go when the lease expires, as after a crash).
 	abrupt bool
+
+	claimReqs chan claimReq // to runClaims
+	releases  chan string   // to runClaims: streams no longer published here
 }
 
 // controlConfig is what a node's control plane needs.
@@ -53,11 +58,17 @@ type controlConfig struct {
 	Hub       *relay.Hub
 	Log       *slog.Logger
 	Addresses map[string]string
-	// Capacity is the configured capacity of the links to neighbours, in
-	// bits per second, published as their bandwidth (0: measured).
-	Capacity map[string]int64
+	// Capacity returns the configured capacity of the link to a
+	// neighbour, in bits per second, published as its bandwidth (0:
+	// measured). It is called every interval, and must not block.
+	Capacity func(peer string) int64
 	// MeasureEvery is the measurement interval (default 1 s).
 	MeasureEvery time.Duration
+	// Manager runs a topology manager candidate beside the node, on the
+	// node's etcd connection; ManagerLog is its logger (it adds the
+	// datacenter itself).
+	Manager    bool
+	ManagerLog *slog.Logger
 }
 
 // startControl opens the store and starts the control plane's goroutines.
@@ -80,11 +91,20 @@ func startControl(cfg controlConfig) (*control, error) {
 		ctx:        ctx,
 		cancel:     cancel,
 		regChanged: make(chan struct{}),
+		claimReqs:  make(chan claimReq),
+		releases:   make(chan string, 64),
 	}
 	c.meter = newMeter(cfg.DC, cfg.Hub.Links, cfg.Capacity)
 	every := cfg.MeasureEvery
 	if every <= 0 {
 		every = time.Second
+	}
+	if cfg.Manager {
+		if c.mgr, err = manager.Start(manager.Config{Store: st, ID: cfg.DC, Logger: cfg.ManagerLog}); err != nil {
+			cancel()
+			st.Close()
+			return nil, err
+		}
 	}
 	c.wg.Add(2)
 	go c.runRegistration()
@@ -150,6 +170,12 @@ func (c *control) runRegistration() {
 		c.setRegistration(reg)
 		select {
 		case <-reg.Lost():
+			c.mu.Lock()
+			abrupt := c.abrupt
+			c.mu.Unlock()
+			if abrupt || c.ctx.Err() != nil {
+				return // killed: the client is closed, the lease runs out
+			}
 			c.setRegistration(nil)
 			c.log.Warn("etcd lease lost (etcd unreachable for longer than its TTL): registering again; the node's streams, subscriptions and links are written again then", "etcd", c.endpoints)
 		case <-c.ctx.Done():
@@ -172,8 +198,12 @@ func (c *control) close(abrupt bool) {
 	c.mu.Unlock()
 	if abrupt {
 		// Close the client first: nothing more reaches etcd, as when a
-		// process dies; the lease then runs out on its own.
+		// process dies; the node's lease and its manager's election
+		// session then run out on their own.
 		c.st.Close()
+	}
+	if c.mgr != nil {
+		c.mgr.Close() // resigns at once unless abrupt
 	}
 	c.cancel()
 	c.wg.Wait()

@@ -129,7 +129,9 @@ type Cluster struct {
 // mesh (every pair of datacenters has an overlay link), with certificates
 // from a CA made in memory, and an embedded etcd member for the control
 // plane (started beside the nodes, so it adds little to the start-up; each
-// node connects to it once it serves), and returns once every node serves
+// node connects to it once it serves, with a topology manager candidate
+// beside it: one leads and computes every stream's tree), and returns once
+// every node serves
 // HTTP, every overlay link is up and etcd serves.
 func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 	cfg.setDefaults()
@@ -163,7 +165,7 @@ func StartDev(ctx context.Context, cfg DevConfig) (*Cluster, error) {
 	}
 	c.etcd, c.etcdTmp = r.srv, r.tmp
 	for _, n := range c.Nodes {
-		if err := n.startControl(EtcdConfig{Endpoints: []string{c.etcd.ClientURL()}}); err != nil {
+		if err := n.startControl(EtcdConfig{Endpoints: []string{c.etcd.ClientURL()}}, true); err != nil {
 			c.Close()
 			return nil, err
 		}

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/stemflow/stemflow/internal/etcdembed"
@@ -39,6 +40,12 @@ type Lab struct {
 	// datacenter is killed, as a real cluster outside the datacenter would.
 	etcd    *etcdembed.Server
 	etcdTmp string
+
+	// rateMu guards rates: each link's rate cap as set, which the nodes
+	// publish as the link's capacity (read from their measurement
+	// goroutines, which must not wait for the lab's goroutine).
+	rateMu sync.Mutex
+	rates  map[[2]string]Rate
 
 	// Owned by the run goroutine (and by Close once it has stopped).
 	dcs   []*labDC
@@ -90,10 +97,12 @@ func StartLab(ctx context.Context, cfg DevConfig, p *LabProfile, profile string)
 			l.links[k] = LabLink{Between: []string{k[0], k[1]}}
 		}
 	}
+	l.rates = map[[2]string]Rate{}
 	for _, ln := range p.Links {
 		k := pairKey(ln.Between[0], ln.Between[1])
 		ln.Between = []string{k[0], k[1]}
 		l.links[k] = ln
+		l.rates[k] = ln.Rate
 	}
 	started := false
 	defer func() {
@@ -187,14 +196,9 @@ func (l *Lab) startNode(d *labDC) error {
 	}
 	nc.Overlay.Listen = d.overlay.String()
 	nc.Etcd.Endpoints = []string{l.etcd.ClientURL()}
-	for _, o := range l.dcs {
-		if ln := l.links[pairKey(d.name, o.name)]; o != d && ln.Rate > 0 {
-			if nc.Overlay.Capacity == nil {
-				nc.Overlay.Capacity = map[string]Rate{}
-			}
-			nc.Overlay.Capacity[o.name] = ln.Rate
-		}
-	}
+	nc.Manager = true // every datacenter runs a manager candidate
+	name := d.name
+	nc.capacity = func(peer string) int64 { return l.rate(name, peer) }
 	nc.overlayConn = d.conn
 	nc.extraRoutes = l.routes
 	n, err := Start(nc, l.cfg.Logger)
@@ -290,6 +294,9 @@ func (l *Lab) SetLink(ctx context.Context, ln LabLink) (LabLink, error) {
 	}
 	k := pairKey(ln.Between[0], ln.Between[1])
 	ln.Between = []string{k[0], k[1]}
+	l.rateMu.Lock()
+	l.rates[k] = ln.Rate
+	l.rateMu.Unlock()
 	err := l.do(ctx, func() {
 		l.links[k] = ln
 		a, _ := l.dcLocked(k[0])
@@ -397,6 +404,14 @@ func (l *Lab) Close() {
 	l.after = nil
 	l.closeNodes()
 	l.closeEtcd()
+}
+
+// rate returns the rate cap of the link between two datacenters, in bits
+// per second (0: none).
+func (l *Lab) rate(a, b string) int64 {
+	l.rateMu.Lock()
+	defer l.rateMu.Unlock()
+	return int64(l.rates[pairKey(a, b)])
 }
 
 // EtcdURL returns the client URL of the lab's embedded etcd member.

@@ -2,14 +2,11 @@ package node
 
 import (
 	"context"
-	"encoding/json"
 	"math"
 	"slices"
 	"strings"
 	"sync"
 	"time"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/stemflow/stemflow/relay"
 	"github.com/stemflow/stemflow/topology/store"
@@ -25,11 +22,18 @@ import (
 //     (the sending end's view of what it sends: acknowledgements tell it),
 //     counted only in intervals that sent at least minLossSample packets,
 //     so that an idle link keeps its last figure instead of noise;
-//   - bandwidth: the link's configured capacity when one is set (the lab
-//     sets its rate caps); otherwise the delivery rate under load — bytes
-//     sent minus bytes lost per second, in intervals carrying at least
-//     loadedKbps — smoothed, held while the link idles. There is no probe:
-//     an idle link that never carried load has bandwidth 0 (unknown).
+//   - bandwidth (what the link can carry in all, as the manager's trees
+//     take it: they subtract their own load): the link's configured
+//     capacity when one is set (overlay.capacity; the lab's rate caps).
+//     Otherwise it is measured only when the link is saturated — its send
+//     queue dropped packets in the interval, so quic-go's congestion
+//     control delivered all it could: the delivery rate then (bytes sent
+//     minus bytes lost per second), smoothed, raised later whenever the link
+//     delivers more without dropping. There is no probe: a link never
+//     saturated has bandwidth 0, which the trees read as unknown
+//     (unlimited). Publishing the delivery rate of an unsaturated link
+//     would tell the manager the link is full when it only carries what
+//     its trees send.
 //
 // Figures are smoothed with an EWMA and published to etcd (links/{from}/{to},
 // leased by the node) only when they move beyond hysteresis, or every
@@ -57,7 +61,7 @@ const (
 type meter struct {
 	dc        string
 	readLinks func() []relay.LinkStats // the hub's Links
-	capacity  map[string]int64         // bits per second, by neighbour
+	capacity  func(peer string) int64  // configured, bits per second; 0: none
 
 	mu    sync.Mutex // guards links
 	links map[string]*linkMeter
@@ -78,7 +82,10 @@ type linkMeter struct {
 	dirty bool // publish at the next chance (new, down, up, registered again)
 }
 
-func newMeter(dc string, links func() []relay.LinkStats, capacity map[string]int64) *meter {
+func newMeter(dc string, links func() []relay.LinkStats, capacity func(peer string) int64) *meter {
+	if capacity == nil {
+		capacity = func(string) int64 { return 0 }
+	}
 	return &meter{dc: dc, readLinks: links, capacity: capacity, links: map[string]*linkMeter{}}
 }
 
@@ -88,6 +95,10 @@ func ewma(old, sample, alpha float64) float64 { return old + alpha*(sample-old) 
 // returns the links due for publication.
 func (m *meter) sample(now time.Time) []store.Link {
 	stats := m.readLinks()
+	caps := make(map[string]int64, len(stats))
+	for _, ls := range stats {
+		caps[ls.Peer] = m.capacity(ls.Peer)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	up := map[string]bool{}
@@ -107,7 +118,7 @@ func (m *meter) sample(now time.Time) []store.Link {
 		if lm.have && (ls.Path.PacketsSent < lm.last.Path.PacketsSent || ls.Path.BytesSent < lm.last.Path.BytesSent) {
 			lm.have = false
 		}
-		m.update(lm, ls, now)
+		m.update(lm, ls, caps[ls.Peer], now)
 		lm.last, lm.lastAt, lm.have = ls, now, true
 		if lm.due(now) {
 			due = append(due, lm.publishLocked(now))
@@ -125,7 +136,7 @@ func (m *meter) sample(now time.Time) []store.Link {
 }
 
 // update folds one sample into lm's smoothed figures.
-func (m *meter) update(lm *linkMeter, ls relay.LinkStats, now time.Time) {
+func (m *meter) update(lm *linkMeter, ls relay.LinkStats, capBps int64, now time.Time) {
 	rtt := float64(ls.Path.SmoothedRTT) / float64(time.Millisecond)
 	dev := float64(ls.Path.MeanDeviation) / float64(time.Millisecond)
 	if lm.cur.RTTMs == 0 {
@@ -134,7 +145,7 @@ func (m *meter) update(lm *linkMeter, ls relay.LinkStats, now time.Time) {
 		lm.cur.RTTMs = ewma(lm.cur.RTTMs, rtt, rttAlpha)
 		lm.cur.JitterMs = ewma(lm.cur.JitterMs, dev, rttAlpha)
 	}
-	if capBps := m.capacity[ls.Peer]; capBps > 0 {
+	if capBps > 0 {
 		lm.cur.BandwidthKbps, lm.bwKnown = float64(capBps)/1000, true
 	}
 	if !lm.have {
@@ -153,18 +164,20 @@ func (m *meter) update(lm *linkMeter, ls relay.LinkStats, now time.Time) {
 			lm.cur.Loss = ewma(lm.cur.Loss, frac, lossAlpha)
 		}
 	}
-	if m.capacity[ls.Peer] > 0 || dt <= 0 {
+	if capBps > 0 || dt <= 0 {
 		return
 	}
 	bytes := float64(ls.Path.BytesSent) - float64(lm.last.Path.BytesSent) -
 		max(0, float64(ls.Path.BytesLost)-float64(lm.last.Path.BytesLost))
 	kbps := bytes * 8 / 1000 / dt
-	if kbps >= loadedKbps {
-		if !lm.bwKnown {
-			lm.cur.BandwidthKbps, lm.bwKnown = kbps, true
-		} else {
-			lm.cur.BandwidthKbps = ewma(lm.cur.BandwidthKbps, kbps, bwAlpha)
-		}
+	saturated := ls.QueueDropped > lm.last.QueueDropped && kbps >= loadedKbps
+	switch {
+	case saturated && !lm.bwKnown:
+		lm.cur.BandwidthKbps, lm.bwKnown = kbps, true
+	case saturated:
+		lm.cur.BandwidthKbps = ewma(lm.cur.BandwidthKbps, kbps, bwAlpha)
+	case lm.bwKnown && kbps > lm.cur.BandwidthKbps:
+		lm.cur.BandwidthKbps = kbps // it carried more without dropping
 	}
 }
 
@@ -273,11 +286,5 @@ func (c *control) runMeasurements(every time.Duration) {
 
 // putLink writes one measured link, leased by the node.
 func (c *control) putLink(ctx context.Context, reg *store.Registration, l store.Link) error {
-	// TODO(control): store.PutLink once it lands (helper "manager").
-	val, err := json.Marshal(l)
-	if err != nil {
-		return err
-	}
-	_, err = c.st.Client().Put(ctx, c.st.LinkKey(l.From, l.To), string(val), clientv3.WithLease(reg.Lease()))
-	return err
+	return c.st.PutLink(ctx, reg, l)
 }

@@ -37,19 +37,16 @@ func TestMeterHysteresis(t *testing.T) {
 	m := newMeter("a", f.links, nil)
 	now := time.Unix(1_800_000_000, 0)
 	var path quic.ConnectionStats
+	var queueDropped uint64
 	step := func(rtt time.Duration, sent, lost uint64) []store.Link {
 		now = now.Add(time.Second)
 		path = fakePath(path, rtt, sent, lost, 1200)
-		f.stats = []relay.LinkStats{{Peer: "b", RTT: rtt, Path: path}}
+		f.stats = []relay.LinkStats{{Peer: "b", RTT: rtt, Path: path, QueueDropped: queueDropped}}
 		return m.sample(now)
 	}
 	pubs := step(100*time.Millisecond, 300, 0)
 	if len(pubs) != 1 || pubs[0].From != "a" || pubs[0].To != "b" || pubs[0].RTTMs != 100 || pubs[0].Down {
 		t.Fatalf("first sample published %+v, want a→b at 100 ms", pubs)
-	}
-	// The second has the first delivery rate: published too.
-	if pubs := step(100*time.Millisecond, 300, 0); len(pubs) != 1 || pubs[0].BandwidthKbps == 0 {
-		t.Fatalf("second sample published %+v, want the bandwidth measured", pubs)
 	}
 	// Noise within ±3 %: nothing to publish for 20 s.
 	for i := range 20 {
@@ -79,8 +76,23 @@ func TestMeterHysteresis(t *testing.T) {
 	if len(got) == 0 || got[len(got)-1].Loss < 0.01 {
 		t.Fatalf("loss moved to 2 %%: published %+v", got)
 	}
+	// The link was never saturated: its bandwidth is unknown (0), not
+	// the rate it happens to carry.
+	if bw := got[len(got)-1].BandwidthKbps; bw != 0 {
+		t.Errorf("an unsaturated link published bandwidth %v kbit/s, want 0 (unknown)", bw)
+	}
+	// Saturated (its send queue drops): the delivery rate is what it can
+	// carry, published.
+	got = nil
+	for range 3 {
+		queueDropped += 50
+		got = append(got, step(150*time.Millisecond, 300, 6)...)
+	}
+	if len(got) == 0 {
+		t.Fatal("a saturated link published no bandwidth")
+	}
 	if bw := got[len(got)-1].BandwidthKbps; bw < 2500 || bw > 3000 {
-		t.Errorf("delivery rate %v kbit/s, want about 294×1200×8/1000 = 2822", bw)
+		t.Errorf("saturated link: bandwidth %v kbit/s, want the delivery rate, about 294×1200×8/1000 = 2822", bw)
 	}
 	// Idle (a handful of packets): loss and bandwidth keep their figures.
 	for range 5 {
@@ -114,7 +126,7 @@ func TestMeterHysteresis(t *testing.T) {
 // whatever the link carries.
 func TestMeterCapacity(t *testing.T) {
 	f := &fakeLinks{}
-	m := newMeter("a", f.links, map[string]int64{"b": 4_000_000})
+	m := newMeter("a", f.links, func(peer string) int64 { return map[string]int64{"b": 4_000_000}[peer] })
 	var path quic.ConnectionStats
 	for i := range 3 {
 		path = fakePath(path, 10*time.Millisecond, 300, 0, 1200)

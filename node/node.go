@@ -20,19 +20,21 @@ import (
 	"github.com/stemflow/stemflow/internal/rtc"
 	"github.com/stemflow/stemflow/node/rtspserver"
 	"github.com/stemflow/stemflow/relay"
+	"github.com/stemflow/stemflow/topology/manager"
 	"github.com/stemflow/stemflow/topology/store"
 )
 
 // Node is one running node. Close stops everything it started.
 type Node struct {
-	cfg  *Config
-	log  *slog.Logger
-	hub  *relay.Hub
-	ovl  *relay.Overlay
-	rtc  *rtc.Engine
-	whip *whip.Server
-	whep *whep.Server
-	rtsp *rtspserver.Server
+	cfg     *Config
+	log     *slog.Logger
+	baseLog *slog.Logger // log without the node's attributes
+	hub     *relay.Hub
+	ovl     *relay.Overlay
+	rtc     *rtc.Engine
+	whip    *whip.Server
+	whep    *whep.Server
+	rtsp    *rtspserver.Server
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -56,8 +58,9 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 	if log == nil {
 		log = NewLogger(cfg.Log.Level)
 	}
+	base := log
 	log = log.With("dc", cfg.Datacenter)
-	started := &Node{cfg: cfg, log: log}
+	started := &Node{cfg: cfg, log: log, baseLog: base}
 	n = started
 	defer func() {
 		if err != nil {
@@ -76,7 +79,7 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 		}
 		id = &loaded
 	}
-	n.hub = relay.NewHub(relay.Config{Datacenter: cfg.Datacenter, Logger: log})
+	n.hub = relay.NewHub(relay.Config{Datacenter: cfg.Datacenter, Logger: log, Claim: n.claim})
 	n.ovl, err = relay.StartOverlay(n.hub, relay.OverlayConfig{
 		Listen:     cfg.Overlay.Listen,
 		Conn:       cfg.overlayConn,
@@ -130,7 +133,7 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 	}()
 	log.Info("HTTP listening", "address", n.httpLn.Addr().String())
 	if len(cfg.Etcd.Endpoints) > 0 {
-		if err := n.startControl(cfg.Etcd); err != nil {
+		if err := n.startControl(cfg.Etcd, cfg.Manager); err != nil {
 			return nil, err
 		}
 	}
@@ -138,13 +141,13 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 	return n, nil
 }
 
-// startControl connects the node to the control plane in etcd (once).
-// It does not wait for etcd: an unreachable etcd is logged and retried
-// while media flows.
-func (n *Node) startControl(e EtcdConfig) error {
-	capacity := map[string]int64{}
-	for peer, r := range n.cfg.Overlay.Capacity {
-		capacity[peer] = int64(r)
+// startControl connects the node to the control plane in etcd (once), with
+// a manager candidate beside it when runManager is set. It does not wait
+// for etcd: an unreachable etcd is logged and retried while media flows.
+func (n *Node) startControl(e EtcdConfig, runManager bool) error {
+	capacity := n.cfg.capacity
+	if capacity == nil {
+		capacity = func(peer string) int64 { return int64(n.cfg.Overlay.Capacity[peer]) }
 	}
 	ctl, err := startControl(controlConfig{
 		DC:   n.cfg.Datacenter,
@@ -158,6 +161,8 @@ func (n *Node) startControl(e EtcdConfig) error {
 		},
 		Capacity:     capacity,
 		MeasureEvery: n.cfg.measureEvery,
+		Manager:      runManager,
+		ManagerLog:   n.baseLog,
 	})
 	if err != nil {
 		return err
@@ -166,6 +171,16 @@ func (n *Node) startControl(e EtcdConfig) error {
 	n.ctl = ctl
 	n.ctlMu.Unlock()
 	return nil
+}
+
+// claim is the hub's Config.Claim: with etcd, a stream published here is
+// claimed there first, so that of two datacenters publishing one name at
+// once exactly one wins.
+func (n *Node) claim(stream string) (release func(), err error) {
+	if c := n.control(); c != nil {
+		return c.claim(stream)
+	}
+	return func() {}, nil
 }
 
 func (n *Node) control() *control {
@@ -193,6 +208,15 @@ func (n *Node) Measurements() []store.Link {
 		return c.meter.measurements()
 	}
 	return nil
+}
+
+// Manager returns the status of the manager candidate running beside the
+// node; ok is false when the node runs none.
+func (n *Node) Manager() (st manager.Status, ok bool) {
+	if c := n.control(); c != nil && c.mgr != nil {
+		return c.mgr.Status(), true
+	}
+	return manager.Status{}, false
 }
 
 // Hub returns the node's relay hub.
