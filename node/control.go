@@ -34,9 +34,10 @@ type control struct {
 	meter     *meter
 	mgr       *manager.Manager // the manager candidate beside the node, if any
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctx        context.Context
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+	closeStore sync.Once
 
 	mu sync.Mutex // guards the following fields
 	// reg is the node's lease while registered, nil while etcd is away.
@@ -193,24 +194,43 @@ func (c *control) runRegistration() {
 // close stops the control plane. Unless abrupt, the node's lease is
 // revoked, so its keys go at once.
 func (c *control) close(abrupt bool) {
-	c.mu.Lock()
-	c.abrupt = abrupt
-	c.mu.Unlock()
 	if abrupt {
-		// Close the client first: nothing more reaches etcd, as when a
-		// process dies; the node's lease and its manager's election
-		// session then run out on their own.
-		c.st.Close()
+		c.abort()
 	}
 	if c.mgr != nil {
-		c.mgr.Close() // resigns at once unless abrupt
+		// The manager resigns at once (unless abrupt). With etcd away its
+		// campaign's resign waits on the etcd client's own context (etcd's
+		// concurrency.Election.Campaign): closing the client ends it.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			c.mgr.Close()
+		}()
+		select {
+		case <-done:
+		case <-time.After(managerCloseWait):
+			c.log.Warn("the manager did not resign in time (etcd unreachable): its election session expires instead", "etcd", c.endpoints)
+			c.closeStore.Do(func() { c.st.Close() })
+			<-done
+		}
 	}
 	c.cancel()
 	c.wg.Wait()
-	if !abrupt {
-		c.st.Close()
-	}
+	c.closeStore.Do(func() { c.st.Close() })
 }
+
+// abort cuts the control plane off etcd at once, as when the process dies:
+// the client closes, so the node's lease and its manager's election session
+// run out on their own. close(true) then stops the goroutines.
+func (c *control) abort() {
+	c.mu.Lock()
+	c.abrupt = true
+	c.mu.Unlock()
+	c.closeStore.Do(func() { c.st.Close() })
+}
+
+// managerCloseWait bounds a clean manager close while etcd is away.
+const managerCloseWait = 3 * time.Second
 
 // opTimeout bounds one etcd request of the control plane.
 const opTimeout = 2 * time.Second

@@ -51,6 +51,8 @@ type Lab struct {
 	dcs   []*labDC
 	links map[[2]string]LabLink // every pair of the mesh, names in order
 	after []func()              // slow work of the last request, run after its reply
+	// killed waits for the control planes of killed nodes to finish.
+	killed []func()
 }
 
 // labDC is one datacenter of the lab. Its ports and identity stay the same
@@ -334,7 +336,7 @@ func (l *Lab) Kill(ctx context.Context, dc string) error {
 		// The slow part runs on this goroutine after the reply: later
 		// requests wait for it, so a start finds the ports free.
 		l.after = append(l.after, func() {
-			n.kill()
+			l.killed = append(l.killed, n.kill())
 			conn.Close()
 			l.cfg.Logger.Info("lab: datacenter killed", "dc", dc)
 		})
@@ -369,12 +371,17 @@ func (l *Lab) Start(ctx context.Context, dc string) error {
 }
 
 // closeNodes stops every running node and its conn.
+// They close at once, each in a goroutine: a node's close may wait on etcd.
 func (l *Lab) closeNodes() {
+	var wg sync.WaitGroup
 	for _, d := range l.dcs {
 		if d.node != nil {
-			d.node.Close()
-			d.node = nil
+			wg.Go(d.node.Close)
 		}
+	}
+	wg.Wait()
+	for _, d := range l.dcs {
+		d.node = nil
 		if d.conn != nil {
 			d.conn.Close()
 			d.conn = nil
@@ -403,6 +410,10 @@ func (l *Lab) Close() {
 	}
 	l.after = nil
 	l.closeNodes()
+	for _, wait := range l.killed {
+		wait()
+	}
+	l.killed = nil
 	l.closeEtcd()
 }
 

@@ -236,14 +236,37 @@ func (n *Node) OverlayAddr() net.Addr { return n.ovl.Addr() }
 // protocols and the relay.
 func (n *Node) Close() { n.close(false) }
 
-// kill stops the node as if its process died: its etcd lease is not
-// revoked but expires (the lab's kill).
-func (n *Node) kill() { n.close(true) }
+// kill stops the node as if its process died: its etcd client closes
+// first, so its lease and its manager's election session expire instead of
+// being revoked (the lab's kill). The control plane's goroutines finish in
+// the background (their etcd calls on the closed client take up to a few
+// seconds to give up); wait for them with the returned function.
+func (n *Node) kill() (wait func()) {
+	c := n.control()
+	if c != nil {
+		c.abort()
+	}
+	n.closeMedia()
+	if c == nil {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.close(true)
+	}()
+	return func() { <-done }
+}
 
 func (n *Node) close(abrupt bool) {
 	if c := n.control(); c != nil {
 		c.close(abrupt)
 	}
+	n.closeMedia()
+}
+
+// closeMedia stops everything but the control plane.
+func (n *Node) closeMedia() {
 	if n.httpSrv != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		n.httpSrv.Shutdown(ctx)
