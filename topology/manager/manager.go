@@ -84,6 +84,7 @@ type Manager struct {
 
 	recomputes, fulls, written, deleted, refused atomic.Int64
 	lastCompute                                  atomic.Int64 // ns
+	unreached, overBound                         atomic.Int64
 	planning                                     atomic.Bool
 }
 
@@ -156,13 +157,17 @@ type Status struct {
 	// LastCompute is how long the last recompute took, without the
 	// writes.
 	LastCompute time.Duration
+	// Unreached counts the subscriptions no tree reaches (no path, or no
+	// capacity left), OverDelayBound those reached later than
+	// Params.DelayBound, as of the last recompute.
+	Unreached, OverDelayBound int64
 }
 
 // Status returns the manager's counters.
 func (m *Manager) Status() Status {
 	return Status{Leading: m.Leading(), Planning: m.planning.Load(), Recomputes: m.recomputes.Load(), FullRecomputes: m.fulls.Load(),
 		RoutesWritten: m.written.Load(), RoutesDeleted: m.deleted.Load(), Refused: m.refused.Load(),
-		LastCompute: time.Duration(m.lastCompute.Load())}
+		LastCompute: time.Duration(m.lastCompute.Load()), Unreached: m.unreached.Load(), OverDelayBound: m.overBound.Load()}
 }
 
 func (m *Manager) run() {
@@ -320,6 +325,14 @@ func (m *Manager) recompute(ctx context.Context, st *state, routes map[string]st
 	}
 	took := time.Since(start)
 	m.lastCompute.Store(int64(took))
+	if u, o := int64(pln.unreached), int64(pln.overBound); u != m.unreached.Load() || o != m.overBound.Load() {
+		if u > 0 || o > 0 {
+			m.log.Warn("some subscribers are out of reach: their datacenters get the stream from announcements, or late",
+				"unreached", u, "over_delay_bound", o)
+		}
+		m.unreached.Store(u)
+		m.overBound.Store(o)
+	}
 	m.planning.Store(true)
 	defer m.recomputes.Add(1) // counted once its writes are done
 	var errs []error

@@ -169,11 +169,20 @@ type planner struct {
 	defaultKbps float64
 	pl          *topology.Planner // nil before the first full recompute
 	placed      map[string]placedTree
+	// unreached counts the subscribers the placed trees do not reach (no
+	// path, or no capacity left on any), overBound those reached later
+	// than Params.DelayBound.
+	unreached, overBound int
 }
 
 type placedTree struct {
 	tree *topology.Tree
 	kbps float64
+}
+
+func (p *planner) count(t *topology.Tree, sign int) {
+	p.unreached += sign * len(t.Unreached)
+	p.overBound += sign * len(t.OverBound)
 }
 
 func newPlanner(params topology.Params, defaultKbps float64) *planner {
@@ -194,10 +203,12 @@ func (p *planner) full(st *state, routes map[string]store.Route, now time.Time) 
 	})
 	p.pl = topology.NewPlanner(prob.Datacenters, prob.Links, p.params)
 	p.placed = make(map[string]placedTree, len(prob.Streams))
+	p.unreached, p.overBound = 0, 0
 	for i := range prob.Streams {
 		d := &prob.Streams[i]
 		t := p.pl.Place(d, prob.Previous[d.Name])
 		p.placed[d.Name] = placedTree{tree: t, kbps: d.BitrateKbps}
+		p.count(t, 1)
 		if rt, changed := routeOf(t, routes, now); changed {
 			puts = append(puts, rt)
 		}
@@ -221,6 +232,7 @@ func (p *planner) streams(st *state, routes map[string]store.Route, names map[st
 	for _, name := range slices.Sorted(maps.Keys(names)) {
 		if old, ok := p.placed[name]; ok {
 			p.pl.Release(old.tree, old.kbps)
+			p.count(old.tree, -1)
 			delete(p.placed, name)
 		}
 		d, ok := st.demand(name, p.defaultKbps)
@@ -234,6 +246,7 @@ func (p *planner) streams(st *state, routes map[string]store.Route, names map[st
 		}
 		t := p.pl.Place(&d, previous(routes, name))
 		p.placed[name] = placedTree{tree: t, kbps: d.BitrateKbps}
+		p.count(t, 1)
 		if rt, changed := routeOf(t, routes, now); changed {
 			puts = append(puts, rt)
 		}

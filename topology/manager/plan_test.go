@@ -239,3 +239,32 @@ func BenchmarkManagerSubscriptionChange(b *testing.B) {
 	}
 	reportCPU(b, start)
 }
+
+// TestPlanUnreached: a subscriber without any link is counted as
+// unreached, and no longer once it leaves.
+func TestPlanUnreached(t *testing.T) {
+	st := newState()
+	for _, ev := range []store.TopologyEvent{
+		{Kind: store.KindNode, Node: store.Node{DC: "a", Node: "a1"}},
+		{Kind: store.KindNode, Node: store.Node{DC: "b", Node: "b1"}},
+		{Kind: store.KindNode, Node: store.Node{DC: "island", Node: "i1"}},
+		{Kind: store.KindLink, Link: store.Link{From: "a", To: "b", RTTMs: 10}},
+		{Kind: store.KindStream, Stream: store.Stream{Name: "x", OriginDC: "a"}},
+		{Kind: store.KindSubscription, Subscription: store.Subscription{Stream: "x", DC: "b"}},
+		{Kind: store.KindSubscription, Subscription: store.Subscription{Stream: "x", DC: "island"}},
+	} {
+		st.apply(ev)
+	}
+	pln := newPlanner(topology.Params{}, DefaultBitrateKbps)
+	routes := map[string]store.Route{}
+	puts, _ := pln.full(st, routes, time.Now())
+	if pln.unreached != 1 || len(puts) != 1 || puts[0].Parent["b"] != "a" {
+		t.Fatalf("unreached %d, routes %+v; want island unreached and b←a", pln.unreached, puts)
+	}
+	routes["x"] = puts[0]
+	st.apply(store.TopologyEvent{Kind: store.KindSubscription, Deleted: true, Subscription: store.Subscription{Stream: "x", DC: "island"}})
+	pln.streams(st, routes, map[string]bool{"x": true}, time.Now())
+	if pln.unreached != 0 {
+		t.Fatalf("unreached %d after island left, want 0", pln.unreached)
+	}
+}

@@ -410,59 +410,33 @@ type RouteEvent struct {
 // WatchRoutes watches every route with one watch on the routes/ prefix (one
 // per node, not one per stream). It first sends every existing route, then
 // each change. After a broken watch (a member lost, history compacted) it
-// lists every route again before watching on, so a consumer that applies
-// each event as the stream's latest state stays right. The channel closes
-// when ctx ends.
+// lists every route again before watching on, and sends a deletion for
+// every route gone meanwhile, so a consumer that applies each event as the
+// stream's latest state stays right. A deleted route's stream may come back
+// later with versions starting again at 1: forget a stream's version when
+// its route is deleted. The channel closes when ctx ends.
 func (s *Store) WatchRoutes(ctx context.Context) <-chan RouteEvent {
 	ch := make(chan RouteEvent, 64)
 	go func() {
 		defer close(ch)
-		pfx := s.prefix + routesDir
-		send := func(ev RouteEvent) bool {
-			select {
-			case ch <- ev:
-				return true
-			case <-ctx.Done():
-				return false
-			}
-		}
-		for ctx.Err() == nil {
-			resp, err := s.cli.Get(ctx, pfx, clientv3.WithPrefix())
-			if err != nil {
+		s.watchPrefix(ctx, s.prefix+routesDir, func(evs []watchEvent, _ bool) bool {
+			for _, ev := range evs {
+				e := RouteEvent{Stream: ev.rel, Deleted: ev.deleted}
+				if !e.Deleted {
+					rt, err := decode[Route](ev.key, ev.value)
+					if err != nil {
+						continue
+					}
+					e.Route = rt
+				}
 				select {
+				case ch <- e:
 				case <-ctx.Done():
-				case <-time.After(200 * time.Millisecond):
-				}
-				continue
-			}
-			for _, kv := range resp.Kvs {
-				if rt, err := decode[Route](string(kv.Key), kv.Value); err == nil && !send(RouteEvent{Stream: rt.Stream, Route: rt}) {
-					return
+					return false
 				}
 			}
-			wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-			for wr := range s.cli.Watch(wctx, pfx, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1)) {
-				if wr.Err() != nil {
-					break
-				}
-				for _, ev := range wr.Events {
-					stream := strings.TrimPrefix(string(ev.Kv.Key), pfx)
-					e := RouteEvent{Stream: stream, Deleted: ev.Type == clientv3.EventTypeDelete}
-					if !e.Deleted {
-						rt, err := decode[Route](string(ev.Kv.Key), ev.Kv.Value)
-						if err != nil {
-							continue
-						}
-						e.Route = rt
-					}
-					if !send(e) {
-						cancel()
-						return
-					}
-				}
-			}
-			cancel()
-		}
+			return true
+		})
 	}()
 	return ch
 }
