@@ -96,3 +96,65 @@ func TestFanOutDoesNotAllocate(t *testing.T) {
 		t.Fatalf("the plain subscriber got %d bytes, the link sent %d datagrams", plain, conn.sent)
 	}
 }
+
+// TestSpliceDoesNotAllocate runs the real ingress (Stream.receive) through
+// make-before-break splices: a joining source's packet that leads is held,
+// the old source catches up and the sources swap, the held packet is
+// forwarded, and both sources' duplicates are dropped. None of it may
+// allocate per packet: held packets are pooled Buffers. (Under the race
+// detector sync.Pool drops some of what is put back: see above.)
+func TestSpliceDoesNotAllocate(t *testing.T) {
+	h := NewHub(Config{Datacenter: "d", Logger: quietLogger()})
+	defer h.Close()
+	s := newStream(h, "x", "a") // not in the hub: spliced has nothing to retire
+	s.setReady(h264Desc)
+	q := NewQueue(8)
+	s.attach(q, true)
+	x, y := &fakeUp{s: s}, &fakeUp{s: s}
+	s.in.setActive(x)
+	seq := uint16(0)
+	data := rtpPacket(t, 0, 0, false, 1000)
+	var p Packet // reused, as the link's receiver does; receive keeps no data
+	pkt := func(n uint16) *Packet {
+		data[2], data[3] = byte(n>>8), byte(n)
+		p = Packet{Data: data}
+		return &p
+	}
+	var forwarded int
+	cycle := func() {
+		old, nu := x, y
+		s.in.join(nu)
+		s.receive(nu, pkt(seq+2)) // leads: held
+		s.receive(old, pkt(seq+1))
+		// old reached the held packet: swapped, and seq+2 forwarded
+		s.receive(old, pkt(seq+1)) // retired
+		s.receive(nu, pkt(seq+2))  // duplicate
+		s.receive(nu, pkt(seq+3))
+		seq += 3
+		x, y = nu, old
+		for q.Len() > 0 {
+			b := <-q.C()
+			if debugSplice {
+				println(RTPSequence(b.Data()))
+			}
+			b.Release()
+			forwarded++
+		}
+	}
+	s.receive(x, pkt(0))
+	cycle()
+	forwarded = 0
+	allocs := testing.AllocsPerRun(1000, cycle)
+	limit := 0.0
+	if testutil.RaceEnabled {
+		limit = 2
+	}
+	if allocs > limit {
+		t.Fatalf("a splice cycle of 5 packets allocates %v times, want at most %v", allocs, limit)
+	}
+	if want := 3 * 1001; forwarded != want {
+		t.Fatalf("the viewer got %d packets, want %d: each of seq+1, seq+2, seq+3 once per cycle", forwarded, want)
+	}
+}
+
+var debugSplice = false

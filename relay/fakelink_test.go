@@ -39,6 +39,12 @@ type fakeLink struct {
 	cancel context.CancelCauseFunc
 	wg     sync.WaitGroup
 
+	// Piped links beat (heartbeat.go): live is what this end heard from
+	// the other; silenced makes the pair drop beats and media both ways,
+	// as a dead neighbour that says no goodbye.
+	live     liveness
+	silenced atomic.Bool
+
 	mu     sync.Mutex // guards the following fields
 	sent   []string   // control messages the hub sent, e.g. "announce x a,b"
 	ups    []*fakeUp  // subscriptions the hub made through the link
@@ -71,8 +77,16 @@ func pipeHubs(t testing.TB, a, b *Hub) (ab, ba *fakeLink) {
 	// control stream only after adding itself: a hub ignores messages from
 	// a link it does not have.
 	for _, l := range []*fakeLink{ab, ba} {
-		l.wg.Add(1)
+		l.wg.Add(2)
 		go l.deliver()
+		go func() {
+			defer l.wg.Done()
+			l.hub.watchLiveness(l.ctx, l, &l.live, func() {
+				if !l.silenced.Load() {
+					l.remote.live.heardFrom()
+				}
+			})
+		}()
 	}
 	t.Cleanup(func() {
 		ab.drop(errors.New("test over"))
@@ -174,6 +188,13 @@ func (l *fakeLink) close(cause error) {
 	l.mu.Unlock()
 }
 
+// silence makes both ends of a pipe drop everything but control messages
+// (on) or carry again (off).
+func (l *fakeLink) silence(on bool) {
+	l.silenced.Store(on)
+	l.remote.silenced.Store(on)
+}
+
 // drop takes the link down as a lost connection does: the hub forgets the
 // routes through it and the streams it carried end. Both ends of a pipe go
 // down. drop waits for the link's goroutines.
@@ -260,7 +281,12 @@ func (u *fakeUp) end(err error) { u.l.hub.upstreamEnded(u.s, u, err) }
 func (u *fakeUp) serve(ctx context.Context) {
 	defer u.l.wg.Done()
 	remote := u.l.remote.hub
-	feed := downstreamFunc{peer: u.l.remote.peer, f: func(p *Packet) { u.s.receive(u, p) }}
+	feed := downstreamFunc{peer: u.l.remote.peer, f: func(p *Packet) {
+		if !u.l.silenced.Load() {
+			u.l.live.heardFrom()
+			u.s.receive(u, p)
+		}
+	}}
 	sub, err := remote.Subscribe(ctx, u.s.name, feed)
 	if err != nil {
 		if ctx.Err() == nil {

@@ -41,6 +41,12 @@ type Config struct {
 	// publication and is returned to the publisher; release is called once
 	// when the publication ends.
 	Claim func(stream string) (release func(), err error)
+	// Heartbeat is how often a link tells its neighbour it is alive
+	// (default 100ms); DeadAfter is how long a neighbour may be silent
+	// before this node stops taking streams from it and switches them to
+	// their backups (default 300ms). See heartbeat.go.
+	Heartbeat time.Duration
+	DeadAfter time.Duration
 }
 
 // Hub holds the streams of one node. It is safe for concurrent use.
@@ -77,6 +83,12 @@ func NewHub(cfg Config) *Hub {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = defaultHeartbeat
+	}
+	if cfg.DeadAfter <= 0 {
+		cfg.DeadAfter = defaultDeadAfter
 	}
 	return &Hub{
 		cfg:     cfg,

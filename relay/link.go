@@ -71,9 +71,9 @@ type LinkStats struct {
 	Path quic.ConnectionStats `json:"-"`
 }
 
-// quicLink is the connection to one neighbouring datacenter. It owns five
+// quicLink is the connection to one neighbouring datacenter. It owns six
 // goroutines: the control reader, the control writer, the media sender, the
-// datagram reader and the media receiver. Close (or the connection dying)
+// datagram reader, the media receiver and the heartbeat. Close (or the connection dying)
 // stops all of them.
 type quicLink struct {
 	hub  *Hub
@@ -91,6 +91,7 @@ type quicLink struct {
 	rx     *linkReceiver
 
 	nextSubID atomic.Uint32
+	live      liveness // the neighbour's signs of life (heartbeat.go)
 
 	// Counters: see LinkStats.
 	offered, sent, dgramsSent, queueDropped, sendErrors           atomic.Uint64
@@ -127,7 +128,11 @@ func newLink(h *Hub, conn *quic.Conn, ctl *quic.Stream, peer string) *quicLink {
 // run serves the link until the connection ends. br reads the control stream
 // past the hello.
 func (l *quicLink) run(br *bufio.Reader) error {
-	l.wg.Add(4)
+	l.wg.Add(5)
+	go func() {
+		defer l.wg.Done()
+		l.hub.watchLiveness(l.ctx, l, &l.live, l.beat)
+	}()
 	go l.writeControl()
 	go func() {
 		defer l.wg.Done()
@@ -144,6 +149,10 @@ func (l *quicLink) run(br *bufio.Reader) error {
 	l.closeSubscriptions(err)
 	return err
 }
+
+// beat sends a heartbeat datagram. quic-go may refuse it (its queue is
+// full of media): media is a sign of life too.
+func (l *quicLink) beat() { _ = l.conn.SendDatagram(heartbeatDatagram) }
 
 func (l *quicLink) close(cause error) {
 	l.cancel(cause)

@@ -31,6 +31,10 @@ func (l *quicLink) readDatagrams() {
 		if err != nil {
 			return
 		}
+		l.live.heardFrom()
+		if isHeartbeat(b) {
+			continue
+		}
 		select {
 		case l.rx.in <- b:
 		default:

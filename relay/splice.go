@@ -36,8 +36,10 @@ import (
 //     duplicates are dropped the same way.
 //
 // Outside a source change a packet that is not newer than the last one
-// forwarded (reordered on the way) is forwarded as before: the filter is
-// on only from a change until the new source's first newer packet.
+// forwarded (reordered on the way) is forwarded if it was not yet, within
+// a window of 64: viewers never get a packet twice, and a reordered one is
+// not lost. From a source change until the new source's first newer
+// packet, only newer packets pass.
 //
 // Locks: writeMu serialises the stream's writers and is held across the
 // fan-out, so the two sources' packets reach viewers in the order decided.
@@ -70,25 +72,38 @@ type trackSeq struct {
 	last      uint16 // highest sequence number forwarded
 	seen      bool   // last is valid
 	filtering bool   // drop packets not newer than last: after a source change
+	window    uint64 // bit i: last-i was forwarded
 }
 
 // seqNewer reports whether a is after b in 16-bit sequence space.
 func seqNewer(a, b uint16) bool { return int16(a-b) > 0 }
 
 // admitLocked decides whether a packet of the active source is forwarded,
-// and records it.
+// and records it: a newer packet always; an older one (reordered on the
+// way) only outside a source change, once, and within 64 of the newest.
 func (in *ingress) admitLocked(track uint8, seq uint16) bool {
 	t := &in.tracks[track]
-	switch {
-	case !t.seen:
-		t.seen, t.last = true, seq
-	case seqNewer(seq, t.last):
-		t.last, t.filtering = seq, false
-	case t.filtering:
-		in.dups++
-		return false
+	if !t.seen {
+		t.seen, t.last, t.window = true, seq, 1
+		return true
 	}
-	return true
+	d := int16(seq - t.last)
+	switch {
+	case d > 0:
+		if d >= 64 {
+			t.window = 0
+		} else {
+			t.window <<= uint(d)
+		}
+		t.window |= 1
+		t.last, t.filtering = seq, false
+		return true
+	case !t.filtering && d > -64 && t.window&(1<<uint(-d)) == 0:
+		t.window |= 1 << uint(-d)
+		return true
+	}
+	in.dups++
+	return false
 }
 
 // aheadLocked reports whether seq is ahead of last forwarded + 1: a packet
@@ -273,8 +288,11 @@ func (in *ingress) flushLocked(s *Stream) {
 		in.heldHead++
 		if in.admitLocked(b.Track, RTPSequence(b.Data())) {
 			in.mu.Unlock()
-			p := b.Packet()
-			s.writePacket(&p)
+			p := packetPool.Get().(*Packet)
+			*p = b.Packet()
+			s.writePacket(p)
+			*p = Packet{}
+			packetPool.Put(p)
 			in.mu.Lock()
 		}
 		b.Release()

@@ -30,6 +30,8 @@ import (
 // the RTP sequence numbers, which may interleave several tracks. The path id
 // leaves room for splitting a stream over several overlay paths.
 //
+// A heartbeat datagram is one byte: the version and type nibbles, type 1.
+//
 // Control messages travel on one reliable bidirectional QUIC stream per link,
 // each framed as a uvarint length, a type byte and a body of uvarints and
 // uvarint-prefixed strings. An announce ends with the stream's flags only
@@ -38,7 +40,8 @@ import (
 const (
 	wireVersion = 1
 
-	dgramMedia = 0 // datagram type: media
+	dgramMedia     = 0 // datagram type: media
+	dgramHeartbeat = 1 // datagram type: heartbeat, one byte (heartbeat.go)
 
 	flagKeyframe   = 0x01
 	flagFragment   = 0x02

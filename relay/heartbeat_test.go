@@ -1,0 +1,201 @@
+package relay
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/internal/testutil"
+)
+
+// flow is a publisher writing a video stream (a keyframe every keyEvery
+// packets) from its own goroutine, and a viewer checking what arrives.
+type flow struct {
+	t        *testing.T
+	pub      *Publisher
+	q        *Queue
+	keyEvery uint16
+	paused   chan bool
+	stop     chan struct{}
+	done     chan struct{}
+
+	// Owned by the checker (drain).
+	next      uint16
+	started   bool
+	n, gaps   int
+	fault     string
+	lastAt    time.Time
+	maxSilent time.Duration // longest wait between two packets at the viewer
+	lost      int           // packets never delivered (gaps)
+}
+
+const faultNoKeyframe = "a gap resumed without a keyframe"
+
+func startFlow(t *testing.T, pub *Publisher, q *Queue, keyEvery uint16, perMs int) *flow {
+	f := &flow{t: t, pub: pub, q: q, keyEvery: keyEvery, paused: make(chan bool), stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(f.done)
+		seq := uint16(0)
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-f.stop:
+				return
+			case p := <-f.paused:
+				for p {
+					select {
+					case p = <-f.paused:
+					case <-f.stop:
+						return
+					}
+				}
+			case <-tick.C:
+				for range perMs {
+					key := seq%keyEvery == 0
+					pub.WriteRTP(0, rtpPacket(t, seq, uint32(seq)*90, key, 300))
+					seq++
+				}
+			}
+		}
+	}()
+	return f
+}
+
+// drain checks every packet the viewer has: sequence numbers never go back
+// or repeat, and a gap resumes at a keyframe (the decoder can resync).
+func (f *flow) drain() {
+	for {
+		select {
+		case b := <-f.q.C():
+			seq, key := RTPSequence(b.Data()), b.Keyframe
+			b.Release()
+			now := time.Now()
+			if f.started {
+				if d := now.Sub(f.lastAt); d > f.maxSilent {
+					f.maxSilent = d
+				}
+				switch {
+				case seq == f.next:
+				case !seqNewer(seq, f.next) && f.fault == "":
+					f.fault = "sequence went back or repeated"
+				default:
+					f.gaps++
+					f.lost += int(seq - f.next)
+					if !key && f.fault == "" {
+						f.fault = faultNoKeyframe
+					}
+				}
+			}
+			f.started, f.next, f.lastAt = true, seq+1, now
+			f.n++
+		default:
+			return
+		}
+	}
+}
+
+func (f *flow) end() {
+	close(f.stop)
+	<-f.done
+	time.Sleep(20 * time.Millisecond)
+	f.drain()
+}
+
+// TestSilentNeighbourFailsOver: on a full mesh a,b,c,d with fake links that
+// beat, d takes a stream through b (route, backup c). A publisher pausing
+// for longer than DeadAfter changes nothing: the link still beats. When b
+// goes silent (a dead node says no goodbye) d switches to c within about
+// DeadAfter, the viewer's packets go on with no duplicate, a new stream is
+// not subscribed through silent b, and when b beats again the stream moves
+// back to its route's parent. Before, d waited for the link to close (QUIC's
+// 5 s idle timeout), then ended the stream.
+func TestSilentNeighbourFailsOver(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	deadAfter := testutil.Scale(300 * time.Millisecond)
+	m := newFakeMesh(t, Config{Heartbeat: 50 * time.Millisecond, DeadAfter: deadAfter}, "a", "b", "c", "d")
+	a, d := m.hubs["a"], m.hubs["d"]
+	pub, err := a.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	for _, n := range []string{"b", "c", "d"} {
+		testutil.WaitFor(t, n+" learns of x", func() bool { return hopsOf(m.hubs[n], "x") == "a>"+n })
+	}
+	d.SetRoute("x", Route{Parent: "b", Backup: "c", Version: 1})
+	q := NewQueue(1 << 14)
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
+	defer cancel()
+	sub, err := d.Subscribe(ctx, "x", q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	f := startFlow(t, pub, q, 2000, 1)
+
+	// A paused publisher is no dead neighbour.
+	time.Sleep(100 * time.Millisecond)
+	f.paused <- true
+	time.Sleep(3 * deadAfter)
+	f.paused <- false
+	time.Sleep(100 * time.Millisecond)
+	f.drain()
+	if got := hopsOf(d, "x"); got != "a>b>d" || subscribes(m.links["d"]["c"], "x") != 0 {
+		t.Fatalf("after a pause of the publisher d takes x through %s (subscribed %d times through c), want a>b>d",
+			got, subscribes(m.links["d"]["c"], "x"))
+	}
+	f.maxSilent = 0
+
+	// b dies.
+	for _, peer := range []string{"a", "c", "d"} {
+		m.links["b"][peer].silence(true)
+	}
+	cut := time.Now()
+	testutil.WaitFor(t, "d to take x through c", func() bool { f.drain(); return hopsOf(d, "x") == "a>c>d" })
+	switched := time.Since(cut)
+	time.Sleep(100 * time.Millisecond)
+	f.drain()
+	if p, _, _ := d.Upstream("x"); p != "c" {
+		t.Fatalf("Upstream at d names %s after b went silent, want c", p)
+	}
+	t.Logf("switched to c %v after b went silent (DeadAfter %v); longest wait between two packets at the viewer %v; %d packets lost in %d gaps",
+		switched.Round(time.Millisecond), deadAfter, f.maxSilent.Round(time.Millisecond), f.lost, f.gaps)
+
+	// A new stream with a route through silent b goes elsewhere.
+	pub2, err := a.Publish("y", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub2.Close()
+	testutil.WaitFor(t, "d learns of y", func() bool { return hopsOf(d, "y") != "" })
+	d.SetRoute("y", Route{Parent: "b", Version: 1})
+	sub2, err := d.Subscribe(ctx, "y", NewQueue(4))
+	if err != nil {
+		t.Fatalf("subscribing to y while its route's parent is silent: %v", err)
+	}
+	sub2.Close()
+	if n := subscribes(m.links["d"]["b"], "y"); n != 0 {
+		t.Fatalf("d subscribed to y through silent b %d times", n)
+	}
+
+	// b comes back: x moves back to its route's parent, make-before-break.
+	for _, peer := range []string{"a", "c", "d"} {
+		m.links["b"][peer].silence(false)
+	}
+	testutil.WaitFor(t, "d to take x through b again", func() bool { f.drain(); return hopsOf(d, "x") == "a>b>d" })
+	time.Sleep(100 * time.Millisecond)
+	f.end()
+	if f.fault != "" {
+		t.Fatal(f.fault)
+	}
+	select {
+	case <-sub.Done():
+		t.Fatalf("the viewer's stream ended: %v", sub.Err())
+	default:
+	}
+	if f.n < 500 {
+		t.Fatalf("the viewer got %d packets", f.n)
+	}
+}
