@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -197,5 +198,34 @@ func TestSilentNeighbourFailsOver(t *testing.T) {
 	}
 	if f.n < 500 {
 		t.Fatalf("the viewer got %d packets", f.n)
+	}
+}
+
+// TestNewLinkToSilentNeighbourIsUsable: a neighbour that went silent and
+// whose link closed comes back on a new link: it is usable at once (its new
+// link's heartbeat watches it), not silent forever.
+func TestNewLinkToSilentNeighbourIsUsable(t *testing.T) {
+	testutil.CheckLeaks(t)
+	cfg := Config{Logger: quietLogger(), Heartbeat: 20 * time.Millisecond, DeadAfter: 60 * time.Millisecond}
+	cfg.Datacenter = "a"
+	a := NewHub(cfg)
+	cfg.Datacenter = "d"
+	d := NewHub(cfg)
+	defer a.Close()
+	defer d.Close()
+	_, da := pipeHubs(t, a, d)
+	pub, err := a.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	testutil.WaitFor(t, "d learns of x", func() bool { return hopsOf(d, "x") == "a>d" })
+	da.silence(true)
+	testutil.WaitFor(t, "d to find a silent", func() bool { _, _, ok := d.Upstream("x"); return !ok })
+	da.drop(errors.New("idle timeout"))
+	pipeHubs(t, a, d)
+	testutil.WaitFor(t, "d to learn of x again", func() bool { return hopsOf(d, "x") == "a>d" })
+	if p, _, ok := d.Upstream("x"); !ok || p != "a" {
+		t.Fatalf("Upstream at d on a new link to a: %q %v, want a", p, ok)
 	}
 }

@@ -181,6 +181,7 @@ func (h *Hub) addLink(l link) {
 		h.dropRoutesLocked(peer)
 	}
 	h.links[peer] = l
+	delete(h.silent, peer) // a new link starts alive: its own heartbeat watches it
 	names := make([]string, 0, len(h.streams)+len(h.routes))
 	for name := range h.streams {
 		names = append(names, name)
@@ -214,6 +215,7 @@ func (h *Hub) removeLink(l link, cause error) {
 		return // replaced: the newer link owns the neighbour
 	}
 	delete(h.links, peer)
+	delete(h.silent, peer)
 	h.dropRoutesLocked(peer)
 	h.mu.Unlock()
 	h.log.Info("link down", "peer", peer, "reason", cause)
