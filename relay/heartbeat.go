@@ -118,7 +118,7 @@ func (h *Hub) setSilent(l link, silent bool) {
 		delete(h.silent, peer)
 		for name, s := range h.streams {
 			if r, ok := h.steer[name]; ok && r.Parent == peer && !s.localLocked() {
-				h.followRouteLocked(s)
+				h.followRouteLocked(s) // make-before-break back to the route's parent
 			}
 		}
 	}

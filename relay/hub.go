@@ -229,9 +229,23 @@ func (h *Hub) acquire(name, from string) (*Stream, error) {
 		s.in.setActive(s.src)
 		h.streams[name] = s
 	} else if from != "" && !s.localLocked() {
+		// The neighbour asking takes it from here (its route says so),
+		// while this node takes it from that neighbour (by
+		// announcement): take it from elsewhere, or refuse the loop.
 		h.syncSourcesLocked(s)
-		if s.src.peer() == from || s.next != nil && s.next.peer() == from {
-			return nil, fmt.Errorf("stream %q: this datacenter takes it from datacenter %s: subscribing there would loop", name, from)
+		if s.next != nil && s.next.peer() == from {
+			h.dropJoiningLocked(s)
+		}
+		if s.src.peer() == from {
+			if s.failed == nil {
+				s.failed = make(map[string]bool)
+			}
+			s.failed[from] = true
+			old := s.src
+			if !h.replaceSourceLocked(s) {
+				return nil, fmt.Errorf("stream %q: this datacenter takes it from datacenter %s and from nowhere else: subscribing there would loop", name, from)
+			}
+			old.stop()
 		}
 	}
 	s.interest++

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"time"
 )
 
 // Steering: the seam between the topology layer and the data plane.
@@ -47,13 +48,18 @@ func (i Interest) equal(j Interest) bool {
 // stream is live or not.
 func (h *Hub) SetRoute(stream string, r Route) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if cur, ok := h.steer[stream]; ok && r.Version < cur.Version {
+		h.mu.Unlock()
 		return
 	}
 	h.steer[stream] = r
+	from, moving := "", false
 	if s := h.streams[stream]; s != nil && !s.localLocked() {
-		h.followRouteLocked(s)
+		from, moving = h.followRouteLocked(s)
+	}
+	h.mu.Unlock()
+	if moving {
+		h.log.Info("stream moving to a new parent", "stream", stream, "from", from, "to", r.Parent, "route_version", r.Version)
 	}
 }
 
@@ -204,18 +210,19 @@ func (h *Hub) pathThrough(hops []string) []string {
 // followRouteLocked moves a relayed stream to its route's parent
 // make-before-break: it subscribes through the parent and lets the ingress
 // splice when the new packets arrive (then spliced retires the old source).
-func (h *Hub) followRouteLocked(s *Stream) {
+// It reports whether a move started, and from which parent.
+func (h *Hub) followRouteLocked(s *Stream) (from string, moving bool) {
 	h.syncSourcesLocked(s)
 	r := h.steer[s.name]
 	if r.Parent == "" || !h.usableLocked(r.Parent) {
-		return
+		return "", false
 	}
 	if s.src != nil && s.src.peer() == r.Parent {
 		h.dropJoiningLocked(s) // back to where it was before the move finished
-		return
+		return "", false
 	}
 	if s.next != nil && s.next.peer() == r.Parent {
-		return
+		return "", false
 	}
 	h.dropJoiningLocked(s)
 	l := h.links[r.Parent]
@@ -225,7 +232,28 @@ func (h *Hub) followRouteLocked(s *Stream) {
 		s.nextHops = h.pathThrough(ad.hops)
 	}
 	s.in.join(s.next)
-	h.log.Info("stream moving to a new parent", "stream", s.name, "from", s.src.peer(), "to", r.Parent, "route_version", r.Version)
+	return s.src.peer(), true
+}
+
+// routeRetry is how long a stream whose new parent failed it (e.g. a
+// neighbour that just came back and does not hear its own upstream yet)
+// waits before it tries its route again.
+const routeRetry = time.Second
+
+// retryRouteLocked tries the stream's route again after routeRetry, unless
+// the route changed or the stream went meanwhile.
+func (h *Hub) retryRouteLocked(s *Stream) {
+	r, ok := h.steer[s.name]
+	if !ok {
+		return
+	}
+	time.AfterFunc(routeRetry, func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if cur, ok := h.steer[s.name]; ok && cur == r && h.streams[s.name] == s && !h.closed {
+			h.followRouteLocked(s)
+		}
+	})
 }
 
 // dropJoiningLocked abandons a make-before-break move in progress.
@@ -240,14 +268,15 @@ func (h *Hub) dropJoiningLocked(s *Stream) {
 }
 
 // syncSourcesLocked catches the hub up with a splice the ingress completed:
-// the joining source became active, and the old one is unsubscribed.
-func (h *Hub) syncSourcesLocked(s *Stream) {
+// the joining source became active, and the old one is unsubscribed. It
+// reports whether it did.
+func (h *Hub) syncSourcesLocked(s *Stream) bool {
 	if s.localLocked() {
-		return
+		return false
 	}
 	active, _ := s.in.sources()
 	if active == s.src || active == nil || active != s.next {
-		return
+		return false
 	}
 	old := s.src
 	s.src, s.next = active, nil
@@ -258,16 +287,22 @@ func (h *Hub) syncSourcesLocked(s *Stream) {
 	if old != nil {
 		old.stop()
 	}
-	h.log.Info("stream spliced onto its new parent", "stream", s.name, "parent", active.peer(), "hops", s.hops)
+	return true
 }
 
 // spliced is called by the data path after it made the joining source of a
 // stream active.
 func (h *Hub) spliced(s *Stream) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.streams[s.name] == s {
-		h.syncSourcesLocked(s)
+	synced := h.streams[s.name] == s && h.syncSourcesLocked(s)
+	var parent string
+	var hops []string
+	if synced {
+		parent, hops = s.src.peer(), slices.Clone(s.hops)
+	}
+	h.mu.Unlock()
+	if synced {
+		h.log.Info("stream spliced onto its new parent", "stream", s.name, "parent", parent, "hops", hops)
 	}
 }
 
@@ -288,8 +323,10 @@ func (h *Hub) upstreamEnded(s *Stream, src source, err error) {
 	switch {
 	case src == s.next:
 		h.dropJoiningLocked(s)
+		h.retryRouteLocked(s)
 		h.mu.Unlock()
-		h.log.Info("new parent failed; the stream stays where it is", "stream", s.name, "parent", src.peer(), "err", err)
+		h.log.Info("new parent failed; the stream stays where it is and tries again", "stream", s.name, "parent", src.peer(),
+			"in", routeRetry, "err", err)
 		return
 	case src != s.src:
 		h.mu.Unlock()
