@@ -54,10 +54,10 @@ type ingress struct {
 	active          source     // whose packets are forwarded
 	joining         source     // make-before-break candidate; nil when none
 	tracks          [MaxTracks]trackSeq
-	held            [spliceHoldMax]*Buffer // joining packets ahead of active, in order
-	heldHead, nHeld int                    // held[heldHead:nHeld] wait
-	heldAt          time.Time              // when the first packet was held
-	dups            uint64                 // packets dropped because viewers had them
+	held            []*Buffer // joining packets ahead of active, in order; made at the first hold
+	heldHead, nHeld int       // held[heldHead:nHeld] wait
+	heldAt          time.Time // when the first packet was held
+	dups            uint64    // packets dropped because viewers had them
 }
 
 // Splice bounds: how many packets, or how long, a joining source that leads
@@ -253,12 +253,15 @@ func (in *ingress) receiveLocked(s *Stream, src source, p *Packet) (swapped, gap
 		if in.nHeld == 0 {
 			in.heldAt = time.Now()
 		}
-		if in.nHeld == len(in.held) || time.Since(in.heldAt) > spliceHoldTime {
+		if in.nHeld == spliceHoldMax || time.Since(in.heldAt) > spliceHoldTime {
 			// The old source did not catch up in time: swap with a gap.
 			in.swapLocked()
 			in.flushLocked(s)
 			in.writeAdmittedLocked(s, p, seq)
 			return true, false
+		}
+		if in.held == nil {
+			in.held = make([]*Buffer, spliceHoldMax) // once per stream that ever splices this way
 		}
 		in.held[in.nHeld] = NewBuffer(p)
 		in.nHeld++
