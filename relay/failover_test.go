@@ -3,7 +3,9 @@ package relay
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -34,7 +36,9 @@ func quicMesh(t *testing.T, cfg Config, names ...string) (map[string]*Hub, map[s
 	for _, n := range names {
 		c := cfg
 		c.Datacenter = n
-		c.Logger = quietLogger()
+		if c.Logger == nil {
+			c.Logger = quietLogger()
+		}
 		h := NewHub(c)
 		id, err := ca.Issue(n)
 		if err != nil {
@@ -171,4 +175,59 @@ func TestFailoverOverQUIC(t *testing.T) {
 	default:
 	}
 	t.Logf("the viewer got %d packets in all", f.n)
+}
+
+// TestLongLinkIsNotSilent: on a link with a 400 ms round trip the first
+// heartbeat reaches the accepting end more than DeadAfter after its link
+// started (the dialer starts a round trip later), and a stream's datagrams
+// arrive in bursts once per round trip while QUIC opens its congestion
+// window. The link is not dead: no node calls a neighbour silent, and the
+// stream stays on it. Before silence was measured against DeadAfter plus
+// the round trip, c called a silent as the link came up, and a viewer
+// subscribing then got the stream through b (the node lab test caught it).
+func TestLongLinkIsNotSilent(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	rec := newLogRecorder()
+	hubs, conns := quicMesh(t, Config{Logger: slog.New(rec)}, "a", "b", "c")
+	addr := func(n string) netip.AddrPort { return netip.MustParseAddrPort(conns[n].LocalAddr().String()) }
+	im := netem.Impairment{Delay: 200 * time.Millisecond}
+	if err := conns["a"].Set(addr("c"), im); err != nil {
+		t.Fatal(err)
+	}
+	if err := conns["c"].Set(addr("a"), im); err != nil {
+		t.Fatal(err)
+	}
+	a, c := hubs["a"], hubs["c"]
+	pub, err := a.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	testutil.WaitFor(t, "c routes x directly", func() bool { return hopsOf(c, "x") == "a>c" })
+	q := NewQueue(1 << 14)
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Second))
+	defer cancel()
+	sub, err := c.Subscribe(ctx, "x", q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	f := startFlow(t, pub, q, 1000, 4) // 4000 packets/s: QUIC's window limits it at first
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		f.drain()
+		if got := hopsOf(c, "x"); got != "a>c" {
+			t.Fatalf("c moved x to %s: it took the 400 ms link for dead", got)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	f.end()
+	if f.n < 1000 {
+		t.Fatalf("c's viewer got %d packets", f.n)
+	}
+	if got := rec.matching("neighbour silent"); len(got) > 0 {
+		t.Fatalf("a node called a neighbour on a live link silent: %q", got)
+	}
+	t.Logf("c's viewer got %d packets over the long link; longest wait %v", f.n, f.maxSilent.Round(time.Millisecond))
 }

@@ -85,7 +85,7 @@ func pipeHubs(t testing.TB, a, b *Hub) (ab, ba *fakeLink) {
 				if !l.silenced.Load() {
 					l.remote.live.heardFrom()
 				}
-			})
+			}, nil)
 		}()
 	}
 	t.Cleanup(func() {

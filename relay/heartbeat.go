@@ -23,7 +23,9 @@ import (
 // route names it as parent move back make-before-break.
 //
 // A stream whose packets stop while its link still beats is not dead: its
-// publisher may have paused. Only the link's silence counts.
+// publisher may have paused. Only the link's silence counts. On a link with
+// a round-trip time of its own (a real WAN link) silence must last
+// DeadAfter plus that round trip: see watchLiveness.
 
 const (
 	defaultHeartbeat = 100 * time.Millisecond
@@ -49,11 +51,15 @@ func (lv *liveness) heardFrom() {
 	}
 }
 
-// watchLiveness beats through beat every Heartbeat and tells the hub when
-// the link's neighbour goes silent for DeadAfter or is heard again, until
-// ctx ends. It checks twice per heartbeat, so silence is found within
-// DeadAfter + Heartbeat/2.
-func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func()) {
+// watchLiveness beats through beat (which must not block) every Heartbeat
+// and tells the hub when the link's neighbour goes silent or is heard
+// again, until ctx ends. Silent is DeadAfter plus the link's smoothed
+// round-trip time (rtt; nil for none) without a sign of life: on a long
+// link a congestion window's worth of datagrams arrives once per round
+// trip while QUIC opens the window, and the heartbeats queue behind media.
+// It checks twice per heartbeat, so silence is found within that time
+// plus Heartbeat/2.
+func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func(), rtt func() time.Duration) {
 	tick := time.NewTicker(h.cfg.Heartbeat / 2)
 	defer tick.Stop()
 	last, lastBeat := time.Now(), time.Time{}
@@ -72,7 +78,7 @@ func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func
 					silent = false
 					h.setSilent(l, false)
 				}
-			case !silent && now.Sub(last) >= h.cfg.DeadAfter:
+			case !silent && now.Sub(last) >= h.cfg.DeadAfter && (rtt == nil || now.Sub(last) >= h.cfg.DeadAfter+rtt()):
 				silent = true
 				h.setSilent(l, true)
 			}

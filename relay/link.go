@@ -71,9 +71,10 @@ type LinkStats struct {
 	Path quic.ConnectionStats `json:"-"`
 }
 
-// quicLink is the connection to one neighbouring datacenter. It owns six
+// quicLink is the connection to one neighbouring datacenter. It owns seven
 // goroutines: the control reader, the control writer, the media sender, the
-// datagram reader, the media receiver and the heartbeat. Close (or the connection dying)
+// datagram reader, the media receiver, the liveness watch and the heartbeat
+// sender. Close (or the connection dying)
 // stops all of them.
 type quicLink struct {
 	hub  *Hub
@@ -91,7 +92,8 @@ type quicLink struct {
 	rx     *linkReceiver
 
 	nextSubID atomic.Uint32
-	live      liveness // the neighbour's signs of life (heartbeat.go)
+	live      liveness      // the neighbour's signs of life (heartbeat.go)
+	beats     chan struct{} // heartbeats to send
 
 	// Counters: see LinkStats.
 	offered, sent, dgramsSent, queueDropped, sendErrors           atomic.Uint64
@@ -117,6 +119,7 @@ func newLink(h *Hub, conn *quic.Conn, ctl *quic.Stream, peer string) *quicLink {
 		ctx:    ctx,
 		cancel: cancel,
 		ctlOut: make(chan *controlMsg, ctlQueueSize),
+		beats:  make(chan struct{}, 1),
 		ups:    make(map[uint32]*upSub),
 		downs:  make(map[uint32]*downSub),
 	}
@@ -128,11 +131,12 @@ func newLink(h *Hub, conn *quic.Conn, ctl *quic.Stream, peer string) *quicLink {
 // run serves the link until the connection ends. br reads the control stream
 // past the hello.
 func (l *quicLink) run(br *bufio.Reader) error {
-	l.wg.Add(5)
+	l.wg.Add(6)
 	go func() {
 		defer l.wg.Done()
-		l.hub.watchLiveness(l.ctx, l, &l.live, l.beat)
+		l.hub.watchLiveness(l.ctx, l, &l.live, l.beat, l.rtt)
 	}()
+	go l.sendHeartbeats()
 	go l.writeControl()
 	go func() {
 		defer l.wg.Done()
@@ -150,9 +154,30 @@ func (l *quicLink) run(br *bufio.Reader) error {
 	return err
 }
 
-// beat sends a heartbeat datagram. quic-go may refuse it (its queue is
-// full of media): media is a sign of life too.
-func (l *quicLink) beat() { _ = l.conn.SendDatagram(heartbeatDatagram) }
+// beat asks for a heartbeat datagram, without blocking.
+func (l *quicLink) beat() {
+	select {
+	case l.beats <- struct{}{}:
+	default: // one is waiting already
+	}
+}
+
+// sendHeartbeats sends the heartbeats beat asks for. SendDatagram blocks
+// while quic-go's datagram queue is full (a congested or dead neighbour),
+// so it runs apart from the liveness watch.
+func (l *quicLink) sendHeartbeats() {
+	defer l.wg.Done()
+	for {
+		select {
+		case <-l.beats:
+			_ = l.conn.SendDatagram(heartbeatDatagram) // refused: media is a sign of life too
+		case <-l.ctx.Done():
+			return
+		}
+	}
+}
+
+func (l *quicLink) rtt() time.Duration { return l.conn.ConnectionStats().SmoothedRTT }
 
 func (l *quicLink) close(cause error) {
 	l.cancel(cause)
