@@ -32,6 +32,7 @@ type control struct {
 	self      store.Node // the registration's value
 	ttl       time.Duration
 	meter     *meter
+	rates     *rates
 	mgr       *manager.Manager // the manager candidate beside the node, if any
 
 	ctx        context.Context
@@ -96,6 +97,7 @@ func startControl(cfg controlConfig) (*control, error) {
 		releases:   make(chan string, 64),
 	}
 	c.meter = newMeter(cfg.DC, cfg.Hub.Links, cfg.Capacity)
+	c.rates = newRates(cfg.DC, cfg.Hub.Streams)
 	every := cfg.MeasureEvery
 	if every <= 0 {
 		every = time.Second

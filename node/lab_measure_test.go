@@ -97,4 +97,21 @@ func TestLabMeasuredLinks(t *testing.T) {
 	if ms := a.Measurements(); len(ms) != 1 || ms[0].To != "c" || ms[0].RTTMs <= 0 {
 		t.Errorf("a's Measurements(): %+v", ms)
 	}
+	// The origin publishes the stream's bitrate for the manager: what its
+	// publisher sends, as the node counts it.
+	var want float64
+	for _, si := range a.Hub().Streams() {
+		if si.Name == "x" {
+			want = float64(si.Bytes) * 8 / 1000 / time.Since(si.Since).Seconds()
+		}
+	}
+	var st store.Stream
+	testutil.WaitFor(t, "x's bitrate in etcd", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		var ok bool
+		st, ok, _ = s.GetStream(ctx, "x")
+		return ok && math.Abs(st.BitrateKbps-want) <= want/4
+	})
+	t.Logf("streams/x: bitrate %.0f kbit/s (the node counted %.0f on average)", st.BitrateKbps, want)
 }

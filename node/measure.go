@@ -259,8 +259,10 @@ func (c *control) runMeasurements(every time.Duration) {
 		reg, _ := c.registration()
 		if reg != lastReg {
 			c.meter.unpublish() // a new lease: every link again
+			c.rates.unpublish()
 			lastReg = reg
 		}
+		c.publishRates(reg)
 		due := c.meter.sample(time.Now())
 		if reg == nil {
 			if len(due) > 0 {
@@ -287,4 +289,27 @@ func (c *control) runMeasurements(every time.Duration) {
 // putLink writes one measured link, leased by the node.
 func (c *control) putLink(ctx context.Context, reg *store.Registration, l store.Link) error {
 	return c.st.PutLink(ctx, reg, l)
+}
+
+// publishRates writes the bitrates of the streams published here that are
+// due, while registered.
+func (c *control) publishRates(reg *store.Registration) {
+	due := c.rates.sample(time.Now())
+	if reg == nil {
+		if len(due) > 0 {
+			c.rates.unpublish()
+		}
+		return
+	}
+	for _, r := range due {
+		ctx, cancel := context.WithTimeout(c.ctx, opTimeout)
+		err := c.st.SetStreamBitrate(ctx, reg, r.name, r.kbps)
+		cancel()
+		if err != nil {
+			// Not claimed yet (etcd was away), or etcd trouble: again at
+			// the next sample.
+			c.log.Debug("publishing a stream's bitrate failed; retrying at the next sample", "stream", r.name, "err", err)
+			c.rates.unpublish(r.name)
+		}
+	}
 }
