@@ -222,21 +222,29 @@ func (c *control) runSubscriptions() {
 // route flow by announcement.
 func (c *control) runRoutes() {
 	defer c.wg.Done()
+	applied := map[string]relay.Route{} // what this node follows, by stream
 	for ev := range c.st.WatchRoutes(c.ctx) {
-		if ev.Deleted {
-			c.hub.ClearRoute(ev.Stream)
-			c.log.Debug("route deleted: the stream flows by announcement here", "stream", ev.Stream)
-			continue
-		}
 		rt := ev.Route
 		parent := rt.Parent[c.dc]
-		if parent == "" {
-			// Not in this stream's tree (or its origin): announcements
-			// decide for any viewer that comes before the next tree.
-			c.hub.ClearRoute(ev.Stream)
+		if ev.Deleted || parent == "" {
+			// Deleted, or not in this stream's tree (or its origin):
+			// announcements decide for any viewer that comes before the
+			// next tree.
+			if _, ok := applied[ev.Stream]; ok {
+				c.hub.ClearRoute(ev.Stream)
+				delete(applied, ev.Stream)
+				c.log.Info("route cleared: the stream flows by announcement here", "stream", ev.Stream)
+			}
 			continue
 		}
-		c.hub.SetRoute(ev.Stream, relay.Route{Parent: parent, Backup: rt.Backup[c.dc], Version: uint64(rt.Version)})
-		c.log.Info("route applied", "stream", ev.Stream, "parent", parent, "backup", rt.Backup[c.dc], "version", rt.Version)
+		r := relay.Route{Parent: parent, Backup: rt.Backup[c.dc], Version: uint64(rt.Version)}
+		if old, ok := applied[ev.Stream]; ok && old.Parent == r.Parent && old.Backup == r.Backup {
+			c.hub.SetRoute(ev.Stream, r) // the version rises; nothing to say
+			applied[ev.Stream] = r
+			continue
+		}
+		c.hub.SetRoute(ev.Stream, r)
+		applied[ev.Stream] = r
+		c.log.Info("route applied", "stream", ev.Stream, "parent", r.Parent, "backup", r.Backup, "version", rt.Version)
 	}
 }
