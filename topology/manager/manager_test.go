@@ -422,8 +422,9 @@ func TestLeaderCrash(t *testing.T) {
 }
 
 // TestDeposedLeader: a leader whose leader key went away behind its back
-// (as when its session expired while it was cut off) is refused, stops
-// writing without error, and its successor plans.
+// (as when its session expired while it was cut off) is refused, steps
+// down without error (it campaigns again, as a standby), and its successor
+// plans.
 func TestDeposedLeader(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 60*time.Second)
@@ -453,8 +454,12 @@ func TestDeposedLeader(t *testing.T) {
 	}
 	w.waitPath(t, 5*time.Second, "c", "a→c backup d")
 	testutil.WaitFor(t, "a's refused write", func() bool { return ma.Status().Refused > 0 })
+	testutil.WaitFor(t, "a to step down", func() bool { return !ma.Leading() })
 	if st := ma.Status(); st.Planning || st.RoutesWritten != 1 {
 		t.Fatalf("deposed a: %+v, want not planning, its one route of before", st)
+	}
+	if leader, err := observer.Leader(ctx); err != nil || leader != "b" {
+		t.Fatalf("leader %q (err %v) after a stepped down, want b", leader, err)
 	}
 	if got := w.versions(); fmt.Sprint(got) != "[1 2]" {
 		t.Fatalf("route versions %v, want [1 2]", got)

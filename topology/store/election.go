@@ -35,6 +35,8 @@ type Candidate struct {
 	// key and rev identify the term's leader key while leading.
 	key string
 	rev int64
+
+	deposed chan struct{} // a fenced write was refused: end the term
 }
 
 // ErrNotLeader is returned by Candidate.PutRoute when the candidate does not
@@ -52,7 +54,7 @@ func (c *Candidate) PutRoute(ctx context.Context, rt Route) error {
 	if !leading {
 		return fmt.Errorf("store: route of %q not written by manager %s: %w", rt.Stream, c.id, ErrNotLeader)
 	}
-	return c.s.putRoute(ctx, rt, key, rev)
+	return c.fenced(c.s.putRoute(ctx, rt, key, rev))
 }
 
 // DeleteRoute is Store.DeleteRoute fenced by leadership, as PutRoute is.
@@ -63,7 +65,7 @@ func (c *Candidate) DeleteRoute(ctx context.Context, stream string) error {
 	if !leading {
 		return fmt.Errorf("store: route of %q not deleted by manager %s: %w", stream, c.id, ErrNotLeader)
 	}
-	return c.s.deleteRoute(ctx, stream, key, rev)
+	return c.fenced(c.s.deleteRoute(ctx, stream, key, rev))
 }
 
 // PutRoutes writes many routes, as PutRoute each but in transactions of
@@ -83,7 +85,14 @@ func (c *Candidate) PutRoutes(ctx context.Context, rts []Route) []error {
 		}
 		return errs
 	}
-	return c.s.putRoutes(ctx, rts, key, rev)
+	errs := c.s.putRoutes(ctx, rts, key, rev)
+	for _, err := range errs {
+		if errors.Is(err, ErrNotLeader) {
+			c.fenced(err)
+			break
+		}
+	}
+	return errs
 }
 
 // DeleteRoutes deletes many routes in transactions of up to 100, fenced by
@@ -95,7 +104,20 @@ func (c *Candidate) DeleteRoutes(ctx context.Context, streams []string) error {
 	if !leading {
 		return fmt.Errorf("store: routes not deleted by manager %s: %w", c.id, ErrNotLeader)
 	}
-	return c.s.deleteRoutes(ctx, streams, key, rev)
+	return c.fenced(c.s.deleteRoutes(ctx, streams, key, rev))
+}
+
+// fenced passes err through; when the fence refused a write (the leader
+// key is gone: this candidate was deposed without noticing), it also ends
+// the term, so that Leading turns false and the candidate campaigns again.
+func (c *Candidate) fenced(err error) error {
+	if errors.Is(err, ErrNotLeader) {
+		select {
+		case c.deposed <- struct{}{}:
+		default:
+		}
+	}
+	return err
 }
 
 // ID returns the candidate's id.
@@ -111,7 +133,8 @@ func (s *Store) Campaign(id string, ttl time.Duration) (*Candidate, error) {
 		ttl = DefaultElectionTTL
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Candidate{s: s, id: id, ttl: ttlSeconds(ttl), ctx: ctx, cancel: cancel, changed: make(chan struct{})}
+	c := &Candidate{s: s, id: id, ttl: ttlSeconds(ttl), ctx: ctx, cancel: cancel, changed: make(chan struct{}),
+		deposed: make(chan struct{}, 1)}
 	c.wg.Add(1)
 	go c.run()
 	return c, nil
@@ -191,9 +214,18 @@ func (c *Candidate) term() error {
 	if err := el.Campaign(campCtx, c.id); err != nil {
 		return err
 	}
+	select {
+	case <-c.deposed: // refused in an earlier term
+	default:
+	}
 	c.setLeading(true, el.Key(), el.Rev())
 	defer c.setLeading(false, "", 0)
 	select {
+	case <-c.deposed:
+		// Our leader key is gone though the session lives: a write was
+		// refused. End the session (the deferred revoke) and campaign
+		// again, behind whoever leads now.
+		return fmt.Errorf("store: manager %s was deposed: its leader key is gone", c.id)
 	case <-sess.Done():
 		return fmt.Errorf("store: manager %s lost its election session", c.id)
 	case <-c.ctx.Done():

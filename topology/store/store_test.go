@@ -327,8 +327,8 @@ func TestElectionFailover(t *testing.T) {
 
 // TestFencedRoutes: only the leading manager writes routes. A manager whose
 // leadership ended without it noticing (its leader key gone, as when its
-// session expired while it was cut off) is refused, and the route stays
-// its successor's.
+// session expired while it was cut off) is refused, steps down, and the
+// route stays its successor's.
 func TestFencedRoutes(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 60*time.Second)
@@ -365,6 +365,8 @@ func TestFencedRoutes(t *testing.T) {
 	if err := ca.PutRoute(ctx, store.Route{Stream: "x", Version: 5, Origin: "a"}); !errors.Is(err, store.ErrNotLeader) {
 		t.Fatalf("a deposed leader's route write returned %v, want ErrNotLeader", err)
 	}
+	// The refusal ends a's term: it stops leading and campaigns again.
+	testutil.WaitFor(t, "a to step down after its refused write", func() bool { l, _ := ca.Leading(); return !l })
 	testutil.WaitFor(t, "b to lead", func() bool { l, _ := cb.Leading(); return l })
 	if err := cb.PutRoute(ctx, store.Route{Stream: "x", Version: 2, Origin: "b"}); err != nil {
 		t.Fatalf("the new leader's route write: %v", err)
