@@ -347,7 +347,9 @@ type StreamInfo struct {
 	Tracks      []Track
 	Subscribers int
 	// Hops is the path of datacenters from the origin to this node, both
-	// included.
+	// included: for a stream flowing here the path its packets take now
+	// (it changes when the stream switches parent, here or upstream), for
+	// one known only by announcement the best announced path.
 	Hops []string
 	// Since is when the stream started flowing at this node (Local only):
 	// published here, or first subscribed from upstream. A relayed stream
