@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -315,5 +316,58 @@ func TestMoveParentMidFlowOnMesh(t *testing.T) {
 	t.Logf("the viewer got %d packets over 4 parent moves, none missing or doubled", check.n)
 	for _, n := range []string{"b"} {
 		testutil.WaitFor(t, n+" to stop relaying x once d left it", func() bool { return !relayedLocally(m.hubs[n], "x") })
+	}
+}
+
+// TestFailoverGapAsksForKeyframe: when the replacement's first packet
+// leaves a gap and is no keyframe (its upstream had no GOP to replay), the
+// node asks it for a keyframe at once, so decoders downstream resync
+// without waiting for their own timeout.
+func TestFailoverGapAsksForKeyframe(t *testing.T) {
+	r := newSpliceRig(t)
+	r.d.SetRoute("x", Route{Parent: "b", Backup: "c", Version: 2})
+	b := r.lb.upstream("x")
+	r.run(b, 0, 20, false)
+	b.end(errors.New("link to datacenter b lost"))
+	c := r.lc.upstream("x")
+	c.readyHops(h264Desc, []string{"a", "c"})
+	r.run(c, 31, 40, false) // no replay: 21..30 are gone, 31 is a P-frame
+	if c.keyframes.Load() == 0 {
+		t.Fatal("d did not ask its new parent for a keyframe after a gap")
+	}
+	r.check(0, 20, false)
+	r.checkAll(31, 40, false)
+}
+
+// TestUpstreamPathThroughHereIsRefused: an upstream that answers with a
+// path through this node (routes that loop) is refused, and the stream is
+// taken from elsewhere.
+func TestUpstreamPathThroughHereIsRefused(t *testing.T) {
+	h := NewHub(Config{Datacenter: "d", Logger: quietLogger()})
+	defer h.Close()
+	lb, lc := newFakeLink(t, h, "b"), newFakeLink(t, h, "c")
+	h.handleAnnounce(lb, "x", []string{"a", "b"}, 0)
+	h.handleAnnounce(lc, "x", []string{"a", "c"}, 0)
+	h.SetRoute("x", Route{Parent: "b", Version: 1})
+	done := make(chan error, 1)
+	go func() {
+		sub, err := h.Subscribe(context.Background(), "x", NewQueue(4))
+		if err == nil {
+			defer sub.Close()
+		}
+		done <- err
+	}()
+	testutil.WaitFor(t, "d to subscribe through b", func() bool { return lb.upstream("x") != nil })
+	lb.upstream("x").readyHops(h264Desc, []string{"a", "d", "b"}) // b takes it from d
+	testutil.WaitFor(t, "d to subscribe through c instead", func() bool { return lc.upstream("x") != nil })
+	if lb.upstream("x").stopped.Load() == 0 {
+		t.Fatal("d kept the looping subscription through b")
+	}
+	lc.upstream("x").readyHops(h264Desc, []string{"a", "c"})
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := hopsOf(h, "x"); got != "a>c>d" {
+		t.Fatalf("d lists x through %s, want a>c>d", got)
 	}
 }
