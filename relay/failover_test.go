@@ -148,9 +148,9 @@ func TestFailoverOverQUIC(t *testing.T) {
 		t.Fatalf("the viewer waited %v for packets across the failover", gap)
 	}
 	if f.fault != "" && !(f.fault == faultNoKeyframe && f.lost <= netLoss(hubs)) {
-		t.Fatalf("across the failover: %s (%d packets lost, the links lost %d)", f.fault, f.lost, netLoss(hubs))
+		t.Fatalf("across the failover: %s %s (%d packets lost, the links lost %d)", f.fault, f.detail, f.lost, netLoss(hubs))
 	}
-	f.fault = ""
+	f.fault, f.phase = "", "moves"
 
 	// Make-before-break over real links: to a directly, then back to c.
 	f.gaps, f.lost = 0, 0
@@ -166,8 +166,8 @@ func TestFailoverOverQUIC(t *testing.T) {
 	}
 	f.end()
 	if f.fault != "" && f.fault != faultNoKeyframe || q.Dropped() != 0 || f.lost > netLoss(hubs)-before {
-		t.Fatalf("across 4 parent moves: %d packets lost in %d gaps (the links lost %d), %d dropped in the viewer's queue, %s",
-			f.lost, f.gaps, netLoss(hubs)-before, q.Dropped(), f.fault)
+		t.Fatalf("across 4 parent moves: %d packets lost in %d gaps (the links lost %d), %d dropped in the viewer's queue, %s %s",
+			f.lost, f.gaps, netLoss(hubs)-before, q.Dropped(), f.fault, f.detail)
 	}
 	select {
 	case <-sub.Done():

@@ -58,15 +58,24 @@ func (lv *liveness) heardFrom() {
 // link a congestion window's worth of datagrams arrives once per round
 // trip while QUIC opens the window, and the heartbeats queue behind media.
 // It checks twice per heartbeat, so silence is found within that time
-// plus Heartbeat/2.
+// plus Heartbeat/2. Time this node itself did not run (its ticks came
+// late) does not count as the neighbour's silence.
 func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func(), rtt func() time.Duration) {
-	tick := time.NewTicker(h.cfg.Heartbeat / 2)
+	period := h.cfg.Heartbeat / 2
+	tick := time.NewTicker(period)
 	defer tick.Stop()
-	last, lastBeat := time.Now(), time.Time{}
+	last, lastBeat, prevTick := time.Now(), time.Time{}, time.Now()
 	silent := false
 	for {
 		select {
 		case now := <-tick.C:
+			if late := now.Sub(prevTick) - period; late > period {
+				// This process did not run for a while (a stall, a
+				// machine too busy): the neighbour's datagrams wait
+				// unread meanwhile, and that is no silence of its.
+				last = last.Add(late)
+			}
+			prevTick = now
 			if now.Sub(lastBeat) >= h.cfg.Heartbeat-h.cfg.Heartbeat/4 {
 				lastBeat = now
 				beat()
