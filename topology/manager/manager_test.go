@@ -83,7 +83,10 @@ type overlay struct {
 const nodeTTL = 2 * time.Second
 
 func newOverlay(t *testing.T) *overlay {
-	return &overlay{t: t, prefix: "/" + t.Name() + "/", stores: map[string]*store.Store{}, regs: map[string]*store.Registration{}}
+	// A prefix of its own per run: -count=2 must not find the first run's
+	// routes.
+	prefix := fmt.Sprintf("/%s-%d/", t.Name(), time.Now().UnixNano())
+	return &overlay{t: t, prefix: prefix, stores: map[string]*store.Store{}, regs: map[string]*store.Registration{}}
 }
 
 // open connects a client of the test's prefix; the test's cleanup closes it.

@@ -63,11 +63,20 @@ func warmUp() error {
 	return nil
 }
 
+// prefixes holds each test's prefix: its name and when it first asked, so
+// that -count=2 does not find the first run's keys.
+var prefixes sync.Map // *testing.T → string
+
+func testPrefix(t *testing.T) string {
+	p, _ := prefixes.LoadOrStore(t, fmt.Sprintf("/%s-%d/", t.Name(), time.Now().UnixNano()))
+	return p.(string)
+}
+
 // open connects a client of its own (a node, a manager) under the test's
 // prefix; the test's cleanup closes it.
 func open(t *testing.T) *store.Store {
 	t.Helper()
-	s, err := store.Open(store.Config{Endpoints: []string{endpoint}, Prefix: "/" + t.Name() + "/"})
+	s, err := store.Open(store.Config{Endpoints: []string{endpoint}, Prefix: testPrefix(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
