@@ -71,6 +71,8 @@ type Hub struct {
 	interest        Interest
 	interestChanged chan struct{}
 	closed          bool
+
+	chans channelTable // handlers of the neighbours' channels (channel.go)
 }
 
 // NewHub returns a hub with no streams.

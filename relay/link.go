@@ -131,7 +131,8 @@ func newLink(h *Hub, conn *quic.Conn, ctl *quic.Stream, peer string) *quicLink {
 // run serves the link until the connection ends. br reads the control stream
 // past the hello.
 func (l *quicLink) run(br *bufio.Reader) error {
-	l.wg.Add(6)
+	l.wg.Add(7)
+	go l.acceptChannels() // channel.go
 	go func() {
 		defer l.wg.Done()
 		l.hub.watchLiveness(l.ctx, l, &l.live, l.beat, l.rtt)
