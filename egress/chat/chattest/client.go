@@ -1,0 +1,189 @@
+// Package chattest is a chat client for tests: it dials a node's
+// /chat/{room} endpoint with a real WebSocket client and hands out the
+// frames it receives, decoded. It is for tests and benchmarks only.
+package chattest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// Frame is any server frame, decoded; which fields are set depends on Type.
+type Frame struct {
+	Type     string `json:"type"`
+	Seq      uint64 `json:"seq"`
+	ID       string `json:"id"`
+	Nick     string `json:"nick"`
+	Text     string `json:"text"`
+	TS       string `json:"ts"`
+	Code     string `json:"code"`
+	Message  string `json:"message"`
+	Room     string `json:"room"`
+	Epoch    string `json:"epoch"`
+	LastSeq  uint64 `json:"last_seq"`
+	FirstSeq uint64 `json:"first_seq"`
+	DC       string `json:"dc"`
+
+	// Received is when the client read the frame.
+	Received time.Time `json:"-"`
+	// Raw is the frame as it came.
+	Raw string `json:"-"`
+}
+
+func (f Frame) String() string { return f.Raw }
+
+// Client is one chat connection. Frames arrive on C until the connection
+// ends (then C is closed and Err says why).
+type Client struct {
+	Conn *websocket.Conn
+	C    <-chan Frame
+
+	cancel context.CancelFunc
+	done   chan struct{}
+	mu     sync.Mutex
+	err    error
+}
+
+// Options of a connection; zero values are left out of the URL.
+type Options struct {
+	Nick     string
+	Since    *uint64
+	Epoch    string
+	Buffered int // frames buffered on C (default 100000)
+}
+
+// Since returns a pointer to seq, for Options.Since.
+func Since(seq uint64) *uint64 { return &seq }
+
+// URL returns the chat URL of room at the node serving base (http://host:port).
+func URL(base, room string, o Options) string {
+	u := strings.Replace(base, "http", "ws", 1) + "/chat/" + url.PathEscape(room)
+	q := url.Values{}
+	if o.Nick != "" {
+		q.Set("nick", o.Nick)
+	}
+	if o.Since != nil {
+		q.Set("since", strconv.FormatUint(*o.Since, 10))
+	}
+	if o.Epoch != "" {
+		q.Set("epoch", o.Epoch)
+	}
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	return u
+}
+
+// Dial connects to room at base (http://host:port).
+func Dial(ctx context.Context, base, room string, o Options) (*Client, error) {
+	conn, _, err := websocket.Dial(ctx, URL(base, room, o), nil)
+	if err != nil {
+		return nil, err
+	}
+	conn.SetReadLimit(1 << 20)
+	n := o.Buffered
+	if n <= 0 {
+		n = 100000
+	}
+	ch := make(chan Frame, n)
+	rctx, cancel := context.WithCancel(context.Background())
+	c := &Client{Conn: conn, C: ch, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		defer close(ch)
+		for {
+			_, b, err := conn.Read(rctx)
+			if err != nil {
+				c.mu.Lock()
+				c.err = err
+				c.mu.Unlock()
+				return
+			}
+			var f Frame
+			if err := json.Unmarshal(b, &f); err != nil {
+				f = Frame{Type: "undecodable"}
+			}
+			f.Received, f.Raw = time.Now(), string(b)
+			select {
+			case ch <- f:
+			default:
+				c.mu.Lock()
+				c.err = fmt.Errorf("chattest: more than %d frames buffered", n)
+				c.mu.Unlock()
+				return
+			}
+		}
+	}()
+	return c, nil
+}
+
+// Err says why the connection ended.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// SendJSON writes v as one text frame.
+func (c *Client) SendJSON(ctx context.Context, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return c.Conn.Write(ctx, websocket.MessageText, b)
+}
+
+// Send sends a message.
+func (c *Client) Send(ctx context.Context, id, text string) error {
+	return c.SendJSON(ctx, map[string]string{"type": "send", "id": id, "text": text})
+}
+
+// Next returns the next frame, or an error when none comes within d.
+func (c *Client) Next(d time.Duration) (Frame, error) {
+	select {
+	case f, ok := <-c.C:
+		if !ok {
+			return Frame{}, fmt.Errorf("connection ended: %v", c.Err())
+		}
+		return f, nil
+	case <-time.After(d):
+		return Frame{}, fmt.Errorf("no frame within %v", d)
+	}
+}
+
+// NextOf returns the next frame of one of the types, skipping others (they
+// are returned too, in skipped).
+func (c *Client) NextOf(d time.Duration, types ...string) (f Frame, skipped []Frame, err error) {
+	deadline := time.Now().Add(d)
+	for {
+		f, err := c.Next(time.Until(deadline))
+		if err != nil {
+			return Frame{}, skipped, err
+		}
+		for _, t := range types {
+			if f.Type == t {
+				return f, skipped, nil
+			}
+		}
+		skipped = append(skipped, f)
+	}
+}
+
+// Close closes the connection and waits for the reader.
+func (c *Client) Close() {
+	c.Conn.CloseNow()
+	c.cancel()
+	<-c.done
+}
+
+// Kill drops the connection without a close handshake (a dead node, from
+// the client's side).
+func (c *Client) Kill() { c.Close() }

@@ -1,0 +1,675 @@
+package chat
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/stemflow/stemflow/relay"
+)
+
+const (
+	// roleInterval is how often a room checks where its origin and parent
+	// are (the relay's routes move).
+	roleInterval = 200 * time.Millisecond
+	// retryAfter is how long a send forwarded upstream waits for its ack
+	// before it is sent again on the same channel (a new channel resends at
+	// once).
+	retryAfter = 5 * time.Second
+	// batchMax bounds the messages sequenced or applied in one store
+	// transaction.
+	batchMax = 1024
+	// openTimeout bounds opening a channel to the parent and its first
+	// frames.
+	openTimeout = 3 * time.Second
+)
+
+// Room is one chat room at this node: the origin's sequencer or a replica
+// following its parent. One goroutine (run) owns its history and decides;
+// readers (clients, children) take snapshots with Read and wait on the
+// channel it returns. Get rooms from Service.Acquire.
+type Room struct {
+	name string
+	svc  *Service
+	log  *slog.Logger
+
+	ctx     context.Context
+	cancel  context.CancelFunc
+	done    chan struct{}
+	submits chan submission
+	synced  chan struct{} // closed once the room has a history to serve
+	syncOne sync.Once
+
+	mu      sync.Mutex // guards the following fields; written only by run
+	epoch   string
+	msgs    []Msg // the retained history: contiguous sequence numbers, ending at last; elements never change once written
+	last    uint64
+	changed chan struct{} // closed (and replaced) when msgs or epoch change
+	role    string        // "origin", "follower", "waiting"
+	parent  string
+
+	// Owned by run.
+	ids     map[string]uint64 // id → seq of the retained messages
+	pending map[string]*pendingSend
+	order   []string // pending ids in submission order (may hold resolved ones)
+}
+
+// submission is a message to sequence and where its ack goes.
+type submission struct {
+	msg  Msg // ID, Nick, Text
+	acks chan<- Ack
+}
+
+// pendingSend is a message forwarded upstream and not acked yet.
+type pendingSend struct {
+	msg    Msg
+	waiter []chan<- Ack
+	sent   time.Time // zero: not sent on the current channel
+}
+
+func newRoom(svc *Service, name string) *Room {
+	ctx, cancel := context.WithCancel(svc.ctx)
+	return &Room{
+		name: name, svc: svc, log: svc.log.With("room", name),
+		ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		submits: make(chan submission, 4096),
+		synced:  make(chan struct{}),
+		changed: make(chan struct{}),
+		ids:     make(map[string]uint64),
+		pending: make(map[string]*pendingSend),
+	}
+}
+
+// Name returns the room's name.
+func (r *Room) Name() string { return r.name }
+
+// Synced is closed once the room can serve its history: loaded at the
+// origin, or joined to its parent.
+func (r *Room) Synced() <-chan struct{} { return r.synced }
+
+// View is a snapshot of a room's history after a point.
+type View struct {
+	Epoch       string
+	First, Last uint64 // the retained history (First = Last+1 when none is)
+	// Msgs are the messages after the point asked, oldest first; the slice
+	// is the reader's and its elements never change.
+	Msgs []Msg
+	// Reset: the point asked belongs to another epoch or lies before the
+	// retained history, so Msgs start at First.
+	Reset bool
+	// Changed is closed when the history changes after this snapshot.
+	Changed <-chan struct{}
+}
+
+// AnyEpoch asks Read for the current epoch, whichever it is.
+const AnyEpoch = ""
+
+// Read returns at most max (0: all) messages after seq after in epoch.
+func (r *Room) Read(epoch string, after uint64, max int) View {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	first := r.last - uint64(len(r.msgs)) + 1
+	v := View{Epoch: r.epoch, First: first, Last: r.last, Changed: r.changed}
+	if epoch != AnyEpoch && epoch != r.epoch || after+1 < first {
+		v.Reset = true
+		after = first - 1
+	}
+	if after >= r.last {
+		return v
+	}
+	i := int(after + 1 - first)
+	j := len(r.msgs)
+	if max > 0 && j-i > max {
+		j = i + max
+	}
+	v.Msgs = r.msgs[i:j:j]
+	return v
+}
+
+// Role says whether the room is this node's sequencer ("origin"), follows a
+// parent ("follower", and which), or waits for a route ("waiting").
+func (r *Room) Role() (role, parent string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.role, r.parent
+}
+
+// ErrRoomClosed: the room stopped (the node is closing).
+var ErrRoomClosed = errors.New("chat room closed")
+
+// Submit hands a message (already validated) to the room; its Ack, carrying
+// its sequence number, goes to acks once the origin sequenced it (a message
+// whose id the room has sequenced already is acked with its first sequence
+// number and not sequenced again). acks must be buffered: a full channel
+// loses the ack (the client retries).
+func (r *Room) Submit(ctx context.Context, id, nick, text string, acks chan<- Ack) error {
+	select {
+	case r.submits <- submission{msg: Msg{ID: id, Nick: nick, Text: text}, acks: acks}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-r.ctx.Done():
+		return ErrRoomClosed
+	}
+}
+
+func (r *Room) close() {
+	r.cancel()
+	<-r.done
+}
+
+func (r *Room) setRole(role, parent string) {
+	r.mu.Lock()
+	r.role, r.parent = role, parent
+	r.mu.Unlock()
+}
+
+// run owns the room: it loads the stored history, then leads or follows as
+// the tree says, until the room closes.
+func (r *Room) run() {
+	defer close(r.done)
+	r.load()
+	backoff := 50 * time.Millisecond
+	for r.ctx.Err() == nil {
+		parent, origin := r.svc.role(r.name)
+		switch {
+		case origin:
+			r.lead()
+		case parent != "":
+			start := time.Now()
+			err := r.follow(parent)
+			if r.ctx.Err() != nil {
+				return
+			}
+			if time.Since(start) > 2*time.Second {
+				backoff = 50 * time.Millisecond
+			}
+			r.log.Debug("chat: channel to parent ended", "parent", parent, "err", err, "retry_in", backoff)
+			r.wait(backoff)
+			backoff = min(2*backoff, time.Second)
+		default:
+			r.setRole("waiting", "")
+			r.wait(roleInterval)
+		}
+	}
+}
+
+// wait waits d, taking submissions meanwhile (they stay pending).
+func (r *Room) wait(d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case s := <-r.submits:
+			r.addPending(s)
+		case <-t.C:
+			return
+		case <-r.ctx.Done():
+			return
+		}
+	}
+}
+
+func (r *Room) markSynced() { r.syncOne.Do(func() { close(r.synced) }) }
+
+// load reads the stored history, if the node has a store.
+func (r *Room) load() {
+	st := r.svc.cfg.Store
+	if st == nil {
+		return
+	}
+	epoch, msgs, err := st.load(r.name)
+	if err != nil {
+		r.log.Error("chat: reading the stored history failed: the room starts empty", "err", err)
+		return
+	}
+	if epoch == "" {
+		return
+	}
+	// Keep only a contiguous tail (a damaged store could have holes).
+	msgs = contiguousTail(msgs)
+	r.mu.Lock()
+	r.epoch = epoch
+	r.msgs = msgs
+	if len(msgs) > 0 {
+		r.last = msgs[len(msgs)-1].Seq
+	}
+	r.mu.Unlock()
+	for _, m := range msgs {
+		r.ids[m.ID] = m.Seq
+	}
+	r.log.Debug("chat: history loaded", "epoch", epoch, "messages", len(msgs), "last_seq", r.last)
+}
+
+// contiguousTail returns the longest suffix of msgs whose sequence numbers
+// follow one another.
+func contiguousTail(msgs []Msg) []Msg {
+	i := len(msgs) - 1
+	for i > 0 && msgs[i-1].Seq+1 == msgs[i].Seq {
+		i--
+	}
+	if i < 0 {
+		return msgs
+	}
+	return msgs[i:]
+}
+
+func newEpoch() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// commit makes a batch part of the history: stored first (when the node has
+// a store), then visible to readers. With reset the history is replaced:
+// the epoch is set and the next message is last+1.
+func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
+	ret := r.svc.cfg.Retention
+	cur := r.msgs
+	curLast := r.last
+	if reset {
+		cur, curLast = nil, last
+	} else {
+		epoch = r.epoch
+	}
+	// Retention: at most Count messages, none older than Age.
+	all := len(cur) + len(msgs)
+	drop := 0
+	if ret.Count > 0 && all > ret.Count {
+		drop = all - ret.Count
+	}
+	if ret.Age > 0 {
+		cutoff := time.Now().Add(-ret.Age)
+		for drop < all && at(cur, msgs, drop).TS.Before(cutoff) {
+			drop++
+		}
+	}
+	newLast := curLast + uint64(len(msgs))
+	trimBefore := uint64(0)
+	if drop > 0 {
+		trimBefore = newLast - uint64(all) + 1 + uint64(drop)
+	}
+	if st := r.svc.cfg.Store; st != nil && (reset || len(msgs) > 0 || drop > 0) {
+		if err := st.write(r.name, epoch, reset, msgs, trimBefore); err != nil {
+			r.svc.warn("chat: storing messages failed: they are kept in memory only", "room", r.name, "err", err)
+		}
+	}
+	for i := 0; i < drop; i++ {
+		delete(r.ids, at(cur, msgs, i).ID)
+	}
+	if reset {
+		clear(r.ids)
+	}
+	for _, m := range msgs {
+		r.ids[m.ID] = m.Seq
+	}
+	var next []Msg
+	switch {
+	case drop >= len(cur):
+		next = append([]Msg(nil), msgs[drop-len(cur):]...)
+	case drop > 0 && drop > len(cur)/2:
+		// Copy into a new array now and then, so that trimmed messages
+		// are freed; readers keep the old one.
+		next = append(append(make([]Msg, 0, (len(cur)-drop+len(msgs))*2), cur[drop:]...), msgs...)
+	default:
+		next = append(cur[drop:], msgs...)
+	}
+	r.mu.Lock()
+	r.epoch, r.msgs, r.last = epoch, next, newLast
+	close(r.changed)
+	r.changed = make(chan struct{})
+	r.mu.Unlock()
+	r.svc.stats.sequenced(r.name, len(msgs))
+}
+
+// at returns the i-th message of cur followed by msgs.
+func at(cur, msgs []Msg, i int) *Msg {
+	if i < len(cur) {
+		return &cur[i]
+	}
+	return &msgs[i-len(cur)]
+}
+
+// lead sequences the room's messages while this node is its origin.
+func (r *Room) lead() {
+	r.setRole("origin", "")
+	if r.epoch == "" {
+		r.commit(nil, true, newEpoch(), 0)
+		r.log.Info("chat: new room", "epoch", r.epoch)
+	}
+	r.markSynced()
+	// What waited for a parent is sequenced here now.
+	var batch []submission
+	for _, id := range r.order {
+		if p := r.pending[id]; p != nil {
+			for _, w := range p.waiter {
+				batch = append(batch, submission{msg: p.msg, acks: w})
+			}
+		}
+	}
+	clear(r.pending)
+	r.order = r.order[:0]
+	r.sequence(batch)
+	tick := time.NewTicker(roleInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case s := <-r.submits:
+			batch = append(batch[:0], s)
+		drain:
+			for len(batch) < batchMax {
+				select {
+				case s := <-r.submits:
+					batch = append(batch, s)
+				default:
+					break drain
+				}
+			}
+			r.sequence(batch)
+		case <-tick.C:
+			if _, origin := r.svc.role(r.name); !origin {
+				return
+			}
+			r.commit(nil, false, "", 0) // age retention
+		case <-r.ctx.Done():
+			return
+		}
+	}
+}
+
+// sequence gives each new message of a batch the next sequence number,
+// stores them, and acks every submission.
+func (r *Room) sequence(batch []submission) {
+	if len(batch) == 0 {
+		return
+	}
+	now := time.Now()
+	var fresh []Msg
+	acks := make([]Ack, len(batch))
+	batchIDs := map[string]uint64{}
+	for i, s := range batch {
+		seq, ok := r.ids[s.msg.ID]
+		if !ok {
+			seq, ok = batchIDs[s.msg.ID]
+		}
+		if !ok {
+			seq = r.last + uint64(len(fresh)) + 1
+			m := s.msg
+			m.Seq, m.TS = seq, now
+			fresh = append(fresh, m)
+			batchIDs[m.ID] = seq
+		} else {
+			r.svc.stats.duplicate(r.name)
+		}
+		acks[i] = Ack{ID: s.msg.ID, Seq: seq}
+	}
+	r.commit(fresh, false, "", 0)
+	for i, s := range batch {
+		sendAck(s.acks, acks[i])
+	}
+}
+
+func sendAck(c chan<- Ack, a Ack) {
+	if c == nil {
+		return
+	}
+	select {
+	case c <- a:
+	default:
+	}
+}
+
+// addPending keeps a submission until its ack comes from upstream. It
+// reports whether it is new (and must be sent).
+func (r *Room) addPending(s submission) *pendingSend {
+	if seq, ok := r.ids[s.msg.ID]; ok {
+		// Sequenced already (a retry after the ack was lost).
+		sendAck(s.acks, Ack{ID: s.msg.ID, Seq: seq})
+		return nil
+	}
+	if p := r.pending[s.msg.ID]; p != nil {
+		for _, w := range p.waiter {
+			if w == s.acks {
+				return nil
+			}
+		}
+		p.waiter = append(p.waiter, s.acks)
+		return nil
+	}
+	p := &pendingSend{msg: s.msg, waiter: []chan<- Ack{s.acks}}
+	r.pending[s.msg.ID] = p
+	r.order = append(r.order, s.msg.ID)
+	return p
+}
+
+func (r *Room) resolve(a Ack) {
+	p := r.pending[a.ID]
+	if p == nil {
+		return
+	}
+	delete(r.pending, a.ID)
+	for _, w := range p.waiter {
+		sendAck(w, a)
+	}
+	if len(r.pending) == 0 {
+		r.order = r.order[:0]
+	}
+}
+
+// errGap ends a channel on which a message arrived out of sequence.
+var errGap = errors.New("gap in the sequence from the parent")
+
+// follow subscribes to the parent and applies what it sends, forwarding
+// this node's sends, until the channel ends or the room's parent changes.
+func (r *Room) follow(parent string) error {
+	r.setRole("follower", parent)
+	ctx, cancel := context.WithCancel(r.ctx)
+	defer cancel()
+	octx, ocancel := context.WithTimeout(ctx, openTimeout)
+	ch, err := r.svc.cfg.Tree.OpenChannel(octx, parent, relay.ChannelChat)
+	ocancel()
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	stop := context.AfterFunc(ctx, func() { ch.Close() })
+	defer stop()
+	bw := bufio.NewWriterSize(ch, 32<<10)
+	var buf []byte
+	write := func(f *frame) error {
+		buf = appendFrame(buf[:0], f)
+		_, err := bw.Write(buf)
+		return err
+	}
+	if err := write(&frame{Type: frameSub, Room: r.name, Epoch: r.epoch, Since: r.last}); err != nil {
+		return err
+	}
+	resend := func(all bool) error {
+		now := time.Now()
+		live := r.order[:0]
+		for _, id := range r.order {
+			p := r.pending[id]
+			if p == nil {
+				continue
+			}
+			live = append(live, id)
+			if !all && now.Sub(p.sent) < retryAfter {
+				continue
+			}
+			if !p.sent.IsZero() || all {
+				r.svc.stats.retry(r.name)
+			}
+			p.sent = now
+			if err := write(&frame{Type: frameSend, Msg: p.msg}); err != nil {
+				return err
+			}
+		}
+		r.order = live
+		return nil
+	}
+	for _, id := range r.order { // sent before on another channel, or never
+		if p := r.pending[id]; p != nil && !p.sent.IsZero() {
+			r.svc.stats.retry(r.name)
+		}
+		if p := r.pending[id]; p != nil {
+			p.sent = time.Now()
+			if err := write(&frame{Type: frameSend, Msg: p.msg}); err != nil {
+				return err
+			}
+		}
+	}
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+
+	in := make(chan frame, 1024)
+	readErr := make(chan error, 1)
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		br := bufio.NewReaderSize(ch, 32<<10)
+		var scratch []byte
+		for {
+			f, b, err := readFrame(br, scratch)
+			scratch = b
+			if err != nil {
+				readErr <- err
+				return
+			}
+			select {
+			case in <- f:
+			case <-ctx.Done():
+				readErr <- ctx.Err()
+				return
+			}
+		}
+	}()
+	defer func() {
+		cancel()
+		ch.Close()
+		<-readDone
+	}()
+
+	joined := false
+	tick := time.NewTicker(roleInterval)
+	defer tick.Stop()
+	var msgs []Msg
+	var acks []Ack
+	for {
+		select {
+		case f := <-in:
+			msgs, acks = msgs[:0], acks[:0]
+			if err := r.apply(f, &joined, &msgs, &acks); err != nil {
+				return err
+			}
+		drain:
+			for len(msgs) < batchMax {
+				select {
+				case f := <-in:
+					if err := r.apply(f, &joined, &msgs, &acks); err != nil {
+						r.flushApplied(msgs, acks)
+						return err
+					}
+				default:
+					break drain
+				}
+			}
+			r.flushApplied(msgs, acks)
+		case s := <-r.submits:
+			if p := r.addPending(s); p != nil {
+				p.sent = time.Now()
+				if err := write(&frame{Type: frameSend, Msg: p.msg}); err != nil {
+					return err
+				}
+			}
+		more:
+			for {
+				select {
+				case s := <-r.submits:
+					if p := r.addPending(s); p != nil {
+						p.sent = time.Now()
+						if err := write(&frame{Type: frameSend, Msg: p.msg}); err != nil {
+							return err
+						}
+					}
+				default:
+					break more
+				}
+			}
+			if err := bw.Flush(); err != nil {
+				return err
+			}
+		case <-tick.C:
+			if p, origin := r.svc.role(r.name); origin || p != parent {
+				return fmt.Errorf("the room's parent is now %q (origin here: %v)", p, origin)
+			}
+			if err := resend(false); err != nil {
+				return err
+			}
+			if err := bw.Flush(); err != nil {
+				return err
+			}
+		case err := <-readErr:
+			return err
+		case <-r.ctx.Done():
+			return r.ctx.Err()
+		}
+	}
+}
+
+// apply takes one frame from the parent: messages are gathered in msgs (to
+// commit as one batch), acks in acks.
+func (r *Room) apply(f frame, joined *bool, msgs *[]Msg, acks *[]Ack) error {
+	switch f.Type {
+	case frameJoined:
+		r.flushApplied(*msgs, *acks)
+		*msgs, *acks = (*msgs)[:0], (*acks)[:0]
+		if f.Reset || f.Epoch != r.epoch {
+			if r.epoch != "" && f.Epoch != r.epoch {
+				r.log.Info("chat: the room's history was replaced upstream", "epoch", f.Epoch, "old_epoch", r.epoch)
+			}
+			r.commit(nil, true, f.Epoch, f.First-1)
+		}
+		*joined = true
+		r.markSynced()
+	case frameMsg:
+		if !*joined {
+			return fmt.Errorf("parent sent a message before joining")
+		}
+		want := r.last + uint64(len(*msgs)) + 1
+		if f.Msg.Seq < want {
+			return nil // had it (a parent that is behind us replays less than it could)
+		}
+		if f.Msg.Seq > want {
+			r.svc.stats.gap(r.name)
+			return fmt.Errorf("%w: message %d after %d", errGap, f.Msg.Seq, want-1)
+		}
+		*msgs = append(*msgs, f.Msg)
+	case frameAck:
+		*acks = append(*acks, Ack{ID: f.Msg.ID, Seq: f.Seq})
+	case frameError:
+		return fmt.Errorf("parent refused: %s: %s", f.Code, f.Reason)
+	default:
+		return fmt.Errorf("unexpected frame type %d from the parent", f.Type)
+	}
+	return nil
+}
+
+// flushApplied commits the messages gathered and settles what they ack.
+func (r *Room) flushApplied(msgs []Msg, acks []Ack) {
+	if len(msgs) > 0 {
+		r.commit(msgs, false, "", 0)
+		for _, m := range msgs {
+			r.resolve(Ack{ID: m.ID, Seq: m.Seq})
+		}
+	}
+	for _, a := range acks {
+		r.resolve(a)
+	}
+}
