@@ -134,6 +134,7 @@ func (n *Node) routes() http.Handler {
 	mux.HandleFunc("GET /api/v1/links", n.serveLinks)
 	mux.Handle("GET /api/v1/topology", n.topologyAPI())
 	mux.Handle("GET /metrics", n.metricsHandler())
+	mux.Handle("GET /chat/{room}", n.chatWS) // chat.go
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")

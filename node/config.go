@@ -86,6 +86,8 @@ type Config struct {
 	// node (it needs etcd): one of the candidates leads and computes the
 	// trees.
 	Manager bool `yaml:"manager"`
+	// Chat configures the chat rooms beside the streams (docs/chat.md).
+	Chat ChatConfig `yaml:"chat"`
 
 	// identity is set by stemflow dev, which makes certificates in memory.
 	identity *relay.Identity
@@ -427,6 +429,7 @@ func (c *Config) SetDefaults() {
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
 	}
+	c.Chat.setDefaults()
 }
 
 // Validate reports every problem in the config, each a *FieldError naming
@@ -498,6 +501,7 @@ func (c *Config) Validate() error {
 		bad("log.level", "%v", err)
 	}
 	c.validateEtcd(bad)
+	c.Chat.validate(bad)
 	return errors.Join(errs...)
 }
 

@@ -37,10 +37,14 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{"udp_port: 8189", "udp_port: 70000", "webrtc.udp_port"},
 		{"level: info", "level: loud", "log.level"},
 		{"ips: [10.1.0.10]", "ips: [not-an-ip]", "webrtc.ips"},
-		{"level: info", "level: info\nextra: 1", `config:32: unknown key "extra" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager)`},
+		{"level: info", "level: info\nextra: 1", `config:32: unknown key "extra" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager, chat)`},
 		{"listen: 0.0.0.0:8080", "listen: 8080", `config:4: http.listen: "8080" is not host:port`},
 		{"nat_1to1_ips: [198.51.100.20]", "nat_1to1_ips: [198.51.100.20, 198.51.100.21]", "webrtc.nat_1to1_ips: 2 addresses for 1 in webrtc.ips"},
 		{"    eu: 10.0.0.10:7000", "    us: 10.0.0.10:7000", "own datacenter"},
+		{"level: info", "level: info\nchat:\n  history_count: -1", "chat.history_count: -1"},
+		{"level: info", "level: info\nchat:\n  rate: -2", "chat.rate: -2 is negative"},
+		{"level: info", "level: info\nchat:\n  history_age: -1h", "chat.history_age: -1h0m0s is negative"},
+		{"level: info", "level: info\nchat:\n  burst: many", "chat.burst"},
 	} {
 		bad := strings.Replace(string(base), tc.from, tc.to, 1)
 		if bad == string(base) {
@@ -63,11 +67,11 @@ func TestConfigFileErrorsNameFileLineAndKey(t *testing.T) {
 		{"", path + " is empty: write a node config (samples in deploy/"},
 		{"# just a comment\n", path + " is empty"},
 		{"datacenter: a\nhttp:\n  lisen: 127.0.0.1:8080\n", path + `:3: unknown key "lisen" in http (known: listen)`},
-		{"datacentre: a\n", path + `:1: unknown key "datacentre" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager)`},
+		{"datacentre: a\n", path + `:1: unknown key "datacentre" at the top level (known: datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager, chat)`},
 		{"datacenter: a\noverlay:\n  tls:\n    crt: a.pem\n", path + `:4: unknown key "crt" in overlay.tls (known: ca, cert, key)`},
 		{"datacenter: a\nwebrtc:\n  ips: [127.0.0.1]\n  udp_port: lots\n", path + ":4: webrtc.udp_port: cannot unmarshal !!str `lots` into int"},
 		{"datacenter: a\nhttp: {listen: [\n", path + ":2: "},
-		{"- a\n- b\n", path + ":1: a node config is a mapping of keys (datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager), not a list"},
+		{"- a\n- b\n", path + ":1: a node config is a mapping of keys (datacenter, http, rtsp, overlay, webrtc, auth, log, etcd, manager, chat), not a list"},
 		{"datacenter: A\n", path + `:1: datacenter: datacenter name "A"`},
 		{"datacenter: a\n", path + ": webrtc.ips: list the host IPs"}, // not in the file: no line
 	} {

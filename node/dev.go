@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -38,7 +39,14 @@ type DevConfig struct {
 	// removed at Close. The member listens on two free ports of Bind;
 	// Cluster.EtcdURL reports its client URL.
 	EtcdDataDir string
-	Logger      *slog.Logger
+	// ChatDataDir is where each datacenter keeps its chat history (in
+	// DIR/DC); empty means EtcdDataDir/chat, or memory only when that is
+	// empty too.
+	ChatDataDir string
+	// Chat is every datacenter's chat config (its DataDir is ignored: see
+	// ChatDataDir).
+	Chat   ChatConfig
+	Logger *slog.Logger
 }
 
 // Dev port layout: RTP over UDP starts this far above the base RTSP port.
@@ -305,11 +313,27 @@ func (cfg *DevConfig) nodeConfig(dc string, id *relay.Identity, httpPort, rtspPo
 	nc.Overlay.Neighbours = neighbours
 	nc.WebRTC.IPs = []string{cfg.Bind}
 	nc.Auth.PublishToken = cfg.PublishToken
+	nc.Chat = cfg.Chat
+	nc.Chat.DataDir = ""
+	if dir := cfg.chatDir(); dir != "" {
+		nc.Chat.DataDir = filepath.Join(dir, dc)
+	}
 	nc.SetDefaults()
 	if err := nc.Validate(); err != nil {
 		return nil, err
 	}
 	return nc, nil
+}
+
+// chatDir is the directory of the datacenters' chat stores, "" for none.
+func (cfg *DevConfig) chatDir() string {
+	if cfg.ChatDataDir != "" {
+		return cfg.ChatDataDir
+	}
+	if cfg.EtcdDataDir != "" {
+		return filepath.Join(cfg.EtcdDataDir, "chat")
+	}
+	return ""
 }
 
 // freeUDPPair returns an even UDP port of ip that, with the port after it,

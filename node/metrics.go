@@ -257,6 +257,7 @@ func (n *Node) metricsHandler() http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		newCollector(n.cfg.Datacenter, n.snapshot),
+		newChatCollector(n.cfg.Datacenter, n.chat), // chat_metrics.go
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

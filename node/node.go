@@ -15,11 +15,13 @@ import (
 	"sync"
 	"time"
 
+	egresschat "github.com/stemflow/stemflow/egress/chat"
 	"github.com/stemflow/stemflow/egress/whep"
 	"github.com/stemflow/stemflow/ingest/whip"
 	"github.com/stemflow/stemflow/internal/rtc"
 	"github.com/stemflow/stemflow/node/rtspserver"
 	"github.com/stemflow/stemflow/relay"
+	"github.com/stemflow/stemflow/relay/chat"
 	"github.com/stemflow/stemflow/topology/manager"
 	"github.com/stemflow/stemflow/topology/store"
 )
@@ -35,6 +37,10 @@ type Node struct {
 	whip    *whip.Server
 	whep    *whep.Server
 	rtsp    *rtspserver.Server
+
+	chat      *chat.Service // chat.go
+	chatWS    *egresschat.Server
+	chatStore *chat.Store
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -80,6 +86,9 @@ func Start(cfg *Config, log *slog.Logger) (n *Node, err error) {
 		id = &loaded
 	}
 	n.hub = relay.NewHub(relay.Config{Datacenter: cfg.Datacenter, Logger: log, Claim: n.claim})
+	if err := n.startChat(); err != nil {
+		return nil, err
+	}
 	n.ovl, err = relay.StartOverlay(n.hub, relay.OverlayConfig{
 		Listen:     cfg.Overlay.Listen,
 		Conn:       cfg.overlayConn,
@@ -276,6 +285,7 @@ func (n *Node) closeMedia() {
 		n.httpLn.Close()
 	}
 	n.wg.Wait()
+	n.closeChat()
 	if n.rtsp != nil {
 		n.rtsp.Close()
 	}

@@ -307,9 +307,15 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 			joined = false
 		}
 		epoch = v.Epoch
+		wctx, wcancel := context.WithTimeout(ctx, writeTimeout)
 		for i := range v.Msgs {
 			m := &v.Msgs[i]
-			if err := c.send(ctx, msgFrame{Type: "msg", Seq: m.Seq, ID: m.ID, Nick: m.Nick, Text: m.Text, TS: m.TS.UTC().Format(time.RFC3339Nano)}); err != nil {
+			b := m.Frame
+			if b == nil {
+				b = EncodeMsg(*m)
+			}
+			if err := c.conn.Write(wctx, websocket.MessageText, b); err != nil {
+				wcancel()
 				return err
 			}
 			if m.Seq > liveFrom {
@@ -317,6 +323,7 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 			}
 			cursor = m.Seq
 		}
+		wcancel()
 		c.counters.Out(len(v.Msgs))
 		if err := c.drain(ctx); err != nil {
 			return err
@@ -356,6 +363,13 @@ func (c *client) drain(ctx context.Context) error {
 			return nil
 		}
 	}
+}
+
+// EncodeMsg encodes a message as the client protocol's msg frame
+// (relay/chat's Config.Encode).
+func EncodeMsg(m rooms.Msg) []byte {
+	b, _ := json.Marshal(msgFrame{Type: "msg", Seq: m.Seq, ID: m.ID, Nick: m.Nick, Text: m.Text, TS: m.TS.UTC().Format(time.RFC3339Nano)})
+	return b
 }
 
 func (c *client) send(ctx context.Context, v any) error {

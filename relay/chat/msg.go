@@ -40,6 +40,10 @@ type Msg struct {
 	Nick string
 	Text string
 	TS   time.Time // when the origin sequenced it
+
+	// Frame is the message as the client protocol sends it, encoded once
+	// per node by Config.Encode (nil without one).
+	Frame []byte
 }
 
 // Ack tells a sender which sequence number its message got.

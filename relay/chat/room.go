@@ -55,6 +55,7 @@ type Room struct {
 	parent  string
 
 	// Owned by run.
+	led     bool              // the last role taken was origin (or none yet)
 	ids     map[string]uint64 // id → seq of the retained messages
 	pending map[string]*pendingSend
 	order   []string // pending ids in submission order (may hold resolved ones)
@@ -83,6 +84,7 @@ func newRoom(svc *Service, name string) *Room {
 		changed: make(chan struct{}),
 		ids:     make(map[string]uint64),
 		pending: make(map[string]*pendingSend),
+		led:     true,
 	}
 }
 
@@ -172,16 +174,27 @@ func (r *Room) setRole(role, parent string) {
 
 // run owns the room: it loads the stored history, then leads or follows as
 // the tree says, until the room closes.
+//
+// A room whose stream is not live anywhere keeps its last role: a room new
+// here, or one this node led, is sequenced here (its first client joined
+// here, or the stream ended here); a replica that followed a parent waits,
+// its clients' sends pending, until the stream is live again (two
+// sequencers would give two orders).
 func (r *Room) run() {
 	defer close(r.done)
 	r.load()
 	backoff := 50 * time.Millisecond
 	for r.ctx.Err() == nil {
-		parent, origin := r.svc.role(r.name)
+		parent, origin, live := r.svc.role(r.name)
+		if !live {
+			origin = r.led
+		}
 		switch {
 		case origin:
+			r.led = true
 			r.lead()
 		case parent != "":
+			r.led = false
 			start := time.Now()
 			err := r.follow(parent)
 			if r.ctx.Err() != nil {
@@ -270,6 +283,11 @@ func newEpoch() string {
 // a store), then visible to readers. With reset the history is replaced:
 // the epoch is set and the next message is last+1.
 func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
+	if enc := r.svc.cfg.Encode; enc != nil {
+		for i := range msgs {
+			msgs[i].Frame = enc(msgs[i])
+		}
+	}
 	ret := r.svc.cfg.Retention
 	cur := r.msgs
 	curLast := r.last
@@ -373,7 +391,7 @@ func (r *Room) lead() {
 			}
 			r.sequence(batch)
 		case <-tick.C:
-			if _, origin := r.svc.role(r.name); !origin {
+			if _, origin, live := r.svc.role(r.name); live && !origin {
 				return
 			}
 			r.commit(nil, false, "", 0) // age retention
@@ -606,7 +624,7 @@ func (r *Room) follow(parent string) error {
 				return err
 			}
 		case <-tick.C:
-			if p, origin := r.svc.role(r.name); origin || p != parent {
+			if p, origin, live := r.svc.role(r.name); live && (origin || p != parent) {
 				return fmt.Errorf("the room's parent is now %q (origin here: %v)", p, origin)
 			}
 			if err := resend(false); err != nil {

@@ -37,6 +37,9 @@ type Config struct {
 	// Store, when set, keeps every room's history across restarts.
 	Store     *Store
 	Retention Retention
+	// Encode, when set, encodes each message for the clients once, when
+	// it joins the history here (Msg.Frame).
+	Encode func(Msg) []byte
 	// Linger is how long a room stays after its last client or child left
 	// (default 10s).
 	Linger time.Duration
@@ -211,19 +214,22 @@ func (s *Service) Close() {
 }
 
 // role says where the room's sequencer is from here: this node (origin),
-// or the parent to follow ("" while there is no route). A room whose stream
-// is live has its origin at the stream's origin and follows the stream's
-// tree. A room whose stream is not live anywhere is sequenced at every node
-// that holds it: see docs/chat.md for what that means.
-func (s *Service) role(room string) (parent string, origin bool) {
+// or the parent to follow ("" while there is no route yet). A room whose
+// stream is live has its origin at the stream's origin and follows the
+// stream's tree. live is false when the stream is not live anywhere this
+// node knows of: the room keeps the role it had (see Room.run).
+func (s *Service) role(room string) (parent string, origin, live bool) {
 	if s.cfg.Tree == nil {
-		return "", true
+		return "", true, true
 	}
 	p, o, ok := s.cfg.Tree.Upstream(room)
-	if !ok || o == s.cfg.Datacenter {
-		return "", true
+	if !ok {
+		return "", false, false
 	}
-	return p, false
+	if o == s.cfg.Datacenter {
+		return "", true, true
+	}
+	return p, false, true
 }
 
 // warn logs a store problem at most once every 10 s.

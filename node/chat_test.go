@@ -1,0 +1,522 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/egress/chat/chattest"
+	"github.com/stemflow/stemflow/internal/testutil"
+	"github.com/stemflow/stemflow/relay"
+)
+
+// chatLoad runs clients that each send perClient messages to one room
+// (at most window unacked at a time, resent with the same id after a
+// reconnect) and read until they have every message of every client. A
+// client whose connection ends, or that hears nothing for a while,
+// reconnects to the next of its bases with since and epoch.
+type chatLoad struct {
+	room      string
+	perClient int
+	window    int
+	total     int
+
+	mu     sync.Mutex
+	sentAt map[string]time.Time
+}
+
+// loadClient is one client of a chatLoad and what it saw.
+type loadClient struct {
+	idx   int
+	bases func() []string // where to connect, in order of preference, now
+	got   []chattest.Frame
+	epoch string
+	dcs   []string // the datacenter of each connection
+	errs  []string
+}
+
+func (l *chatLoad) run(ctx context.Context, c *loadClient) {
+	nick := fmt.Sprintf("user %d", c.idx)
+	next := 0
+	var unacked []string // ids in send order
+	texts := map[string]string{}
+	var last uint64
+	connected := false
+	fail := func(format string, args ...any) { c.errs = append(c.errs, fmt.Sprintf(format, args...)) }
+	for attempt := 0; ctx.Err() == nil && len(c.got) < l.total; attempt++ {
+		bases := c.bases()
+		base := bases[attempt%len(bases)]
+		o := chattest.Options{Nick: nick}
+		if connected {
+			o.Since, o.Epoch = chattest.Since(last), c.epoch
+		}
+		dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		conn, err := chattest.Dial(dctx, base, l.room, o)
+		cancel()
+		if err != nil {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		j, err := conn.Next(testutil.Scale(10 * time.Second))
+		if err != nil || j.Type != "joined" {
+			fail("connection %d to %s: first frame %s %v, want joined", attempt, base, j, err)
+			conn.Close()
+			return
+		}
+		if connected && j.Epoch != c.epoch {
+			fail("reconnect to %s: epoch %s, was %s", j.DC, j.Epoch, c.epoch)
+		}
+		c.epoch, connected = j.Epoch, true
+		c.dcs = append(c.dcs, j.DC)
+		send := func(id string) bool {
+			wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			return conn.Send(wctx, id, texts[id]) == nil
+		}
+		ok := true
+		for _, id := range unacked { // retried until acked, here too
+			ok = ok && send(id)
+		}
+		for ok && len(c.got) < l.total {
+			for ok && len(unacked) < l.window && next < l.perClient {
+				id := fmt.Sprintf("c%d-%d", c.idx, next)
+				texts[id] = fmt.Sprintf("message %d of client %d <i>not html</i>", next, c.idx)
+				l.mu.Lock()
+				l.sentAt[id] = time.Now()
+				l.mu.Unlock()
+				unacked = append(unacked, id)
+				next++
+				ok = send(id)
+			}
+			if !ok {
+				break
+			}
+			f, err := conn.Next(testutil.Scale(8 * time.Second))
+			if err != nil {
+				break // node gone or silent: reconnect elsewhere
+			}
+			switch f.Type {
+			case "msg":
+				switch {
+				case f.Seq <= last:
+					fail("duplicate: seq %d after %d (%s)", f.Seq, last, f.ID)
+				case f.Seq != last+1:
+					fail("gap: seq %d after %d", f.Seq, last)
+				}
+				last = f.Seq
+				c.got = append(c.got, f)
+			case "ack":
+				if i := slices.Index(unacked, f.ID); i >= 0 {
+					unacked = slices.Delete(unacked, i, i+1)
+				}
+			default:
+				fail("unexpected frame %s", f)
+			}
+		}
+		conn.Close()
+	}
+}
+
+// check verifies that every client got all messages exactly once in one
+// identical order, and returns the end-to-end latencies (send at one client
+// to receipt at each client).
+func (l *chatLoad) check(t *testing.T, clients []*loadClient) []time.Duration {
+	t.Helper()
+	for _, c := range clients {
+		for _, e := range c.errs {
+			t.Errorf("client %d: %s", c.idx, e)
+		}
+	}
+	ref := clients[0].got
+	if len(ref) != l.total {
+		t.Fatalf("client 0 got %d messages, want %d", len(ref), l.total)
+	}
+	ids := map[string]bool{}
+	for _, f := range ref {
+		if ids[f.ID] {
+			t.Fatalf("id %s sequenced twice", f.ID)
+		}
+		ids[f.ID] = true
+	}
+	if len(ids) != l.total {
+		t.Fatalf("%d distinct ids, want %d", len(ids), l.total)
+	}
+	var lat []time.Duration
+	for _, c := range clients {
+		if len(c.got) != l.total {
+			t.Fatalf("client %d got %d messages, want %d", c.idx, len(c.got), l.total)
+		}
+		for k, f := range c.got {
+			if f.Seq != uint64(k+1) || f.ID != ref[k].ID || f.Text != ref[k].Text || f.Nick != ref[k].Nick {
+				t.Fatalf("client %d message %d is seq %d %s, client 0 has seq %d %s", c.idx, k, f.Seq, f.ID, ref[k].Seq, ref[k].ID)
+			}
+			lat = append(lat, f.Received.Sub(l.sentAt[f.ID]))
+		}
+	}
+	slices.Sort(lat)
+	return lat
+}
+
+func quantile(d []time.Duration, q float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	return d[int(q*float64(len(d)-1))]
+}
+
+// runChatLoad runs n clients, client i connecting first to home(i).
+func runChatLoad(t *testing.T, l *chatLoad, n int, bases func(i int) []string, during func()) ([]*loadClient, time.Duration) {
+	t.Helper()
+	l.sentAt = map[string]time.Time{}
+	l.total = n * l.perClient
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(120*time.Second))
+	defer cancel()
+	clients := make([]*loadClient, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range clients {
+		c := &loadClient{idx: i}
+		c.bases = func() []string { return bases(i) }
+		clients[i] = c
+		wg.Go(func() { l.run(ctx, c) })
+	}
+	if during != nil {
+		during()
+	}
+	wg.Wait()
+	return clients, time.Since(start)
+}
+
+// publishStill publishes a stream without packets: chat needs only its
+// tree.
+func publishStill(t *testing.T, n *Node, name string) {
+	t.Helper()
+	pub, err := n.Hub().Publish(name, relay.Description{Tracks: []relay.Track{
+		{Kind: relay.KindAudio, MimeType: relay.MimeOpus, ClockRate: 48000, Channels: 2, PayloadType: 111},
+	}}, relay.PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pub.Close)
+}
+
+// chatDev is the dev cluster chain a–b–c with chat stores and a rate limit
+// loose enough for load.
+func chatDev(t *testing.T) *Cluster {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
+	defer cancel()
+	c, err := StartDev(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: t.TempDir(),
+		Chat: ChatConfig{Rate: 1000, Burst: 1000}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func waitParent(t *testing.T, n *Node, stream, parent string) {
+	t.Helper()
+	testutil.WaitFor(t, stream+" at "+n.cfg.Datacenter+" from "+parent, func() bool {
+		p, _, ok := n.Hub().Upstream(stream)
+		return ok && p == parent
+	})
+}
+
+// TestChatThreeDatacenters: 60 clients, 20 at each of a, b, c (chain a–b–c,
+// the stream x published at a: c's messages cross b both ways), each
+// sending 100 messages at once: every client receives all 6,000 exactly
+// once, in one identical order. Reports end-to-end latency.
+func TestChatThreeDatacenters(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 240*time.Second)
+	c := chatDev(t)
+	publishStill(t, c.Nodes[0], "x")
+	waitParent(t, c.Nodes[2], "x", "b")
+	l := &chatLoad{room: "x", perClient: 100, window: 5}
+	wanted := false // c wants x while its clients are in the room (it has no viewers)
+	clients, took := runChatLoad(t, l, 60, func(i int) []string { return []string{c.HTTPURL(i % 3)} }, func() {
+		for range 500 {
+			if in, _ := c.Nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
+				wanted = true
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+	lat := l.check(t, clients)
+	t.Logf("6,000 messages to 60 clients over a–b–c in %v: end-to-end latency p50 %v p99 %v max %v (%d deliveries)",
+		took.Round(time.Millisecond), quantile(lat, .5), quantile(lat, .99), lat[len(lat)-1], len(lat))
+	// The room's tree: a sequences, b follows a, c follows b.
+	for i, want := range []string{"origin ", "follower a", "follower b"} {
+		rooms := c.Nodes[i].Chat().Rooms()
+		if len(rooms) != 1 || rooms[0].Role+" "+rooms[0].Parent != want {
+			t.Errorf("datacenter %s holds rooms %+v, want x as %q", c.Datacenters()[i], rooms, want)
+		}
+	}
+	if !wanted {
+		t.Error("c's interest did not list x while its chat clients were in the room")
+	}
+	if in, _ := c.Nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
+		t.Errorf("c's interest %+v still wants x after its chat clients left", in)
+	}
+}
+
+// TestChatSurvivesRelayKill: datacenters a, b, c, d with a–c down, so c
+// takes x (published at a) through b. 60 clients, 15 at each, send 100
+// messages each; b is killed mid-run. Still every client gets all 6,000
+// exactly once in one order; b's clients reconnect to c or d with since
+// and miss nothing; c's room moves to d.
+func TestChatSurvivesRelayKill(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 300*time.Second)
+	p, err := ParseLabProfile([]byte("datacenters: [a, b, c, d]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
+	defer cancel()
+	lab, err := StartLab(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: t.TempDir(),
+		Chat: ChatConfig{Rate: 1000, Burst: 1000}}, p, "test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(lab.Close)
+	if _, err := lab.SetLink(ctx, LabLink{Between: []string{"a", "c"}, Down: true}); err != nil {
+		t.Fatal(err)
+	}
+	publishStill(t, lab.Node("a"), "x")
+	waitParentWithin := func(dc, parent string) {
+		testutil.WaitForWithin(t, 30*time.Second, "x at "+dc+" from "+parent, func() bool {
+			n := lab.Node(dc)
+			if n == nil {
+				return false
+			}
+			p, _, ok := n.Hub().Upstream("x")
+			return ok && p == parent
+		})
+	}
+	waitParentWithin("c", "b")
+	var killed sync.WaitGroup
+	killed.Add(1)
+	var bDead bool
+	var deadMu sync.Mutex
+	bases := func(i int) []string {
+		dcs := []int{i % 4, (i + 1) % 4, (i + 2) % 4, (i + 3) % 4}
+		deadMu.Lock()
+		defer deadMu.Unlock()
+		var out []string
+		for _, d := range dcs {
+			if d == 1 && bDead {
+				continue
+			}
+			out = append(out, lab.HTTPURL(d))
+		}
+		return out
+	}
+	l := &chatLoad{room: "x", perClient: 100, window: 5}
+	var seqAtKill uint64
+	clients, took := runChatLoad(t, l, 60, bases, func() {
+		// Kill b once a third of the messages went through.
+		testutil.WaitForWithin(t, 60*time.Second, "2,000 messages sequenced", func() bool {
+			rooms := lab.Node("a").Chat().Rooms()
+			return len(rooms) == 1 && rooms[0].LastSeq >= 2000
+		})
+		deadMu.Lock()
+		bDead = true
+		deadMu.Unlock()
+		seqAtKill = lab.Node("a").Chat().Rooms()[0].LastSeq
+		if err := lab.Kill(ctx, "b"); err != nil {
+			t.Error(err)
+		}
+	})
+	lat := l.check(t, clients)
+	moved := 0
+	for _, c := range clients {
+		if c.idx%4 == 1 {
+			if len(c.dcs) < 2 || c.dcs[0] != "b" || c.dcs[len(c.dcs)-1] == "b" {
+				t.Errorf("client %d of b connected to %v: want b, then elsewhere", c.idx, c.dcs)
+			}
+			moved++
+		}
+	}
+	if r := lab.Node("c").Chat().Rooms(); len(r) != 1 || r[0].Parent != "d" {
+		t.Errorf("c's room after b died: %+v, want following d", r)
+	}
+	var retries uint64
+	for _, dc := range []string{"c", "d"} {
+		st, _ := lab.Node(dc).Chat().Stats()
+		for _, r := range st {
+			retries += r.Retries
+		}
+	}
+	t.Logf("b killed at seq %d; %d clients of b moved; 6,000 messages in %v; latency p50 %v p99 %v max %v; %d sends forwarded again at c and d",
+		seqAtKill, moved, took.Round(time.Millisecond), quantile(lat, .5), quantile(lat, .99), lat[len(lat)-1], retries)
+}
+
+// TestChatOriginRestart: the origin a restarts (killed and started on the
+// same data directory, the stream published again): its history and epoch
+// are what they were, and clients at a and c resume without a gap.
+func TestChatOriginRestart(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 180*time.Second)
+	p, err := ParseLabProfile([]byte("datacenters: [a, b, c]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(60*time.Second))
+	defer cancel()
+	lab, err := StartLab(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: t.TempDir(),
+		Chat: ChatConfig{Rate: 1000, Burst: 1000}}, p, "test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(lab.Close)
+	pub, err := lab.Node("a").Hub().Publish("x", relay.Description{Tracks: []relay.Track{
+		{Kind: relay.KindAudio, MimeType: relay.MimeOpus, ClockRate: 48000, Channels: 2, PayloadType: 111}}}, relay.PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, "x at c from a", func() bool { p, _, ok := lab.Node("c").Hub().Upstream("x"); return ok && p == "a" })
+	cl, err := chattest.Dial(ctx, lab.HTTPURL(2), "x", chattest.Options{Nick: "cee"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, _ := cl.Next(testutil.Scale(10 * time.Second))
+	for i := 1; i <= 20; i++ {
+		cl.Send(ctx, fmt.Sprintf("m%d", i), fmt.Sprintf("before %d", i))
+	}
+	var seqs []uint64
+	for len(seqs) < 20 {
+		f, err := cl.Next(testutil.Scale(10 * time.Second))
+		if err != nil {
+			t.Fatalf("after %d messages: %v", len(seqs), err)
+		}
+		if f.Type == "msg" {
+			seqs = append(seqs, f.Seq)
+		}
+	}
+	cl.Close()
+	pub.Close()
+	if err := lab.Kill(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.Start(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lab.Node("a").Hub().Publish("x", relay.Description{Tracks: []relay.Track{
+		{Kind: relay.KindAudio, MimeType: relay.MimeOpus, ClockRate: 48000, Channels: 2, PayloadType: 111}}}, relay.PublishOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, dc := range []int{0, 2} {
+		r, err := chattest.Dial(ctx, lab.HTTPURL(dc), "x", chattest.Options{Nick: "back", Since: chattest.Since(0), Epoch: j.Epoch})
+		if err != nil {
+			t.Fatal(err)
+		}
+		j2, err := r.Next(testutil.Scale(10 * time.Second))
+		if err != nil || j2.Type != "joined" || j2.Epoch != j.Epoch || j2.LastSeq != 20 {
+			t.Fatalf("at %s after the restart: %s %v, want joined with epoch %s and last_seq 20", lab.Datacenters()[dc], j2, err, j.Epoch)
+		}
+		var got []string
+		for len(got) < 20 {
+			f, err := r.Next(testutil.Scale(10 * time.Second))
+			if err != nil || f.Type != "msg" {
+				t.Fatalf("history at %s after the restart, message %d: %s %v", lab.Datacenters()[dc], len(got)+1, f, err)
+			}
+			got = append(got, f.ID)
+		}
+		if strings.Join(got, ",") != "m1,m2,m3,m4,m5,m6,m7,m8,m9,m10,m11,m12,m13,m14,m15,m16,m17,m18,m19,m20" {
+			t.Fatalf("history at %s: %v", lab.Datacenters()[dc], got)
+		}
+		// A new message numbers on from 20, seen at both.
+		r.Send(ctx, fmt.Sprintf("after-%d", dc), "after")
+		for {
+			f, err := r.Next(testutil.Scale(20 * time.Second))
+			if err != nil {
+				t.Fatalf("message after the restart at %s: %v", lab.Datacenters()[dc], err)
+			}
+			if f.Type == "ack" {
+				if f.Seq != uint64(21+dc/2) {
+					t.Fatalf("after the restart at %s: ack %s, want seq %d", lab.Datacenters()[dc], f, 21+dc/2)
+				}
+				break
+			}
+		}
+		r.Close()
+	}
+}
+
+// TestChatMetrics: the chat series on /metrics pass promtool and count what
+// clients at b did in the room x published at a: messages in and out,
+// sequenced at both, rate-limit hits, a resume, the fan-out histogram.
+func TestChatMetrics(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 90*time.Second)
+	a, b := startPair(t)
+	publishStill(t, a, "x")
+	waitParent(t, b, "x", "a")
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(20*time.Second))
+	defer cancel()
+	base := "http://" + b.HTTPAddr().String()
+	c, err := chattest.Dial(ctx, base, "x", chattest.Options{Nick: "bea"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Next(testutil.Scale(5 * time.Second)) // joined
+	for i := range 12 {                     // default limit: bursts of 10
+		c.Send(ctx, fmt.Sprintf("m%d", i), "hi")
+	}
+	msgs, limited := 0, 0
+	for msgs+limited < 12 {
+		f, _, err := c.NextOf(testutil.Scale(5*time.Second), "msg", "error")
+		if err != nil {
+			t.Fatalf("after %d messages and %d refusals: %v", msgs, limited, err)
+		}
+		if f.Type == "msg" {
+			msgs++
+		} else if f.Code == "rate_limited" {
+			limited++
+		}
+	}
+	r, err := chattest.Dial(ctx, base, "x", chattest.Options{Since: chattest.Since(5)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Next(testutil.Scale(5 * time.Second))
+	r.Close()
+	want := []struct {
+		n      *Node
+		metric string
+		value  float64
+	}{
+		{b, "stemflow_chat_messages_in_total", float64(msgs)},
+		{b, "stemflow_chat_messages_out_total", float64(msgs + msgs - 5)},
+		{b, "stemflow_chat_sequenced_total", float64(msgs)},
+		{a, "stemflow_chat_sequenced_total", float64(msgs)},
+		{b, "stemflow_chat_rate_limited_total", float64(limited)},
+		{b, "stemflow_chat_resumes_total", 1},
+		{a, "stemflow_chat_messages_in_total", 0},
+	}
+	testutil.WaitFor(t, "the chat metrics", func() bool {
+		fa, fb := scrape(t, a), scrape(t, b)
+		for _, w := range want {
+			fams := fa
+			if w.n == b {
+				fams = fb
+			}
+			if v, _ := value(fams, w.metric, "room", "x"); v != w.value {
+				return false
+			}
+		}
+		h := fb["stemflow_chat_fanout_latency_seconds"]
+		return h != nil && h.Metric[0].GetHistogram().GetSampleCount() == uint64(msgs)
+	})
+	if limited == 0 || msgs != 10 && msgs != 11 {
+		t.Errorf("%d messages and %d rate_limited of 12 sent at once: want the burst of 10 (11 with a refill) and the rest refused", msgs, limited)
+	}
+}
