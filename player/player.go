@@ -4,7 +4,8 @@
 //
 // The pages talk to the node only through its public HTTP API (WHIP on
 // /whip/{stream}, WHEP on /whep/{stream}, the stream list on /api/v1/streams,
-// the overlay on /api/v1/topology),
+// the overlay on /api/v1/topology, the chat beside the video on the
+// WebSocket /chat/{room}: chat.html, chat.js),
 // so the package depends on nothing but the standard library and the relay's
 // stream-name rule.
 package player
