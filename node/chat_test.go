@@ -193,7 +193,7 @@ func runChatLoad(t *testing.T, l *chatLoad, n int, bases func(i int) []string, d
 
 // publishStill publishes a stream without packets: chat needs only its
 // tree.
-func publishStill(t *testing.T, n *Node, name string) {
+func publishStill(t testing.TB, n *Node, name string) {
 	t.Helper()
 	pub, err := n.Hub().Publish(name, relay.Description{Tracks: []relay.Track{
 		{Kind: relay.KindAudio, MimeType: relay.MimeOpus, ClockRate: 48000, Channels: 2, PayloadType: 111},
@@ -518,5 +518,72 @@ func TestChatMetrics(t *testing.T) {
 	})
 	if limited == 0 || msgs != 10 && msgs != 11 {
 		t.Errorf("%d messages and %d rate_limited of 12 sent at once: want the burst of 10 (11 with a refill) and the rest refused", msgs, limited)
+	}
+}
+
+// TestChatOriginMovesWhenStreamStarts: a room whose stream is not live is
+// sequenced where its first client joined (c); when the stream starts at a,
+// a becomes the room's origin and c's messages move there, in order (new
+// numbers in a's epoch: c's client is told epoch_changed and gets them
+// again), so nothing said before the stream is lost.
+func TestChatOriginMovesWhenStreamStarts(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 90*time.Second)
+	c := chatDev(t)
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
+	defer cancel()
+	cl, err := chattest.Dial(ctx, c.HTTPURL(2), "y", chattest.Options{Nick: "early"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	j, _ := cl.Next(testutil.Scale(5 * time.Second))
+	for i := 1; i <= 3; i++ {
+		cl.Send(ctx, fmt.Sprintf("e%d", i), fmt.Sprintf("before the stream %d", i))
+	}
+	for acked := 0; acked < 3; {
+		f, err := cl.Next(testutil.Scale(5 * time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Type == "ack" {
+			acked++
+		}
+	}
+	if r := c.Nodes[2].Chat().Rooms(); len(r) != 1 || r[0].Role != "origin" {
+		t.Fatalf("c's rooms before the stream: %+v, want y sequenced at c", r)
+	}
+	publishStill(t, c.Nodes[0], "y")
+	f, skipped, err := cl.NextOf(testutil.Scale(20*time.Second), "error")
+	if err != nil || f.Code != "epoch_changed" {
+		t.Fatalf("c's client after the stream started at a: %s %v (skipped %v), want epoch_changed", f, err, skipped)
+	}
+	j2, _, err := cl.NextOf(testutil.Scale(5*time.Second), "joined")
+	if err != nil || j2.Epoch == j.Epoch {
+		t.Fatalf("joined %s %v, want a new epoch", j2, err)
+	}
+	var got []string
+	for len(got) < 3 {
+		f, err := cl.Next(testutil.Scale(10 * time.Second))
+		if err != nil {
+			t.Fatalf("history at c after the move: %v (got %v)", err, got)
+		}
+		if f.Type == "msg" {
+			got = append(got, fmt.Sprintf("%d:%s", f.Seq, f.ID))
+		}
+	}
+	if strings.Join(got, " ") != "1:e1 2:e2 3:e3" {
+		t.Fatalf("c's history after the move: %v, want e1 e2 e3 as 1 2 3", got)
+	}
+	at, err := chattest.Dial(ctx, c.HTTPURL(0), "y", chattest.Options{Since: chattest.Since(0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer at.Close()
+	if ja, _ := at.Next(testutil.Scale(5 * time.Second)); ja.Epoch != j2.Epoch || ja.LastSeq != 3 {
+		t.Fatalf("a's room: %s, want epoch %s with 3 messages", ja, j2.Epoch)
+	}
+	if r := c.Nodes[0].Chat().Rooms(); len(r) != 1 || r[0].Role != "origin" {
+		t.Fatalf("a's rooms: %+v, want y's origin", r)
 	}
 }

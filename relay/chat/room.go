@@ -58,7 +58,8 @@ type Room struct {
 	led     bool              // the last role taken was origin (or none yet)
 	ids     map[string]uint64 // id → seq of the retained messages
 	pending map[string]*pendingSend
-	order   []string // pending ids in submission order (may hold resolved ones)
+	order   []string       // pending ids in submission order (may hold resolved ones)
+	carry   []*pendingSend // to send now: history carried over to a new origin (apply)
 }
 
 // submission is a message to sequence and where its ack goes.
@@ -599,6 +600,18 @@ func (r *Room) follow(parent string) error {
 				}
 			}
 			r.flushApplied(msgs, acks)
+			if len(r.carry) > 0 {
+				for _, p := range r.carry {
+					p.sent = time.Now()
+					if err := write(&frame{Type: frameSend, Msg: p.msg}); err != nil {
+						return err
+					}
+				}
+				r.carry = r.carry[:0]
+				if err := bw.Flush(); err != nil {
+					return err
+				}
+			}
 		case s := <-r.submits:
 			if p := r.addPending(s); p != nil {
 				p.sent = time.Now()
@@ -649,10 +662,27 @@ func (r *Room) apply(f frame, joined *bool, msgs *[]Msg, acks *[]Ack) error {
 		r.flushApplied(*msgs, *acks)
 		*msgs, *acks = (*msgs)[:0], (*acks)[:0]
 		if f.Reset || f.Epoch != r.epoch {
+			var carry []Msg
 			if r.epoch != "" && f.Epoch != r.epoch {
 				r.log.Info("chat: the room's history was replaced upstream", "epoch", f.Epoch, "old_epoch", r.epoch)
+				if f.First > f.Last {
+					// The origin's room is new and empty: this node
+					// sequenced the room before its stream went live here
+					// (its first clients were here). Its messages move to
+					// the origin, in order, renumbered, instead of being
+					// lost.
+					carry = r.msgs
+				}
 			}
 			r.commit(nil, true, f.Epoch, f.First-1)
+			for _, m := range carry {
+				if p := r.addPending(submission{msg: Msg{ID: m.ID, Nick: m.Nick, Text: m.Text}}); p != nil {
+					r.carry = append(r.carry, p)
+				}
+			}
+			if len(carry) > 0 {
+				r.log.Info("chat: history carried over to the room's origin", "messages", len(carry))
+			}
 		}
 		*joined = true
 		r.markSynced()

@@ -1,0 +1,128 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stemflow/stemflow/egress/chat/chattest"
+	"github.com/stemflow/stemflow/internal/testutil"
+)
+
+// BenchmarkChatThroughput: one room through three datacenters (chain
+// a–b–c, the stream published at a): 2 senders at c push b.N messages
+// (each keeps up to 500 unacked; a sender is a client of the room too and
+// reads every message), so every message crosses c → b → a to be
+// sequenced and a → b → c back; one reader at each datacenter. Reports
+// messages per second (until the reader at c has them all) and the latency
+// from a send at c to its receipt at c and at a.
+func BenchmarkChatThroughput(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Minute))
+	defer cancel()
+	cl, err := StartDev(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: b.TempDir(),
+		Chat: ChatConfig{Rate: 1e9, Burst: 1 << 30, HistoryCount: 1 << 30}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer cl.Close()
+	publishStill(b, cl.Nodes[0], "x")
+	testutil.WaitFor(b, "x at c from b", func() bool { p, _, ok := cl.Nodes[2].Hub().Upstream("x"); return ok && p == "b" })
+
+	const senders, window = 2, 500
+	total := max(b.N, senders)
+	perSender := total / senders
+	total = perSender * senders
+
+	readers := make([]*chattest.Client, 3)
+	for i := range readers {
+		r, err := chattest.Dial(ctx, cl.HTTPURL(i), "x", chattest.Options{Buffered: total + 1000})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer r.Close()
+		if f, err := r.Next(testutil.Scale(10 * time.Second)); err != nil || f.Type != "joined" {
+			b.Fatalf("reader %d: %s %v", i, f, err)
+		}
+		readers[i] = r
+	}
+	var mu sync.Mutex
+	sentAt := make(map[string]time.Time, total)
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for s := range senders {
+		c, err := chattest.Dial(ctx, cl.HTTPURL(2), "x", chattest.Options{Nick: fmt.Sprintf("sender %d", s), Buffered: 4 * total})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		c.Next(testutil.Scale(10 * time.Second))
+		wg.Go(func() {
+			inflight, next := 0, 0
+			for next < perSender || inflight > 0 {
+				for inflight < window && next < perSender {
+					id := fmt.Sprintf("s%d-%d", s, next)
+					mu.Lock()
+					sentAt[id] = time.Now()
+					mu.Unlock()
+					if err := c.Send(ctx, id, "benchmark message of a typical length, about sixty bytes."); err != nil {
+						b.Error(err)
+						return
+					}
+					inflight++
+					next++
+				}
+				f, err := c.Next(testutil.Scale(30 * time.Second))
+				if err != nil {
+					b.Errorf("sender %d: %v", s, err)
+					return
+				}
+				switch f.Type {
+				case "ack":
+					inflight--
+				case "error":
+					b.Errorf("sender %d: %s", s, f)
+					return
+				}
+			}
+		})
+	}
+	lat := make([][]time.Duration, 3)
+	var done time.Duration
+	for i, r := range readers {
+		for n := 0; n < total; {
+			f, err := r.Next(testutil.Scale(60 * time.Second))
+			if err != nil {
+				b.Fatalf("reader at %s after %d of %d: %v", cl.Datacenters()[i], n, total, err)
+			}
+			if f.Type != "msg" {
+				continue
+			}
+			n++
+			mu.Lock()
+			lat[i] = append(lat[i], f.Received.Sub(sentAt[f.ID]))
+			mu.Unlock()
+			if i == 2 && n == total {
+				done = f.Received.Sub(start)
+			}
+		}
+	}
+	wg.Wait()
+	b.StopTimer()
+	for i := range lat {
+		slices.Sort(lat[i])
+	}
+	b.ReportMetric(float64(total)/done.Seconds(), "msg/s")
+	b.ReportMetric(float64(quantile(lat[2], .5).Microseconds())/1000, "p50-ms-at-c")
+	b.ReportMetric(float64(quantile(lat[2], .99).Microseconds())/1000, "p99-ms-at-c")
+	b.ReportMetric(float64(quantile(lat[0], .99).Microseconds())/1000, "p99-ms-at-a")
+	rtt := time.Duration(0)
+	for _, l := range cl.Nodes[1].Hub().Links() {
+		rtt += l.RTT
+	}
+	b.Logf("%d messages c→b→a→b→c in %v: %.0f msg/s; latency at c p50 %v p99 %v; at a p99 %v; link RTTs at b sum %v",
+		total, done.Round(time.Millisecond), float64(total)/done.Seconds(), quantile(lat[2], .5), quantile(lat[2], .99), quantile(lat[0], .99), rtt)
+}
