@@ -266,15 +266,16 @@ func TestChatThreeDatacenters(t *testing.T) {
 	}
 }
 
-// TestChatSurvivesRelayKill: datacenters a, b, c, d with a–c down, so c
-// takes x (published at a) through b. 60 clients, 15 at each, send 100
-// messages each; b is killed mid-run. Still every client gets all 6,000
-// exactly once in one order; b's clients reconnect to c or d with since
-// and miss nothing; c's room moves to d.
+// TestChatSurvivesRelayKill: the lab's five datacenters a–e (a full mesh)
+// with a–c and a–d down, so c and d take x (published at a) through b. 60
+// clients, 12 at each, send 100 messages each; b is killed mid-run. Still
+// every client gets all 6,000 exactly once in one order; b's clients
+// reconnect elsewhere with since and miss nothing; c's and d's rooms move
+// to e.
 func TestChatSurvivesRelayKill(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 300*time.Second)
-	p, err := ParseLabProfile([]byte("datacenters: [a, b, c, d]\n"))
+	p, err := ParseLabProfile([]byte("datacenters: [a, b, c, d, e]\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -286,8 +287,10 @@ func TestChatSurvivesRelayKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(lab.Close)
-	if _, err := lab.SetLink(ctx, LabLink{Between: []string{"a", "c"}, Down: true}); err != nil {
-		t.Fatal(err)
+	for _, dc := range []string{"c", "d"} {
+		if _, err := lab.SetLink(ctx, LabLink{Between: []string{"a", dc}, Down: true}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	publishStill(t, lab.Node("a"), "x")
 	waitParentWithin := func(dc, parent string) {
@@ -301,12 +304,13 @@ func TestChatSurvivesRelayKill(t *testing.T) {
 		})
 	}
 	waitParentWithin("c", "b")
+	waitParentWithin("d", "b")
 	var killed sync.WaitGroup
 	killed.Add(1)
 	var bDead bool
 	var deadMu sync.Mutex
 	bases := func(i int) []string {
-		dcs := []int{i % 4, (i + 1) % 4, (i + 2) % 4, (i + 3) % 4}
+		dcs := []int{i % 5, (i + 1) % 5, (i + 2) % 5, (i + 3) % 5, (i + 4) % 5}
 		deadMu.Lock()
 		defer deadMu.Unlock()
 		var out []string
@@ -337,24 +341,26 @@ func TestChatSurvivesRelayKill(t *testing.T) {
 	lat := l.check(t, clients)
 	moved := 0
 	for _, c := range clients {
-		if c.idx%4 == 1 {
+		if c.idx%5 == 1 {
 			if len(c.dcs) < 2 || c.dcs[0] != "b" || c.dcs[len(c.dcs)-1] == "b" {
 				t.Errorf("client %d of b connected to %v: want b, then elsewhere", c.idx, c.dcs)
 			}
 			moved++
 		}
 	}
-	if r := lab.Node("c").Chat().Rooms(); len(r) != 1 || r[0].Parent != "d" {
-		t.Errorf("c's room after b died: %+v, want following d", r)
+	for _, dc := range []string{"c", "d"} {
+		if r := lab.Node(dc).Chat().Rooms(); len(r) != 1 || r[0].Parent != "e" {
+			t.Errorf("%s's room after b died: %+v, want following e", dc, r)
+		}
 	}
 	var retries uint64
-	for _, dc := range []string{"c", "d"} {
+	for _, dc := range []string{"c", "d", "e"} {
 		st, _ := lab.Node(dc).Chat().Stats()
 		for _, r := range st {
 			retries += r.Retries
 		}
 	}
-	t.Logf("b killed at seq %d; %d clients of b moved; 6,000 messages in %v; latency p50 %v p99 %v max %v; %d sends forwarded again at c and d",
+	t.Logf("b killed at seq %d; %d clients of b moved; 6,000 messages in %v; latency p50 %v p99 %v max %v; %d sends forwarded again at c, d and e",
 		seqAtKill, moved, took.Round(time.Millisecond), quantile(lat, .5), quantile(lat, .99), lat[len(lat)-1], retries)
 }
 
