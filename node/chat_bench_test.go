@@ -13,7 +13,7 @@ import (
 )
 
 // BenchmarkChatThroughput: one room through three datacenters (chain
-// a–b–c, the stream published at a): 2 senders at c push b.N messages
+// a–b–c: the lab with a–c down, the stream published at a): 2 senders at c push b.N messages
 // (each keeps up to 500 unacked; a sender is a client of the room too and
 // reads every message), so every message crosses c → b → a to be
 // sequenced and a → b → c back; one reader at each datacenter. Reports
@@ -22,14 +22,9 @@ import (
 func BenchmarkChatThroughput(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Minute))
 	defer cancel()
-	cl, err := StartDev(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: b.TempDir(),
-		Chat: ChatConfig{Rate: 1e9, Burst: 1 << 30, HistoryCount: 1 << 30}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer cl.Close()
-	publishStill(b, cl.Nodes[0], "x")
-	testutil.WaitFor(b, "x at c from b", func() bool { p, _, ok := cl.Nodes[2].Hub().Upstream("x"); return ok && p == "b" })
+	lab := chatLab(b, "a, b, c", [2]string{"a", "c"})
+	publishStill(b, lab.Node("a"), "x")
+	waitParentIn(b, lab, "c", "x", "b")
 
 	const senders, window = 2, 500
 	total := max(b.N, senders)
@@ -38,7 +33,7 @@ func BenchmarkChatThroughput(b *testing.B) {
 
 	readers := make([]*chattest.Client, 3)
 	for i := range readers {
-		r, err := chattest.Dial(ctx, cl.HTTPURL(i), "x", chattest.Options{Buffered: total + 1000})
+		r, err := chattest.Dial(ctx, lab.HTTPURL(i), "x", chattest.Options{Buffered: total + 1000})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -54,7 +49,7 @@ func BenchmarkChatThroughput(b *testing.B) {
 	start := time.Now()
 	var wg sync.WaitGroup
 	for s := range senders {
-		c, err := chattest.Dial(ctx, cl.HTTPURL(2), "x", chattest.Options{Nick: fmt.Sprintf("sender %d", s), Buffered: 4 * total})
+		c, err := chattest.Dial(ctx, lab.HTTPURL(2), "x", chattest.Options{Nick: fmt.Sprintf("sender %d", s), Buffered: 4 * total})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -96,7 +91,7 @@ func BenchmarkChatThroughput(b *testing.B) {
 		for n := 0; n < total; {
 			f, err := r.Next(testutil.Scale(60 * time.Second))
 			if err != nil {
-				b.Fatalf("reader at %s after %d of %d: %v", cl.Datacenters()[i], n, total, err)
+				b.Fatalf("reader at %s after %d of %d: %v", lab.Datacenters()[i], n, total, err)
 			}
 			if f.Type != "msg" {
 				continue
@@ -120,7 +115,7 @@ func BenchmarkChatThroughput(b *testing.B) {
 	b.ReportMetric(float64(quantile(lat[2], .99).Microseconds())/1000, "p99-ms-at-c")
 	b.ReportMetric(float64(quantile(lat[0], .99).Microseconds())/1000, "p99-ms-at-a")
 	rtt := time.Duration(0)
-	for _, l := range cl.Nodes[1].Hub().Links() {
+	for _, l := range lab.Node("b").Hub().Links() {
 		rtt += l.RTT
 	}
 	b.Logf("%d messages c→b→a→b→c in %v: %.0f msg/s; latency at c p50 %v p99 %v; at a p99 %v; link RTTs at b sum %v",

@@ -204,19 +204,42 @@ func publishStill(t testing.TB, n *Node, name string) {
 	t.Cleanup(pub.Close)
 }
 
-// chatDev is the dev cluster chain a–b–c with chat stores and a rate limit
-// loose enough for load.
-func chatDev(t *testing.T) *Cluster {
-	t.Helper()
+// chatLab starts the lab's datacenters (a full mesh) with chat stores and
+// a rate limit loose enough for load, and cuts the links in down: with a–c
+// down, c takes a's streams through b.
+func chatLab(tb testing.TB, dcs string, down ...[2]string) *Lab {
+	tb.Helper()
+	p, err := ParseLabProfile([]byte("datacenters: [" + dcs + "]\n"))
+	if err != nil {
+		tb.Fatal(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 	defer cancel()
-	c, err := StartDev(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: t.TempDir(),
-		Chat: ChatConfig{Rate: 1000, Burst: 1000}})
+	lab, err := StartLab(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: tb.TempDir(),
+		Chat: ChatConfig{Rate: 1e9, Burst: 1 << 30}}, p, "test.yaml")
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	t.Cleanup(c.Close)
-	return c
+	tb.Cleanup(lab.Close)
+	for _, d := range down {
+		if _, err := lab.SetLink(ctx, LabLink{Between: []string{d[0], d[1]}, Down: true}); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return lab
+}
+
+// waitParentIn waits until the stream reaches dc's hub from parent.
+func waitParentIn(tb testing.TB, lab *Lab, dc, stream, parent string) {
+	tb.Helper()
+	testutil.WaitForWithin(tb, 30*time.Second, stream+" at "+dc+" from "+parent, func() bool {
+		n := lab.Node(dc)
+		if n == nil {
+			return false
+		}
+		p, _, ok := n.Hub().Upstream(stream)
+		return ok && p == parent
+	})
 }
 
 func waitParent(t *testing.T, n *Node, stream, parent string) {
@@ -227,21 +250,23 @@ func waitParent(t *testing.T, n *Node, stream, parent string) {
 	})
 }
 
-// TestChatThreeDatacenters: 60 clients, 20 at each of a, b, c (chain a–b–c,
-// the stream x published at a: c's messages cross b both ways), each
+// TestChatThreeDatacenters: 60 clients, 20 at each of a, b, c (the lab,
+// a–c down: the stream x published at a reaches c through b, and c's
+// messages cross b both ways), each
 // sending 100 messages at once: every client receives all 6,000 exactly
 // once, in one identical order. Reports end-to-end latency.
 func TestChatThreeDatacenters(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 240*time.Second)
-	c := chatDev(t)
-	publishStill(t, c.Nodes[0], "x")
-	waitParent(t, c.Nodes[2], "x", "b")
+	lab := chatLab(t, "a, b, c", [2]string{"a", "c"})
+	publishStill(t, lab.Node("a"), "x")
+	waitParentIn(t, lab, "c", "x", "b")
+	nodes := []*Node{lab.Node("a"), lab.Node("b"), lab.Node("c")}
 	l := &chatLoad{room: "x", perClient: 100, window: 5}
 	wanted := false // c wants x while its clients are in the room (it has no viewers)
-	clients, took := runChatLoad(t, l, 60, func(i int) []string { return []string{c.HTTPURL(i % 3)} }, func() {
+	clients, took := runChatLoad(t, l, 60, func(i int) []string { return []string{lab.HTTPURL(i % 3)} }, func() {
 		for range 500 {
-			if in, _ := c.Nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
+			if in, _ := nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
 				wanted = true
 				return
 			}
@@ -249,19 +274,19 @@ func TestChatThreeDatacenters(t *testing.T) {
 		}
 	})
 	lat := l.check(t, clients)
-	t.Logf("6,000 messages to 60 clients over a–b–c in %v: end-to-end latency p50 %v p99 %v max %v (%d deliveries)",
+	t.Logf("6,000 messages to 60 clients over a, b and c (c through b) in %v: end-to-end latency p50 %v p99 %v max %v (%d deliveries)",
 		took.Round(time.Millisecond), quantile(lat, .5), quantile(lat, .99), lat[len(lat)-1], len(lat))
 	// The room's tree: a sequences, b follows a, c follows b.
 	for i, want := range []string{"origin ", "follower a", "follower b"} {
-		rooms := c.Nodes[i].Chat().Rooms()
+		rooms := nodes[i].Chat().Rooms()
 		if len(rooms) != 1 || rooms[0].Role+" "+rooms[0].Parent != want {
-			t.Errorf("datacenter %s holds rooms %+v, want x as %q", c.Datacenters()[i], rooms, want)
+			t.Errorf("datacenter %s holds rooms %+v, want x as %q", lab.Datacenters()[i], rooms, want)
 		}
 	}
 	if !wanted {
 		t.Error("c's interest did not list x while its chat clients were in the room")
 	}
-	if in, _ := c.Nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
+	if in, _ := nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
 		t.Errorf("c's interest %+v still wants x after its chat clients left", in)
 	}
 }
@@ -275,23 +300,9 @@ func TestChatThreeDatacenters(t *testing.T) {
 func TestChatSurvivesRelayKill(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 300*time.Second)
-	p, err := ParseLabProfile([]byte("datacenters: [a, b, c, d, e]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	lab := chatLab(t, "a, b, c, d, e", [2]string{"a", "c"}, [2]string{"a", "d"})
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 	defer cancel()
-	lab, err := StartLab(ctx, DevConfig{FreePorts: true, Logger: testutil.Logger(), ChatDataDir: t.TempDir(),
-		Chat: ChatConfig{Rate: 1000, Burst: 1000}}, p, "test.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(lab.Close)
-	for _, dc := range []string{"c", "d"} {
-		if _, err := lab.SetLink(ctx, LabLink{Between: []string{"a", dc}, Down: true}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	publishStill(t, lab.Node("a"), "x")
 	waitParentWithin := func(dc, parent string) {
 		testutil.WaitForWithin(t, 30*time.Second, "x at "+dc+" from "+parent, func() bool {
@@ -535,10 +546,10 @@ func TestChatMetrics(t *testing.T) {
 func TestChatOriginMovesWhenStreamStarts(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 90*time.Second)
-	c := chatDev(t)
+	lab := chatLab(t, "a, b, c", [2]string{"a", "c"})
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(30*time.Second))
 	defer cancel()
-	cl, err := chattest.Dial(ctx, c.HTTPURL(2), "y", chattest.Options{Nick: "early"})
+	cl, err := chattest.Dial(ctx, lab.HTTPURL(2), "y", chattest.Options{Nick: "early"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -556,10 +567,10 @@ func TestChatOriginMovesWhenStreamStarts(t *testing.T) {
 			acked++
 		}
 	}
-	if r := c.Nodes[2].Chat().Rooms(); len(r) != 1 || r[0].Role != "origin" {
+	if r := lab.Node("c").Chat().Rooms(); len(r) != 1 || r[0].Role != "origin" {
 		t.Fatalf("c's rooms before the stream: %+v, want y sequenced at c", r)
 	}
-	publishStill(t, c.Nodes[0], "y")
+	publishStill(t, lab.Node("a"), "y")
 	f, skipped, err := cl.NextOf(testutil.Scale(20*time.Second), "error")
 	if err != nil || f.Code != "epoch_changed" {
 		t.Fatalf("c's client after the stream started at a: %s %v (skipped %v), want epoch_changed", f, err, skipped)
@@ -581,7 +592,7 @@ func TestChatOriginMovesWhenStreamStarts(t *testing.T) {
 	if strings.Join(got, " ") != "1:e1 2:e2 3:e3" {
 		t.Fatalf("c's history after the move: %v, want e1 e2 e3 as 1 2 3", got)
 	}
-	at, err := chattest.Dial(ctx, c.HTTPURL(0), "y", chattest.Options{Since: chattest.Since(0)})
+	at, err := chattest.Dial(ctx, lab.HTTPURL(0), "y", chattest.Options{Since: chattest.Since(0)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -589,7 +600,7 @@ func TestChatOriginMovesWhenStreamStarts(t *testing.T) {
 	if ja, _ := at.Next(testutil.Scale(5 * time.Second)); ja.Epoch != j2.Epoch || ja.LastSeq != 3 {
 		t.Fatalf("a's room: %s, want epoch %s with 3 messages", ja, j2.Epoch)
 	}
-	if r := c.Nodes[0].Chat().Rooms(); len(r) != 1 || r[0].Role != "origin" {
+	if r := lab.Node("a").Chat().Rooms(); len(r) != 1 || r[0].Role != "origin" {
 		t.Fatalf("a's rooms: %+v, want y's origin", r)
 	}
 }
