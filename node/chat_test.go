@@ -2,7 +2,9 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -191,6 +193,42 @@ func runChatLoad(t *testing.T, l *chatLoad, n int, bases func(i int) []string, d
 	return clients, time.Since(start)
 }
 
+// treeEdgeTo returns the edges of stream's tree in base's /api/v1/topology
+// ("a→b b→c", source and route version) when one ends at dc, else "".
+func treeEdgeTo(t *testing.T, base, stream, dc string) string {
+	resp, err := http.Get(base + "/api/v1/topology")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	var top struct {
+		Source string
+		Trees  []struct {
+			Stream  string
+			Version int64
+			Edges   []struct{ From, To string }
+		}
+	}
+	if json.NewDecoder(resp.Body).Decode(&top) != nil {
+		return ""
+	}
+	for _, tr := range top.Trees {
+		if tr.Stream != stream {
+			continue
+		}
+		var edges []string
+		found := false
+		for _, e := range tr.Edges {
+			edges = append(edges, e.From+"→"+e.To)
+			found = found || e.To == dc
+		}
+		if found {
+			return fmt.Sprintf("%s (source %s, route version %d)", strings.Join(edges, " "), top.Source, tr.Version)
+		}
+	}
+	return ""
+}
+
 // publishStill publishes a stream without packets: chat needs only its
 // tree.
 func publishStill(t testing.TB, n *Node, name string) {
@@ -263,11 +301,18 @@ func TestChatThreeDatacenters(t *testing.T) {
 	waitParentIn(t, lab, "c", "x", "b")
 	nodes := []*Node{lab.Node("a"), lab.Node("b"), lab.Node("c")}
 	l := &chatLoad{room: "x", perClient: 100, window: 5}
-	wanted := false // c wants x while its clients are in the room (it has no viewers)
+	// c wants x while its clients are in the room (it has no viewers), and
+	// x's tree in /api/v1/topology reaches c.
+	wanted, inTree := false, ""
 	clients, took := runChatLoad(t, l, 60, func(i int) []string { return []string{lab.HTTPURL(i % 3)} }, func() {
-		for range 500 {
+		for range 1000 {
 			if in, _ := nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
 				wanted = true
+			}
+			if inTree == "" {
+				inTree = treeEdgeTo(t, lab.HTTPURL(2), "x", "c")
+			}
+			if wanted && inTree != "" {
 				return
 			}
 			time.Sleep(10 * time.Millisecond)
@@ -285,6 +330,11 @@ func TestChatThreeDatacenters(t *testing.T) {
 	}
 	if !wanted {
 		t.Error("c's interest did not list x while its chat clients were in the room")
+	}
+	if inTree == "" {
+		t.Error("x's tree in c's /api/v1/topology never reached c while its chat clients were in the room")
+	} else {
+		t.Logf("x's tree in /api/v1/topology while only chat clients were at c: %s", inTree)
 	}
 	if in, _ := nodes[2].Hub().Interest(); slices.Contains(in.Wanted, "x") {
 		t.Errorf("c's interest %+v still wants x after its chat clients left", in)

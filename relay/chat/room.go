@@ -309,6 +309,9 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 			drop++
 		}
 	}
+	if !reset && len(msgs) == 0 && drop == 0 {
+		return // nothing changes: wake no reader
+	}
 	newLast := curLast + uint64(len(msgs))
 	trimBefore := uint64(0)
 	if drop > 0 {
@@ -640,6 +643,7 @@ func (r *Room) follow(parent string) error {
 			if p, origin, live := r.svc.role(r.name); live && (origin || p != parent) {
 				return fmt.Errorf("the room's parent is now %q (origin here: %v)", p, origin)
 			}
+			r.commit(nil, false, "", 0) // age retention
 			if err := resend(false); err != nil {
 				return err
 			}
