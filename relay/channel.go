@@ -28,6 +28,10 @@ const (
 	ChannelChat ChannelKind = 'c'
 )
 
+// maxChannels bounds the channels a neighbour may have open to us at once
+// (quic-go's MaxIncomingStreams, the control stream included).
+const maxChannels = 10000
+
 // ErrNoLink: there is no link to that neighbour now.
 var ErrNoLink = errors.New("no link to that datacenter")
 

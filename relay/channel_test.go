@@ -79,3 +79,40 @@ func TestChannelEchoAcrossLink(t *testing.T) {
 	}
 	z.Close()
 }
+
+// TestChannelsBeyondQUICDefault: a node holds one channel per chat room
+// per neighbour, so a link carries more than quic-go's default 100
+// concurrent streams: 300 channels open at once, all within the timeout.
+func TestChannelsBeyondQUICDefault(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	ca, err := NewClusterCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, bo := overlayNode(t, ca, "b", "b", testutil.Logger(), map[string]string{"a": "127.0.0.1:1"})
+	a, _ := overlayNode(t, ca, "a", "a", testutil.Logger(), map[string]string{"b": bo.Addr().String()})
+	b.HandleChannels(ChannelChat, func(ch Channel) {
+		io.Copy(io.Discard, ch) // held open until a closes it
+		ch.Close()
+	})
+	testutil.WaitFor(t, "the link a–b", func() bool { return len(a.Links()) == 1 && len(b.Links()) == 1 })
+	var chans []Channel
+	defer func() {
+		for _, ch := range chans {
+			ch.Close()
+		}
+	}()
+	for i := range 300 {
+		ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(2*time.Second))
+		ch, err := a.OpenChannel(ctx, "b", ChannelChat)
+		cancel()
+		if err != nil {
+			t.Fatalf("channel %d: %v", i+1, err)
+		}
+		if _, err := ch.Write([]byte("x")); err != nil {
+			t.Fatalf("channel %d: %v", i+1, err)
+		}
+		chans = append(chans, ch)
+	}
+}

@@ -99,6 +99,9 @@ func quicConfig() *quic.Config {
 		KeepAlivePeriod:      time.Second,
 		MaxIdleTimeout:       5 * time.Second,
 		HandshakeIdleTimeout: 3 * time.Second,
+		// One channel per chat room and neighbour (channel.go): far more
+		// than quic-go's default of 100 streams.
+		MaxIncomingStreams: maxChannels,
 	}
 }
 
