@@ -484,9 +484,10 @@ func TestChatOriginRestart(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// At c the message a got after the restart (21) may be there already.
 		j2, err := r.Next(testutil.Scale(10 * time.Second))
-		if err != nil || j2.Type != "joined" || j2.Epoch != j.Epoch || j2.LastSeq != 20 {
-			t.Fatalf("at %s after the restart: %s %v, want joined with epoch %s and last_seq 20", lab.Datacenters()[dc], j2, err, j.Epoch)
+		if err != nil || j2.Type != "joined" || j2.Epoch != j.Epoch || j2.LastSeq < 20 || j2.LastSeq > uint64(20+dc/2) {
+			t.Fatalf("at %s after the restart: %s %v, want joined with epoch %s and last_seq 20 (21 at c)", lab.Datacenters()[dc], j2, err, j.Epoch)
 		}
 		var got []string
 		for len(got) < 20 {

@@ -55,6 +55,8 @@ type Room struct {
 	parent  string
 
 	// Owned by run.
+	born    time.Time         // when the room started here
+	claimed bool              // this node led the room (since it started here)
 	led     bool              // the last role taken was origin (or none yet)
 	ids     map[string]uint64 // id → seq of the retained messages
 	pending map[string]*pendingSend
@@ -86,6 +88,7 @@ func newRoom(svc *Service, name string) *Room {
 		ids:     make(map[string]uint64),
 		pending: make(map[string]*pendingSend),
 		led:     true,
+		born:    time.Now(),
 	}
 }
 
@@ -177,8 +180,9 @@ func (r *Room) setRole(role, parent string) {
 // the tree says, until the room closes.
 //
 // A room whose stream is not live anywhere keeps its last role: a room new
-// here, or one this node led, is sequenced here (its first client joined
-// here, or the stream ended here); a replica that followed a parent waits,
+// here (after Config.ClaimAfter without a route), or one this node led, is
+// sequenced here (its first client joined here, or the stream ended here);
+// a replica that followed a parent waits,
 // its clients' sends pending, until the stream is live again (two
 // sequencers would give two orders).
 func (r *Room) run() {
@@ -189,10 +193,13 @@ func (r *Room) run() {
 		parent, origin, live := r.svc.role(r.name)
 		if !live {
 			origin = r.led
+			if origin && !r.claimed && time.Since(r.born) < r.svc.cfg.ClaimAfter {
+				origin = false // a route may be on its way: do not start a second order yet
+			}
 		}
 		switch {
 		case origin:
-			r.led = true
+			r.led, r.claimed = true, true
 			r.lead()
 		case parent != "":
 			r.led = false

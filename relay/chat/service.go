@@ -40,6 +40,10 @@ type Config struct {
 	// Encode, when set, encodes each message for the clients once, when
 	// it joins the history here (Msg.Frame).
 	Encode func(Msg) []byte
+	// ClaimAfter is how long a room new here whose stream is not live
+	// waits for a route before this node sequences it (default 3s): a
+	// route that is missing for a moment must not start a second order.
+	ClaimAfter time.Duration
 	// Linger is how long a room stays after its last client or child left
 	// (default 10s).
 	Linger time.Duration
@@ -78,6 +82,9 @@ func NewService(cfg Config) *Service {
 	}
 	if cfg.Linger <= 0 {
 		cfg.Linger = 10 * time.Second
+	}
+	if cfg.ClaimAfter == 0 {
+		cfg.ClaimAfter = 3 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Service{cfg: cfg, log: cfg.Logger.With("component", "chat"), ctx: ctx, cancel: cancel,
