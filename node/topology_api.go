@@ -432,5 +432,15 @@ func (g *topologyGraph) result(dc, source string) apiTopology {
 
 // topologyAPI returns the node's GET /api/v1/topology handler.
 func (n *Node) topologyAPI() *topologyAPI {
-	return &topologyAPI{dc: n.cfg.Datacenter, local: n.hub, source: func() topologySource { return nil }}
+	return &topologyAPI{
+		dc:    n.cfg.Datacenter,
+		local: n.hub,
+		source: func() topologySource {
+			if st := n.Store(); st != nil { // a nil *store.Store is no source
+				return st
+			}
+			return nil
+		},
+		measured: n.Measurements,
+	}
 }
