@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"reflect"
 	"regexp"
@@ -61,6 +62,124 @@ func getAPITopology(t *testing.T, base string) apiTopology {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// drawnMap is what the SVG holds, read from the DOM.
+type drawnMap struct {
+	DCs       []string    `json:"dcs"`
+	DCNames   []string    `json:"dcNames"`
+	Links     [][2]string `json:"links"`
+	TreeEdges [][2]string `json:"treeEdges"`
+	Backups   [][2]string `json:"backups"`
+	InTree    []string    `json:"inTree"`
+	Path      string      `json:"path"`
+}
+
+func readMap(page *tab) drawnMap {
+	page.b.t.Helper()
+	var got drawnMap
+	if err := page.eval(`(() => {
+		const m = document.getElementById('map');
+		const all = (sel) => [...m.querySelectorAll(sel)];
+		return {
+			dcs: all('g.dc').map((g) => g.dataset.dc),
+			dcNames: all('g.dc .dc-name').map((e) => e.textContent),
+			links: all('g.link').map((g) => [g.dataset.a, g.dataset.b]),
+			treeEdges: all('line.tree-edge').map((e) => [e.dataset.from, e.dataset.to]),
+			backups: all('line.backup-edge').map((e) => [e.dataset.from, e.dataset.to]),
+			inTree: all('g.dc.origin, g.dc.in-tree').map((g) => g.dataset.dc),
+			path: document.getElementById('tree-path').textContent,
+		};
+	})()`, &got); err != nil {
+		page.fatalf("cannot read the map: %v", err)
+	}
+	return got
+}
+
+// checkMap says how the map differs from the topology answer, or "": one
+// <g class="dc"> per datacenter with its name, the link b–c that c
+// measures, exactly x's tree edges to c with both ends marked, its backups
+// as dashed edges parent → dc, and the tree's hops and delays in words.
+func checkMap(api apiTopology, got drawnMap) string {
+	var dcs []string
+	for _, n := range api.Nodes {
+		dcs = append(dcs, n.DC)
+	}
+	for _, dc := range []string{"a", "b", "c"} {
+		if !slices.Contains(dcs, dc) {
+			return fmt.Sprintf("c's /api/v1/topology lists datacenters %v: %s is missing", dcs, dc)
+		}
+	}
+	sorted := slices.Clone(got.DCs)
+	slices.Sort(sorted)
+	if !reflect.DeepEqual(sorted, dcs) || !reflect.DeepEqual(got.DCNames, got.DCs) {
+		return fmt.Sprintf("the map draws datacenters %v (names %v); want one each of %v", got.DCs, got.DCNames, dcs)
+	}
+	if !slices.Contains(got.Links, [2]string{"b", "c"}) {
+		return fmt.Sprintf("the map draws links %v; want the link b–c c measures", got.Links)
+	}
+	edges := treeEdges(api, "x")
+	if len(edges) == 0 || edges[len(edges)-1][1] != "c" {
+		return fmt.Sprintf("c's API gives x the tree %v; want one that reaches c", edges)
+	}
+	if !reflect.DeepEqual(got.TreeEdges, edges) {
+		return fmt.Sprintf("the map highlights edges %v; want x's tree %v", got.TreeEdges, edges)
+	}
+	backups := backupEdges(api, "x")
+	slices.SortFunc(got.Backups, compareEdges)
+	if !reflect.DeepEqual(got.Backups, backups) && (len(got.Backups) > 0 || len(backups) > 0) {
+		return fmt.Sprintf("the map draws backup edges %v; want %v", got.Backups, backups)
+	}
+	for _, e := range edges {
+		if !slices.Contains(got.InTree, e[0]) || !slices.Contains(got.InTree, e[1]) {
+			return fmt.Sprintf("datacenters marked in x's tree: %v; want both ends of every edge %v", got.InTree, edges)
+		}
+	}
+	if !strings.HasPrefix(got.Path, "x from a: ") {
+		return fmt.Sprintf("the tree's path reads %q; want it to start with \"x from a: \"", got.Path)
+	}
+	for _, tr := range api.Trees {
+		if tr.Stream != "x" {
+			continue
+		}
+		for _, e := range tr.Edges {
+			// "a → b", with its delay ("a → b 2.6 ms") when measured.
+			hop := regexp.QuoteMeta(e.From + " → " + e.To)
+			if e.DelayMs != nil {
+				hop += ` [0-9.]+ ms`
+			}
+			if !regexp.MustCompile(hop).MatchString(got.Path) {
+				return fmt.Sprintf("the tree's path reads %q; want it to name the hop /%s/", got.Path, hop)
+			}
+		}
+	}
+	// c measures its own link, so the last hop (into c) has a delay.
+	last := edges[len(edges)-1]
+	if !regexp.MustCompile(regexp.QuoteMeta(last[0]+" → "+last[1]) + ` [0-9.]+ ms`).MatchString(got.Path) {
+		return fmt.Sprintf("the tree's path reads %q; want the measured delay of the hop %s → %s that c measures", got.Path, last[0], last[1])
+	}
+	return ""
+}
+
+// backupEdges returns a stream's backups as edges parent → dc, sorted.
+func backupEdges(api apiTopology, stream string) [][2]string {
+	var edges [][2]string
+	for _, tr := range api.Trees {
+		if tr.Stream == stream {
+			for dc, parent := range tr.Backup {
+				edges = append(edges, [2]string{parent, dc})
+			}
+		}
+	}
+	slices.SortFunc(edges, compareEdges)
+	return edges
+}
+
+func compareEdges(a, b [2]string) int {
+	if c := strings.Compare(a[0], b[0]); c != 0 {
+		return c
+	}
+	return strings.Compare(a[1], b[1])
 }
 
 // treeEdges returns a stream's tree edges in a topology answer.
@@ -132,114 +251,22 @@ func TestBrowserTopology(t *testing.T) {
 		s.value = 'x'; s.dispatchEvent(new Event('change')); return s.value; })()`, new(string)); err != nil {
 		page.fatalf("cannot pick x: %v", err)
 	}
-	// The tree may still change (a route replacing the announced path):
-	// wait until the page draws what c's API answers now, a tree to c.
-	var api apiTopology
-	waitFor(page, "the page highlights x's tree to c as c's /api/v1/topology gives it", `window.stemflowTopology || null`, 20*time.Second,
-		func(s topologyState) bool {
-			api = getAPITopology(t, cURL)
-			want := treeEdges(api, "x")
-			return s.Stream == "x" && len(want) > 0 && want[len(want)-1][1] == "c" && reflect.DeepEqual(s.TreeEdges, want)
-		})
-	var wantDCs []string
-	for _, n := range api.Nodes {
-		wantDCs = append(wantDCs, n.DC)
-	}
-	var wantEdges [][2]string
-	var wantPath []string
-	for _, tr := range api.Trees {
-		if tr.Stream == "x" {
-			for _, e := range tr.Edges {
-				wantEdges = append(wantEdges, [2]string{e.From, e.To})
-				// "a → b", with its delay ("a → b 2.6 ms") when measured.
-				hop := regexp.QuoteMeta(e.From + " → " + e.To)
-				if e.DelayMs != nil {
-					hop += ` [0-9.]+ ms`
-				}
-				wantPath = append(wantPath, hop)
-			}
+	// The tree may still change (a route replacing the announced path, a
+	// backup named later): compare the map with what c's API answers at the
+	// same moment until they agree.
+	deadline := time.Now().Add(testutil.Scale(20 * time.Second))
+	for {
+		api := getAPITopology(t, cURL)
+		got := readMap(page)
+		problem := checkMap(api, got)
+		if problem == "" {
+			t.Logf("c's topology (source %s): x's tree %v, backups %v; drawn: %+v", api.Source, treeEdges(api, "x"), backupEdges(api, "x"), got)
+			break
 		}
-	}
-	t.Logf("c's topology (source %s): datacenters %v, x's tree %v", api.Source, wantDCs, wantEdges)
-	for _, dc := range []string{"a", "b", "c"} {
-		if !slices.Contains(wantDCs, dc) {
-			t.Fatalf("c's /api/v1/topology lists datacenters %v: %s is missing", wantDCs, dc)
+		if time.Now().After(deadline) {
+			page.fatalf("%s (drawn %+v; c's API: %+v)", problem, got, api)
 		}
-	}
-
-	// What the SVG holds, read from the DOM: one <g class="dc"> per
-	// datacenter with its name as text, the link lines, x's tree edges.
-	type drawn struct {
-		DCs       []string    `json:"dcs"`
-		DCNames   []string    `json:"dcNames"`
-		Links     [][2]string `json:"links"`
-		TreeEdges [][2]string `json:"treeEdges"`
-		Backups   [][2]string `json:"backups"`
-		InTree    []string    `json:"inTree"`
-		Path      string      `json:"path"`
-	}
-	var got drawn
-	if err := page.eval(`(() => {
-		const m = document.getElementById('map');
-		const all = (sel) => [...m.querySelectorAll(sel)];
-		return {
-			dcs: all('g.dc').map((g) => g.dataset.dc),
-			dcNames: all('g.dc .dc-name').map((e) => e.textContent),
-			links: all('g.link').map((g) => [g.dataset.a, g.dataset.b]),
-			treeEdges: all('line.tree-edge').map((e) => [e.dataset.from, e.dataset.to]),
-			backups: all('line.backup-edge').map((e) => [e.dataset.from, e.dataset.to]),
-			inTree: all('g.dc.origin, g.dc.in-tree').map((g) => g.dataset.dc),
-			path: document.getElementById('tree-path').textContent,
-		};
-	})()`, &got); err != nil {
-		page.fatalf("cannot read the map: %v", err)
-	}
-	t.Logf("drawn: %+v", got)
-	sorted := slices.Clone(got.DCs)
-	slices.Sort(sorted)
-	if !reflect.DeepEqual(sorted, wantDCs) || !reflect.DeepEqual(got.DCNames, got.DCs) {
-		page.fatalf("the map draws datacenters %v (names %v); want one each of %v", got.DCs, got.DCNames, wantDCs)
-	}
-	if !slices.Contains(got.Links, [2]string{"b", "c"}) {
-		page.fatalf("the map draws links %v; want the link b–c c measures", got.Links)
-	}
-	if !reflect.DeepEqual(got.TreeEdges, wantEdges) {
-		page.fatalf("the map highlights edges %v; want x's tree %v", got.TreeEdges, wantEdges)
-	}
-	// Backup parents (with a manager) are drawn as dashed edges parent → dc.
-	var wantBackups [][2]string
-	for _, tr := range api.Trees {
-		if tr.Stream == "x" {
-			for dc, parent := range tr.Backup {
-				wantBackups = append(wantBackups, [2]string{parent, dc})
-			}
-		}
-	}
-	if len(got.Backups) != len(wantBackups) {
-		page.fatalf("the map draws backup edges %v; want %v", got.Backups, wantBackups)
-	}
-	for _, b := range wantBackups {
-		if !slices.Contains(got.Backups, b) {
-			page.fatalf("the map draws backup edges %v; want %v", got.Backups, wantBackups)
-		}
-	}
-	for _, e := range wantEdges {
-		if !slices.Contains(got.InTree, e[0]) || !slices.Contains(got.InTree, e[1]) {
-			page.fatalf("datacenters marked in x's tree: %v; want both ends of every edge %v", got.InTree, wantEdges)
-		}
-	}
-	if !strings.HasPrefix(got.Path, "x from a: ") {
-		page.fatalf("the tree's path reads %q; want it to start with \"x from a: \"", got.Path)
-	}
-	for _, hop := range wantPath {
-		if !regexp.MustCompile(hop).MatchString(got.Path) {
-			page.fatalf("the tree's path reads %q; want it to name the hop /%s/", got.Path, hop)
-		}
-	}
-	// c measures its own link, so the last hop (into c) has a delay.
-	last := wantEdges[len(wantEdges)-1]
-	if !regexp.MustCompile(regexp.QuoteMeta(last[0]+" → "+last[1]) + ` [0-9.]+ ms`).MatchString(got.Path) {
-		page.fatalf("the tree's path reads %q; want the measured delay of the hop %s → %s that c measures", got.Path, last[0], last[1])
+		time.Sleep(250 * time.Millisecond)
 	}
 	page.screenshot("topology.png")
 
