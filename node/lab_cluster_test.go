@@ -84,6 +84,21 @@ type viewer struct {
 	gap time.Duration
 }
 
+// markGap starts measuring the longest gap between packets afresh.
+func (v *viewer) markGap() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.gap = 0
+}
+
+// maxGap returns the longest gap between packets since markGap, the time
+// since the last packet included.
+func (v *viewer) maxGap() time.Duration {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return max(v.gap, time.Since(v.last))
+}
+
 func (v *viewer) count() (int, time.Time) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
