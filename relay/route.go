@@ -82,6 +82,13 @@ func (h *Hub) handleAnnounce(l link, name string, hops []string, flags Flags) {
 	}
 	h.routes[name][peer] = advert{hops: slices.Clone(hops), flags: flags}
 	h.advertiseLocked(name, before)
+	// A route whose parent could not carry the stream yet (no link, or
+	// the parent did not know it) is followed once the parent announces it.
+	if r, ok := h.steer[name]; ok && r.Parent == peer {
+		if s := h.streams[name]; s != nil && !s.localLocked() {
+			h.followRouteLocked(s)
+		}
+	}
 }
 
 // handleUnannounce forgets that neighbour l can reach a stream.

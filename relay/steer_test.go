@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -328,4 +329,52 @@ func TestOriginEndEndsEverywhere(t *testing.T) {
 	if n := subscribes(m.links["d"]["c"], "x") + subscribes(m.links["d"]["a"], "x"); n != 0 {
 		t.Fatalf("d subscribed %d times elsewhere after the origin ended the stream", n)
 	}
+}
+
+// TestRouteFollowedWhenParentLinkComesLater: a route whose parent has no
+// link yet leaves the stream where it flows; once the link comes up and the
+// parent announces the stream, the stream moves to it.
+func TestRouteFollowedWhenParentLinkComesLater(t *testing.T) {
+	testutil.CheckLeaks(t)
+	a := NewHub(Config{Datacenter: "a", Logger: quietLogger()})
+	b := NewHub(Config{Datacenter: "b", Logger: quietLogger()})
+	d := NewHub(Config{Datacenter: "d", Logger: quietLogger()})
+	for _, h := range []*Hub{a, b, d} {
+		defer h.Close()
+	}
+	pipeHubs(t, a, b)
+	pipeHubs(t, a, d)
+	pub, err := a.Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for seq := uint16(1); ; seq++ {
+			pub.WriteRTP(0, rtpPacket(t, seq, uint32(seq)*3000, seq%30 == 1, 200))
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	})
+	defer func() { close(stop); wg.Wait() }()
+
+	testutil.WaitFor(t, "d learns of x from a", func() bool { return hopsOf(d, "x") == "a>d" })
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
+	defer cancel()
+	sub, err := d.Subscribe(ctx, "x", NewQueue(4096))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	d.SetRoute("x", Route{Parent: "b", Version: 1})
+	if got := hopsOf(d, "x"); got != "a>d" {
+		t.Fatalf("d takes x through %s with no link to its route's parent, want a>d", got)
+	}
+	pipeHubs(t, d, b)
+	testutil.WaitFor(t, "d moves x to its route's parent b once linked", func() bool { return hopsOf(d, "x") == "a>b>d" })
 }
