@@ -34,21 +34,24 @@ func TestDevManager(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
+	// The election key shows in etcd a moment before its candidate
+	// learns it leads: wait for both.
 	var leader string
-	testutil.WaitFor(t, "a manager to lead", func() bool {
-		leader, _ = s.Leader(ctx)
-		return leader != ""
-	})
 	leading := 0
-	for _, n := range c.Nodes {
-		st, ok := n.Manager()
-		if !ok {
-			t.Fatalf("datacenter %s runs no manager", n.cfg.Datacenter)
+	testutil.WaitFor(t, "one manager to lead", func() bool {
+		leader, _ = s.Leader(ctx)
+		leading = 0
+		for _, n := range c.Nodes {
+			st, ok := n.Manager()
+			if !ok {
+				t.Fatalf("datacenter %s runs no manager", n.cfg.Datacenter)
+			}
+			if st.Leading {
+				leading++
+			}
 		}
-		if st.Leading {
-			leading++
-		}
-	}
+		return leader != "" && leading > 0
+	})
 	if !slices.Contains(c.Datacenters(), leader) || leading != 1 {
 		t.Errorf("leader %q, %d managers leading; want one of %v", leader, leading, c.Datacenters())
 	}
