@@ -46,6 +46,9 @@ const (
 	pingInterval = 15 * time.Second
 	// readBatch bounds the messages taken from the room per wakeup.
 	readBatch = 256
+	// ackWindow bounds a connection's sends waiting for their ack; beyond
+	// it the server stops reading the connection until acks go out.
+	ackWindow = 1024
 )
 
 // Config configures a Server.
@@ -188,7 +191,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.wg.Add(1)
 	defer s.wg.Done()
 	c := &client{srv: s, conn: conn, room: room, nick: q.Get("nick"), epoch: q.Get("epoch"), since: since, hasSince: hasSince,
-		acks: make(chan rooms.Ack, 256), ctrl: make(chan any, 64), counters: s.cfg.Rooms.Counters(room)}
+		win: rooms.NewAckWindow(ackWindow), ctrl: make(chan any, 64), counters: s.cfg.Rooms.Counters(room)}
+	c.acks = make(chan rooms.Ack, c.win.Size())
 	c.run(r.Context())
 }
 
@@ -204,7 +208,8 @@ type client struct {
 	since    uint64
 	hasSince bool
 	acks     chan rooms.Ack
-	ctrl     chan any // errors and pongs from the reader, in order
+	win      *rooms.AckWindow // sends waiting for their ack: the reader waits when it is full
+	ctrl     chan any         // errors and pongs from the reader, in order
 	counters rooms.Counters
 }
 
@@ -334,7 +339,7 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 		select {
 		case <-v.Changed:
 		case a := <-c.acks:
-			if err := c.send(ctx, ackFrame{Type: "ack", ID: a.ID, Seq: a.Seq}); err != nil {
+			if err := c.send(ctx, c.ack(a)); err != nil {
 				return err
 			}
 		case f := <-c.ctrl:
@@ -352,7 +357,7 @@ func (c *client) drain(ctx context.Context) error {
 	for {
 		select {
 		case a := <-c.acks:
-			if err := c.send(ctx, ackFrame{Type: "ack", ID: a.ID, Seq: a.Seq}); err != nil {
+			if err := c.send(ctx, c.ack(a)); err != nil {
 				return err
 			}
 		case f := <-c.ctrl:
@@ -483,10 +488,19 @@ func (c *client) handleSend(ctx context.Context, r *rooms.Room, f *clientFrame, 
 			Message: fmt.Sprintf("more than %g messages a second (bursts of %d): this one was not sent, send it again (same id) in a moment", bucket.rate, int(bucket.burst))}
 	}
 	c.counters.In()
+	if fresh, err := c.win.Acquire(ctx, f.ID); err != nil || !fresh {
+		return nil // the connection is ending, or the id is in flight here already (its ack will come)
+	}
 	if err := r.Submit(ctx, f.ID, nick, f.Text, c.acks); err != nil {
 		return nil // the connection is ending
 	}
 	return nil
+}
+
+// ack is the ack frame of a, whose place in the window it gives back.
+func (c *client) ack(a rooms.Ack) ackFrame {
+	c.win.Release(a.ID)
+	return ackFrame{Type: "ack", ID: a.ID, Seq: a.Seq}
 }
 
 // tokenBucket is a connection's send limit.

@@ -423,3 +423,34 @@ func TestChatBadRequests(t *testing.T) {
 		}
 	}
 }
+
+// TestChatEveryAckArrives: 2,000 sends at once on one connection (no rate
+// limit) get 2,000 acks: a burst of acks is never dropped (before, the
+// connection's ack channel held 256 and the rest were lost: the client
+// waited forever).
+func TestChatEveryAckArrives(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	n := startNode(t, t.TempDir(), rooms.Retention{}, 1e9, 1<<30)
+	c := dial(t, n.base, "x", chattest.Options{Nick: "ann"})
+	expect(t, c, "joined", "")
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	go func() {
+		for i := range 2000 {
+			if c.Send(ctx, fmt.Sprintf("m%d", i), "burst") != nil {
+				return
+			}
+		}
+	}()
+	acks := map[string]bool{}
+	for len(acks) < 2000 {
+		f, err := c.Next(wait)
+		if err != nil {
+			t.Fatalf("%d acks of 2000: %v", len(acks), err)
+		}
+		if f.Type == "ack" {
+			acks[f.ID] = true
+		}
+	}
+}

@@ -280,7 +280,8 @@ func (s *Service) ServeChannel(ch relay.Channel) {
 	stop := context.AfterFunc(ctx, func() { ch.Close() })
 	defer stop()
 
-	acks := make(chan Ack, 8192)
+	win := NewAckWindow(8192)
+	acks := make(chan Ack, win.Size())
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
@@ -294,6 +295,11 @@ func (s *Service) ServeChannel(ch relay.Channel) {
 			if f.Type != frameSend || ValidateSend(f.Msg.ID, f.Msg.Text) != nil {
 				s.log.Debug("chat: a neighbour sent a bad frame", "peer", ch.Peer(), "type", f.Type)
 				return
+			}
+			if fresh, err := win.Acquire(ctx, f.Msg.ID); err != nil {
+				return
+			} else if !fresh {
+				continue // in flight from this child already: its ack comes once
 			}
 			if err := r.Submit(ctx, f.Msg.ID, f.Msg.Nick, f.Msg.Text, acks); err != nil {
 				return
@@ -335,6 +341,7 @@ func (s *Service) ServeChannel(ch relay.Channel) {
 		for {
 			select {
 			case a := <-acks:
+				win.Release(a.ID)
 				if err := write(&frame{Type: frameAck, Msg: Msg{ID: a.ID}, Seq: a.Seq}); err != nil {
 					return
 				}
@@ -351,6 +358,7 @@ func (s *Service) ServeChannel(ch relay.Channel) {
 		select {
 		case <-v.Changed:
 		case a := <-acks:
+			win.Release(a.ID)
 			if err := write(&frame{Type: frameAck, Msg: Msg{ID: a.ID}, Seq: a.Seq}); err != nil {
 				return
 			}
