@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -13,60 +12,17 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/stemflow/stemflow/internal/etcdembed"
 	"github.com/stemflow/stemflow/internal/testutil"
 	"github.com/stemflow/stemflow/topology/manager"
 	"github.com/stemflow/stemflow/topology/store"
+	"github.com/stemflow/stemflow/topology/store/storetest"
 )
 
 // endpoint is the client URL of the one embedded etcd member every test of
 // the package shares; each test keeps its keys under a prefix of its own.
 var endpoint string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "stemflow-manager-test")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(60*time.Second))
-	srv, err := etcdembed.StartFree(ctx, "127.0.0.1", dir)
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting embedded etcd:", err)
-		os.Exit(1)
-	}
-	endpoint = srv.ClientURL()
-	if err := warmUp(); err != nil {
-		fmt.Fprintln(os.Stderr, "warming up embedded etcd:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	srv.Close()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-// warmUp runs what the tests do once (a lease and its keepalives, a client
-// that dies, a watch), so that the server's lazily started goroutines do not
-// count as the first test's leak.
-func warmUp() error {
-	s, err := store.Open(store.Config{Endpoints: []string{endpoint}, Prefix: "/warmup/"})
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Second))
-	defer cancel()
-	if _, err := s.RegisterNode(ctx, store.Node{DC: "w", Node: "w1"}, time.Second); err != nil {
-		return err
-	}
-	wctx, stop := context.WithCancel(ctx)
-	<-s.WatchTopology(wctx)
-	stop()
-	s.Close()
-	time.Sleep(time.Second)
-	return nil
-}
+func TestMain(m *testing.M) { storetest.Main(m, &endpoint) }
 
 // overlay is a test's synthetic datacenters: one node each, registered
 // through a store client of its own (so that it can die alone), writing

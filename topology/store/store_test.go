@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -12,56 +11,16 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/stemflow/stemflow/internal/etcdembed"
 	"github.com/stemflow/stemflow/internal/testutil"
 	"github.com/stemflow/stemflow/topology/store"
+	"github.com/stemflow/stemflow/topology/store/storetest"
 )
 
 // endpoint is the client URL of the one embedded etcd member every test of
 // the package shares; each test keeps its keys under a prefix of its own.
 var endpoint string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "stemflow-store-test")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(60*time.Second))
-	srv, err := etcdembed.StartFree(ctx, "127.0.0.1", dir)
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting embedded etcd:", err)
-		os.Exit(1)
-	}
-	endpoint = srv.ClientURL()
-	if err := warmUp(); err != nil {
-		fmt.Fprintln(os.Stderr, "warming up embedded etcd:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	srv.Close()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-// warmUp runs what the tests do once (a lease and its keepalives, a client
-// that dies), so that the server's lazily started goroutines do not count as
-// the first test's leak.
-func warmUp() error {
-	s, err := store.Open(store.Config{Endpoints: []string{endpoint}, Prefix: "/warmup/"})
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(10*time.Second))
-	defer cancel()
-	if _, err := s.RegisterNode(ctx, store.Node{DC: "w", Node: "w1"}, time.Second); err != nil {
-		return err
-	}
-	s.Close()
-	time.Sleep(time.Second)
-	return nil
-}
+func TestMain(m *testing.M) { storetest.Main(m, &endpoint) }
 
 // prefixes holds each test's prefix: its name and when it first asked, so
 // that -count=2 does not find the first run's keys.
