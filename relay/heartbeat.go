@@ -9,26 +9,36 @@ import (
 // Fast failover: a node finds a dead neighbour by silence, long before
 // QUIC's idle timeout (5 s, overlay.go) closes the connection.
 //
-// Every link sends a one-byte heartbeat datagram every Config.Heartbeat
-// (100 ms) and counts every datagram it receives, media or heartbeat, as a
-// sign of life. A neighbour not heard from for Config.DeadAfter (300 ms) is
-// silent: the hub no longer subscribes through it, and every stream this
-// node takes from it switches at once to its route's backup, else to the
-// best announcement through another neighbour (break-then-make: the stream
-// and its viewers stay, the new parent's GOP replay fills the gap or
-// restarts decoders at a keyframe, and the ingress drops what viewers have;
-// see splice.go). A stream that nothing else has stays on the silent
-// neighbour, which may come back; when the connection finally closes it
-// ends. A neighbour that beats again is usable again, and streams whose
-// route names it as parent move back make-before-break.
+// Every link sends a heartbeat datagram every Config.Heartbeat (50 ms) and
+// counts every datagram it receives, media or heartbeat, as a sign of
+// life. Silence has two stages:
+//
+//   - A neighbour not heard from for Config.SuspectAfter (150 ms) is
+//     suspect: every stream this node takes from it starts moving to its
+//     route's backup, else to the best announcement through another
+//     neighbour, make-before-break (splice.go): the new parent's packets
+//     take over when they arrive, so a dead relay costs its viewers the
+//     suspicion time plus one round trip to the backup. The suspect stays
+//     usable. Heard again before it is silent, the moves not spliced yet
+//     are dropped and streams whose route names it go back to it
+//     make-before-break: a false alarm costs a little traffic, no gap.
+//   - A neighbour not heard from for Config.DeadAfter (300 ms) is silent:
+//     the hub no longer subscribes through it, and every stream still
+//     taken from it switches at once (break-then-make: the stream and its
+//     viewers stay, the new parent's GOP replay fills the gap or restarts
+//     decoders at a keyframe, and the ingress drops what viewers have). A
+//     stream that nothing else has stays on the silent neighbour, which may
+//     come back; when the connection finally closes it ends. A neighbour
+//     that beats again is usable again, and streams whose route names it as
+//     parent move back make-before-break.
 //
 // A stream whose packets stop while its link still beats is not dead: its
 // publisher may have paused. Only the link's silence counts. On a link with
-// a round-trip time of its own (a real WAN link) silence must last
-// DeadAfter plus that round trip: see watchLiveness.
+// a round-trip time of its own (a real WAN link) both stages wait that
+// round trip longer: see watchLiveness.
 
 const (
-	defaultHeartbeat = 100 * time.Millisecond
+	defaultHeartbeat = 50 * time.Millisecond
 	defaultDeadAfter = 300 * time.Millisecond
 )
 
@@ -52,20 +62,20 @@ func (lv *liveness) heardFrom() {
 }
 
 // watchLiveness beats through beat (which must not block) every Heartbeat
-// and tells the hub when the link's neighbour goes silent or is heard
-// again, until ctx ends. Silent is DeadAfter plus the link's smoothed
-// round-trip time (rtt; nil for none) without a sign of life: on a long
-// link a congestion window's worth of datagrams arrives once per round
-// trip while QUIC opens the window, and the heartbeats queue behind media.
-// It checks twice per heartbeat, so silence is found within that time
-// plus Heartbeat/2. Time this node itself did not run (its ticks came
+// and tells the hub when the link's neighbour turns suspect, goes silent or
+// is heard again, until ctx ends. Each stage is its time plus the link's
+// smoothed round-trip time (rtt; nil for none) without a sign of life: on
+// a long link a congestion window's worth of datagrams arrives once per
+// round trip while QUIC opens the window, and the heartbeats queue behind
+// media. It checks twice per heartbeat, so a stage is found within that
+// time plus Heartbeat/2. Time this node itself did not run (its ticks came
 // late) does not count as the neighbour's silence.
 func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func(), rtt func() time.Duration) {
 	period := h.cfg.Heartbeat / 2
 	tick := time.NewTicker(period)
 	defer tick.Stop()
 	last, lastBeat, prevTick := time.Now(), time.Time{}, time.Now()
-	silent := false
+	state := alive
 	for {
 		select {
 		case now := <-tick.C:
@@ -80,20 +90,92 @@ func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func
 				lastBeat = now
 				beat()
 			}
-			switch {
-			case lv.heard.Swap(false):
+			if lv.heard.Swap(false) {
 				last = now
-				if silent {
-					silent = false
+				switch state {
+				case suspect:
+					h.setSuspect(l, false)
+				case silent:
 					h.setSilent(l, false)
 				}
-			case !silent && now.Sub(last) >= h.cfg.DeadAfter && (rtt == nil || now.Sub(last) >= h.cfg.DeadAfter+rtt()):
-				silent = true
+				state = alive
+				continue
+			}
+			quiet := now.Sub(last)
+			if rtt != nil {
+				quiet -= rtt()
+			}
+			switch {
+			case state != silent && quiet >= h.cfg.DeadAfter:
+				state = silent
 				h.setSilent(l, true)
+			case state == alive && quiet >= h.cfg.SuspectAfter:
+				state = suspect
+				h.setSuspect(l, true)
 			}
 		case <-ctx.Done():
 			return
 		}
+	}
+}
+
+// What a link's liveness watch knows of its neighbour.
+const (
+	alive   = iota
+	suspect // quiet for SuspectAfter: its streams move to their backups
+	silent  // quiet for DeadAfter: not used, its streams switched
+)
+
+// setSuspect starts moving every stream taken from a neighbour that has
+// been quiet for SuspectAfter to another parent, make-before-break (on),
+// or, when it is heard again (off), drops the moves that have not spliced
+// yet and sends streams whose route names it back to it.
+func (h *Hub) setSuspect(l link, on bool) {
+	peer := l.neighbour()
+	h.mu.Lock()
+	if h.links[peer] != l {
+		h.mu.Unlock()
+		return
+	}
+	moving := 0
+	for name, s := range h.streams {
+		if s.localLocked() {
+			continue
+		}
+		h.syncSourcesLocked(s)
+		r := h.steer[name]
+		from := s.src != nil && s.src.peer() == peer
+		switch {
+		case on && from && s.next == nil:
+			exclude := map[string]bool{peer: true}
+			for p := range s.failed {
+				exclude[p] = true
+			}
+			nl, _, hops := h.pickLinkLocked(name, exclude)
+			if nl == nil {
+				continue
+			}
+			s.next = nl.subscribe(s)
+			s.nextHops = nil
+			if hops != nil {
+				s.nextHops = h.pathThrough(hops)
+			}
+			s.in.join(s.next)
+			moving++
+		case !on && r.Parent == peer:
+			h.followRouteLocked(s)
+		case !on && from && s.next != nil && s.next.peer() != r.Parent:
+			h.dropJoiningLocked(s)
+		}
+	}
+	h.mu.Unlock()
+	switch {
+	case on && moving > 0:
+		h.log.Info("neighbour quiet: its streams move to their backups", "peer", peer, "after", h.cfg.SuspectAfter, "moving", moving)
+	case on:
+		h.log.Debug("neighbour quiet", "peer", peer, "after", h.cfg.SuspectAfter)
+	default:
+		h.log.Debug("quiet neighbour heard again", "peer", peer)
 	}
 }
 

@@ -42,11 +42,14 @@ type Config struct {
 	// when the publication ends.
 	Claim func(stream string) (release func(), err error)
 	// Heartbeat is how often a link tells its neighbour it is alive
-	// (default 100ms); DeadAfter is how long a neighbour may be silent
-	// before this node stops taking streams from it and switches them to
-	// their backups (default 300ms). See heartbeat.go.
-	Heartbeat time.Duration
-	DeadAfter time.Duration
+	// (default 50ms). SuspectAfter is how long a neighbour may be quiet
+	// before the streams taken from it start moving to their backups
+	// make-before-break (default DeadAfter/2); DeadAfter is how long it may
+	// be silent before this node stops taking streams from it and switches
+	// those not moved yet at once (default 300ms). See heartbeat.go.
+	Heartbeat    time.Duration
+	SuspectAfter time.Duration
+	DeadAfter    time.Duration
 }
 
 // Hub holds the streams of one node. It is safe for concurrent use.
@@ -91,6 +94,9 @@ func NewHub(cfg Config) *Hub {
 	}
 	if cfg.DeadAfter <= 0 {
 		cfg.DeadAfter = defaultDeadAfter
+	}
+	if cfg.SuspectAfter <= 0 || cfg.SuspectAfter > cfg.DeadAfter {
+		cfg.SuspectAfter = cfg.DeadAfter / 2
 	}
 	return &Hub{
 		cfg:     cfg,
