@@ -209,12 +209,19 @@ type graph struct {
 	n      int
 	cost   []float64 // n×n link cost in ms, inf where no usable link
 	delay  []float64 // n×n link delay in ms
-	resid  []float64 // n×n capacity left in kbps (inf when unknown)
-	dist   []float64 // n×n cheapest path cost
-	pdelay []float64 // n×n delay along the cheapest path
-	next   []int32   // n×n first hop on the cheapest path, -1 if none
+	// delayIn is delay transposed: delayIn[v*n+u] is the delay of u→v,
+	// so that a scan of v's incoming links reads one row.
+	delayIn []float64
+	resid   []float64 // n×n capacity left in kbps (inf when unknown)
+	dist    []float64 // n×n cheapest path cost
+	pdelay  []float64 // n×n delay along the cheapest path
+	next    []int32   // n×n first hop on the cheapest path, -1 if none
 
 	scratch [2]*building // see newBuilding
+	// Scratch space reused by every stream placed (see place, attach).
+	subs  []int
+	path  []int
+	reach []float64
 }
 
 func newGraph(dcs []Datacenter, links []Link, params Params) *graph {
@@ -254,6 +261,13 @@ func newGraph(dcs []Datacenter, links []Link, params Params) *graph {
 			g.resid[u*n+v] = max(0, l.CapacityKbps*(1-params.Headroom)-l.CommittedKbps)
 		}
 	}
+	g.delayIn = make([]float64, n*n)
+	for u := range n {
+		for v := range n {
+			g.delayIn[v*n+u] = g.delay[u*n+v]
+		}
+	}
+	g.reach = make([]float64, n)
 	g.shortestPaths()
 	return g
 }
@@ -313,6 +327,7 @@ type building struct {
 	children []int32
 	want     []bool // subscribed
 	members  []int  // datacenters in the tree but the origin, in order of joining
+	pending  []int  // scratch for grow
 }
 
 // newBuilding returns an empty tree rooted at origin. The graph keeps two
@@ -353,15 +368,19 @@ func (g *graph) place(s *StreamDemand, prev *Tree) *Tree {
 		return &Tree{Stream: s.Name, Origin: s.Origin, Parent: map[string]string{}, Backup: map[string]string{},
 			Delay: map[string]time.Duration{}, Unreached: sortedUnique(s.Subscribers)}
 	}
-	var subs []int
+	// Indices follow names in order, so sorted indices are sorted names.
+	subs := g.subs[:0]
 	var unknown []string
-	for _, name := range sortedUnique(s.Subscribers) {
+	for _, name := range s.Subscribers {
 		if v, ok := g.index[name]; ok {
 			subs = append(subs, v)
 		} else {
 			unknown = append(unknown, name)
 		}
 	}
+	slices.Sort(subs)
+	subs = slices.Compact(subs)
+	g.subs = subs
 	fresh := g.newBuilding(0, origin, s.BitrateKbps)
 	fresh.grow(subs)
 	best := fresh
@@ -376,8 +395,11 @@ func (g *graph) place(s *StreamDemand, prev *Tree) *Tree {
 	}
 	best.commit()
 	t := best.tree(s, subs)
-	t.Unreached = append(t.Unreached, unknown...)
-	slices.Sort(t.Unreached)
+	if len(unknown) > 0 {
+		t.Unreached = append(t.Unreached, unknown...)
+		slices.Sort(t.Unreached)
+		t.Unreached = slices.Compact(t.Unreached)
+	}
 	return t
 }
 
@@ -386,7 +408,8 @@ func (b *building) grow(subs []int) {
 	for _, v := range subs {
 		b.want[v] = true
 	}
-	pending := make([]int, 0, len(subs))
+	pending := b.pending[:0]
+	defer func() { b.pending = pending[:0] }()
 	for _, v := range subs {
 		if !b.in(v) {
 			pending = append(pending, v)
@@ -524,15 +547,18 @@ func (b *building) isAncestor(a, v int) bool {
 	}
 }
 
+// pathTo returns the cheapest path from u to v, or nil. The slice is
+// scratch space, valid until the next call.
 func (g *graph) pathTo(u, v int) []int {
 	if g.next[u*g.n+v] < 0 {
 		return nil
 	}
-	path := []int{u}
+	path := append(g.path[:0], u)
 	for u != v {
 		u = int(g.next[u*g.n+v])
 		path = append(path, u)
 	}
+	g.path = path
 	return path
 }
 
@@ -629,12 +655,20 @@ func (g *graph) fromPrevious(prev *Tree, origin int, bitrate float64) *building 
 		b.members = append(b.members, c)
 	}
 	slices.Sort(b.members)
-	for v := range g.n {
-		if b.in(v) && !b.isAncestor(origin, v) {
-			return nil // not a tree rooted at the origin
-		}
+	if int(b.children[origin]) > g.params.MaxChildren {
+		return nil
+	}
+	for _, v := range b.members {
 		if int(b.children[v]) > g.params.MaxChildren {
 			return nil
+		}
+		// Walk up to the origin; more steps than members is a loop.
+		u, steps := v, 0
+		for u != origin && b.parent[u] >= 0 && steps <= len(b.members) {
+			u, steps = int(b.parent[u]), steps+1
+		}
+		if u != origin {
+			return nil // not a tree rooted at the origin
 		}
 	}
 	b.setDepth(origin, 0)
@@ -680,9 +714,18 @@ func (b *building) commit() {
 
 func (b *building) tree(s *StreamDemand, subs []int) *Tree {
 	g := b.g
-	t := &Tree{Stream: s.Name, Origin: s.Origin, Parent: map[string]string{}, Backup: map[string]string{},
-		Delay: map[string]time.Duration{}, Cost: b.cost()}
+	t := &Tree{Stream: s.Name, Origin: s.Origin, Parent: make(map[string]string, len(b.members)),
+		Backup: make(map[string]string, len(b.members)), Delay: make(map[string]time.Duration, len(subs)), Cost: b.cost()}
 	bound := float64(g.params.DelayBound) / float64(time.Millisecond)
+	// reach is how fast each datacenter gets the stream: by its tree
+	// path, or outside the tree by its path from the origin (backup).
+	for u := range g.n {
+		if b.in(u) {
+			g.reach[u] = b.depth[u]
+		} else {
+			g.reach[u] = g.pdelay[b.origin*g.n+u]
+		}
+	}
 	for _, v := range b.members {
 		t.Parent[g.names[v]] = g.names[b.parent[v]]
 		if bk := b.backup(v); bk >= 0 {
@@ -708,38 +751,53 @@ func (b *building) tree(s *StreamDemand, subs []int) *Tree {
 // through v's parent or v itself, fastest first. A datacenter of the tree
 // qualifies by its tree path; one outside the tree by its fastest path
 // from the origin (it then subscribes upstream itself when v switches).
+//
+// It scans v's incoming links by the delay at which each neighbour would
+// hand the stream on (g.reach, filled by tree): first for the fastest
+// neighbour alone, which usually qualifies, else again checking the path
+// conditions for each neighbour faster than the best so far. Ties go to
+// the lower index (name), as in one ascending scan.
 func (b *building) backup(v int) int {
 	g, n := b.g, b.g.n
 	p := int(b.parent[v])
+	in := g.delayIn[v*n : v*n+n]
+	reach := g.reach[:len(in)]
+	// Neither v nor its parent is a candidate: out of reach for the scan
+	// (inf plus a delay is not below inf).
+	rv, rp := reach[v], reach[p]
+	reach[v], reach[p] = inf, inf
+	defer func() { reach[v], reach[p] = rv, rp }()
 	best, bestD := -1, inf
-	for u := range n {
-		if u == v || u == p || g.cost[u*n+v] == inf {
-			continue
+	for u, dl := range in {
+		if d := reach[u] + dl; d < bestD {
+			best, bestD = u, d
 		}
-		var d float64
-		if b.in(u) {
-			// Not fed through v, nor through v's parent (unless that is
-			// the origin, without which there is no stream anyway).
-			if d = b.depth[u]; d+g.delay[u*n+v] >= bestD || b.isAncestor(v, u) || p != b.origin && b.isAncestor(p, u) {
-				continue
-			}
-		} else {
-			if d = b.pathDelay(b.origin, u); d+g.delay[u*n+v] >= bestD {
-				continue
-			}
-			avoid := p
-			if p == b.origin {
-				avoid = v
-			}
-			if !g.pathAvoids(b.origin, u, v, avoid) {
-				continue
-			}
-		}
-		if d += g.delay[u*n+v]; d < bestD {
+	}
+	if best < 0 || b.backupOK(v, p, best) {
+		return best
+	}
+	best, bestD = -1, inf
+	for u, dl := range in {
+		if d := reach[u] + dl; d < bestD && b.backupOK(v, p, u) {
 			best, bestD = u, d
 		}
 	}
 	return best
+}
+
+// backupOK reports whether u, linked to v, may feed v when v's parent p
+// fails.
+func (b *building) backupOK(v, p, u int) bool {
+	if b.in(u) {
+		// Not fed through v, nor through v's parent (unless that is the
+		// origin, without which there is no stream anyway).
+		return !b.isAncestor(v, u) && (p == b.origin || !b.isAncestor(p, u))
+	}
+	avoid := p
+	if p == b.origin {
+		avoid = v
+	}
+	return b.g.pathAvoids(b.origin, u, v, avoid)
 }
 
 func sortedUnique(s []string) []string {
