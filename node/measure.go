@@ -17,7 +17,14 @@ import (
 // derives, for the direction it sends on:
 //
 //   - RTT: quic-go's smoothed RTT (RFC 9002), smoothed once more;
-//   - jitter: quic-go's RTT mean deviation, smoothed;
+//   - jitter: the interarrival jitter (RFC 3550) of this node's heartbeats
+//     at the neighbour, which reports it back in its own heartbeats
+//     (relay/heartbeat.go), smoothed; quic-go's RTT mean deviation only
+//     until the neighbour reported (it also counts ACK delays and queueing
+//     behind media: 23–104 ms on lab links with no jitter set). A
+//     heartbeat waits in quic-go's datagram queue like media does, so on
+//     a link whose congestion window holds media back (loss on a long
+//     link) the figure includes that wait: the variation media sees;
 //   - loss: packets quic-go declared lost over packets sent in the interval
 //     (the sending end's view of what it sends: acknowledgements tell it),
 //     counted only in intervals that sent at least minLossSample packets,
@@ -139,6 +146,9 @@ func (m *meter) sample(now time.Time) []store.Link {
 func (m *meter) update(lm *linkMeter, ls relay.LinkStats, capBps int64, now time.Time) {
 	rtt := float64(ls.Path.SmoothedRTT) / float64(time.Millisecond)
 	dev := float64(ls.Path.MeanDeviation) / float64(time.Millisecond)
+	if ls.Jitter >= 0 {
+		dev = float64(ls.Jitter) / float64(time.Millisecond)
+	}
 	if lm.cur.RTTMs == 0 {
 		lm.cur.RTTMs, lm.cur.JitterMs = rtt, dev
 	} else if rtt > 0 {

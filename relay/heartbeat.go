@@ -2,6 +2,8 @@ package relay
 
 import (
 	"context"
+	"encoding/binary"
+	"math"
 	"sync/atomic"
 	"time"
 )
@@ -42,11 +44,73 @@ const (
 	defaultDeadAfter = 300 * time.Millisecond
 )
 
-// heartbeatDatagram is the whole of a heartbeat: wire version and type.
-var heartbeatDatagram = []byte{wireVersion<<4 | dgramHeartbeat}
+// A heartbeat datagram is the wire version and type byte, then two
+// big-endian uint32s: the sender's clock in microseconds (its own, from any
+// epoch; it wraps) and the interarrival jitter, in microseconds, of the
+// heartbeats the sender receives on the link, as jitterMeter measures it:
+// each end learns how much the delay of what it sends varies. A one-byte
+// heartbeat (a node from before the timestamps) is a sign of life only.
+const heartbeatLen = 9
 
 // isHeartbeat reports whether a datagram is a heartbeat.
-func isHeartbeat(b []byte) bool { return len(b) == 1 && b[0] == heartbeatDatagram[0] }
+func isHeartbeat(b []byte) bool {
+	return len(b) >= 1 && b[0] == wireVersion<<4|dgramHeartbeat && (len(b) == 1 || len(b) == heartbeatLen)
+}
+
+// clockEpoch is where heartbeat clocks start.
+var clockEpoch = time.Now()
+
+// heartbeatClock is t on the heartbeat clock, in microseconds.
+func heartbeatClock(t time.Time) uint32 { return uint32(t.Sub(clockEpoch).Microseconds()) }
+
+// putHeartbeat writes a heartbeat sent at now, reporting jitter (µs) of
+// what this end receives, into b (heartbeatLen bytes).
+func putHeartbeat(b []byte, now time.Time, jitter int64) {
+	b[0] = wireVersion<<4 | dgramHeartbeat
+	binary.BigEndian.PutUint32(b[1:], heartbeatClock(now))
+	binary.BigEndian.PutUint32(b[5:], uint32(min(max(jitter, 0), math.MaxUint32)))
+}
+
+// jitterMeter measures the interarrival jitter of the heartbeats a link
+// receives (RFC 3550 section 6.4.1: the mean deviation of the difference
+// in transit time of consecutive heartbeats, smoothed by 1/16; with a
+// heartbeat every 50 ms it follows changes within about a second), and
+// keeps what the neighbour reports of this end's heartbeats. Clock offsets
+// cancel out: only differences of transit times count.
+type jitterMeter struct {
+	// The datagram reader's alone.
+	prevTransit int32 // µs: arrival on this clock minus send on the neighbour's
+	have        bool  // prevTransit is valid
+	j           float64
+
+	rx atomic.Int64 // µs: j, for the heartbeat sender
+	tx atomic.Int64 // µs + 1, as the neighbour last reported; 0: not yet
+}
+
+// received folds in a heartbeat b that arrived at now.
+func (m *jitterMeter) received(b []byte, now time.Time) {
+	if len(b) != heartbeatLen {
+		return
+	}
+	transit := int32(heartbeatClock(now) - binary.BigEndian.Uint32(b[1:]))
+	if m.have {
+		d := float64(transit - m.prevTransit)
+		m.j += (math.Abs(d) - m.j) / 16
+		m.rx.Store(int64(m.j))
+	}
+	m.prevTransit, m.have = transit, true
+	m.tx.Store(int64(binary.BigEndian.Uint32(b[5:])) + 1)
+}
+
+// sent is the jitter of what this end sends, as its neighbour measured it,
+// or -1 before it reported.
+func (m *jitterMeter) sent() time.Duration {
+	v := m.tx.Load()
+	if v == 0 {
+		return -1
+	}
+	return time.Duration(v-1) * time.Microsecond
+}
 
 // liveness is what a link knows of its neighbour's signs of life.
 type liveness struct {

@@ -2,14 +2,18 @@ package relay
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
+	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
 
+	"github.com/stemflow/stemflow/internal/netem"
 	"github.com/stemflow/stemflow/internal/testutil"
 )
 
@@ -384,4 +388,88 @@ func TestLivenessTiming(t *testing.T) {
 		cancel()
 		<-done
 	})
+}
+
+// TestJitterMeter: RFC 3550's interarrival jitter over heartbeats. A
+// constant transit time (whatever the two clocks' offset, across the
+// 32-bit clock's wrap) is no jitter; transit times alternating 4 ms apart
+// converge to 4 ms; what the neighbour reports is what sent returns.
+func TestJitterMeter(t *testing.T) {
+	var m jitterMeter
+	if got := m.sent(); got != -1 {
+		t.Fatalf("sent before any report: %v, want -1", got)
+	}
+	hb := func(sendUs uint32, reported uint32) []byte {
+		b := make([]byte, heartbeatLen)
+		b[0] = wireVersion<<4 | dgramHeartbeat
+		binary.BigEndian.PutUint32(b[1:], sendUs)
+		binary.BigEndian.PutUint32(b[5:], reported)
+		return b
+	}
+	arrive := clockEpoch.Add(time.Hour)
+	send := uint32(math.MaxUint32 - 500_000) // wraps within the loop
+	for i := range 100 {
+		m.received(hb(send, 1500), arrive)
+		send += 50_000
+		arrive = arrive.Add(50 * time.Millisecond)
+		if j := m.rx.Load(); j != 0 {
+			t.Fatalf("heartbeat %d: jitter %d µs with a constant transit time", i, j)
+		}
+	}
+	if got := m.sent(); got != 1500*time.Microsecond {
+		t.Fatalf("sent: %v, want the neighbour's 1.5ms", got)
+	}
+	for i := range 200 {
+		extra := time.Duration(i%2) * 4 * time.Millisecond
+		m.received(hb(send, 0), arrive.Add(extra))
+		send += 50_000
+		arrive = arrive.Add(50 * time.Millisecond)
+	}
+	if j := m.rx.Load(); j < 3900 || j > 4000 {
+		t.Fatalf("jitter %d µs with transit times alternating 4 ms apart, want about 4000", j)
+	}
+	m.received([]byte{wireVersion<<4 | dgramHeartbeat}, arrive) // a one-byte heartbeat: no figures
+	if got := m.sent(); got != 0 {
+		t.Fatalf("sent after a one-byte heartbeat: %v, want the last report (0)", got)
+	}
+}
+
+// TestLinkJitterOverQUIC: a→b delays vary uniformly within ±10 ms (the
+// lab's emulator), b→a not at all. a's link to b reports the jitter b
+// measured of a's heartbeats, RFC 3550's figure for that: the mean of
+// |X1−X2| for two uniform delays, 2/3 × 10 ms; b's link to a reports
+// little. Before, the jitter published was quic-go's RTT mean deviation,
+// 23–104 ms on lab links with no jitter set.
+func TestLinkJitterOverQUIC(t *testing.T) {
+	testutil.CheckLeaks(t)
+	hubs, conns := quicMesh(t, Config{}, "a", "b")
+	addrB := netip.MustParseAddrPort(conns["b"].LocalAddr().String())
+	if err := conns["a"].Set(addrB, netem.Impairment{Delay: 20 * time.Millisecond, Jitter: 10 * time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	jitterTo := func(h *Hub, peer string) time.Duration {
+		for _, ls := range h.Links() {
+			if ls.Peer == peer {
+				return ls.Jitter
+			}
+		}
+		return -1
+	}
+	// The estimate follows the last ~16 heartbeats: let it settle, then
+	// average it over 40 more.
+	time.Sleep(1500 * time.Millisecond)
+	var ab, ba time.Duration
+	const n = 20
+	for range n {
+		time.Sleep(100 * time.Millisecond)
+		ab += jitterTo(hubs["a"], "b") / n
+		ba += jitterTo(hubs["b"], "a") / n
+	}
+	t.Logf("jitter a→b %v (±10 ms set: RFC 3550 expects about 6.7 ms), b→a %v (none set)", ab, ba)
+	if ab < 4*time.Millisecond || ab > 10*time.Millisecond {
+		t.Errorf("jitter a→b %v, want about 6.7 ms", ab)
+	}
+	if ba < 0 || ba > testutil.Scale(3*time.Millisecond) {
+		t.Errorf("jitter b→a %v with none set", ba)
+	}
 }

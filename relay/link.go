@@ -65,6 +65,10 @@ type LinkStats struct {
 	// Malformed counts datagrams that failed to parse.
 	Malformed uint64        `json:"malformed"`
 	RTT       time.Duration `json:"rtt_ns"`
+	// Jitter is the interarrival jitter (RFC 3550) of this end's
+	// heartbeats at the neighbour, as it reports it: how much the delay of
+	// what this end sends varies. -1 until the neighbour reported.
+	Jitter time.Duration `json:"jitter_ns"`
 	// Path is quic-go's view of the connection: RTT and its mean
 	// deviation, packets and bytes sent and declared lost (node/measure.go
 	// derives the link's jitter, loss and delivery rate from it).
@@ -93,6 +97,7 @@ type quicLink struct {
 
 	nextSubID atomic.Uint32
 	live      liveness      // the neighbour's signs of life (heartbeat.go)
+	jitter    jitterMeter   // of the heartbeats both ways (heartbeat.go)
 	beats     chan struct{} // heartbeats to send
 
 	// Counters: see LinkStats.
@@ -168,10 +173,12 @@ func (l *quicLink) beat() {
 // so it runs apart from the liveness watch.
 func (l *quicLink) sendHeartbeats() {
 	defer l.wg.Done()
+	var b [heartbeatLen]byte
 	for {
 		select {
 		case <-l.beats:
-			_ = l.conn.SendDatagram(heartbeatDatagram) // refused: media is a sign of life too
+			putHeartbeat(b[:], time.Now(), l.jitter.rx.Load())
+			_ = l.conn.SendDatagram(b[:]) // refused: media is a sign of life too
 		case <-l.ctx.Done():
 			return
 		}
@@ -530,6 +537,7 @@ func (l *quicLink) stats() LinkStats {
 		Duplicates:          l.dups.Load(),
 		FragmentsGivenUp:    l.fragLost.Load(),
 		Malformed:           l.malformed.Load(),
+		Jitter:              l.jitter.sent(),
 	}
 	if l.conn != nil { // nil in tests of the link without the network
 		st.Path = l.conn.ConnectionStats()

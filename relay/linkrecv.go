@@ -8,6 +8,8 @@ package relay
 // nothing but move datagrams from quic-go's queue to a much larger one of
 // our own, where a drop is counted, and a second one handles them.
 
+import "time"
+
 // linkReceiver handles the media datagrams of a link.
 type linkReceiver struct {
 	l  *quicLink
@@ -33,6 +35,7 @@ func (l *quicLink) readDatagrams() {
 		}
 		l.live.heardFrom()
 		if isHeartbeat(b) {
+			l.jitter.received(b, time.Now())
 			continue
 		}
 		select {
