@@ -2,6 +2,7 @@ package node
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -52,6 +53,23 @@ func TestLabOverlayFailover(t *testing.T) {
 	case <-v.sub.Done():
 		t.Fatal("the viewer's stream ended when b died")
 	default:
+	}
+	// d publishes its link to b down as soon as b is silent, while its
+	// QUIC connection to b is still open (it times out after 5 s): the
+	// manager learns of the dead relay from the link, before b's lease
+	// expires.
+	var downAt time.Duration
+	var connOpen bool
+	testutil.WaitForWithin(t, 15*time.Second, "d to publish its link to b down", func() bool {
+		lk, ok := etcdLink(t, s, "d", "b")
+		if ok && lk.Down {
+			downAt, connOpen = time.Since(killed), slices.Contains(linksUp(l.Node("d")), "b")
+		}
+		return ok && lk.Down
+	})
+	t.Logf("d published d→b down %v after the kill (its connection to b still open: %v)", downAt.Round(10*time.Millisecond), connOpen)
+	if !connOpen {
+		t.Errorf("d published d→b down only once its connection to b closed (%v after the kill), not when b went silent", downAt.Round(10*time.Millisecond))
 	}
 	rt = waitTree(t, s, l, "x", "d", "[a c d]")
 	gap := v.maxGap()

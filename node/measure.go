@@ -44,7 +44,11 @@ import (
 //
 // Figures are smoothed with an EWMA and published to etcd (links/{from}/{to},
 // leased by the node) only when they move beyond hysteresis, or every
-// refreshEvery, or when the link goes down or comes back.
+// refreshEvery, or when the link goes down or comes back. A link is down
+// when it is gone, and also while its neighbour is silent (no sign of life
+// for the relay's DeadAfter, 300 ms: relay/heartbeat.go), so that the
+// manager routes around a dead node at the next sample, not when its lease
+// or QUIC connection expires.
 const (
 	rttAlpha      = 0.5
 	lossAlpha     = 0.3
@@ -111,6 +115,9 @@ func (m *meter) sample(now time.Time) []store.Link {
 	up := map[string]bool{}
 	var due []store.Link
 	for _, ls := range stats {
+		if ls.Silent {
+			continue // down, below: it is dead for the relay already
+		}
 		up[ls.Peer] = true
 		lm := m.links[ls.Peer]
 		if lm == nil {

@@ -120,6 +120,16 @@ func TestMeterHysteresis(t *testing.T) {
 	if p := step(150*time.Millisecond, 300, 0); len(p) != 1 || p[0].Down {
 		t.Fatalf("link back: published %+v, want it up", p)
 	}
+	// Silent (its connection still open, the neighbour dead for the
+	// relay): down at once; heard again: up at once.
+	f.stats[0].Silent = true
+	now = now.Add(time.Second)
+	if p := m.sample(now); len(p) != 1 || !p[0].Down {
+		t.Fatalf("neighbour silent: published %+v, want the link down", p)
+	}
+	if p := step(150*time.Millisecond, 300, 0); len(p) != 1 || p[0].Down {
+		t.Fatalf("neighbour heard again: published %+v, want it up", p)
+	}
 }
 
 // TestMeterCapacity: a configured capacity is published as the bandwidth,

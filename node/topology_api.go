@@ -249,14 +249,17 @@ func (a *topologyAPI) fromLocal() apiTopology {
 	g := newTopologyGraph()
 	g.dc(a.dc).Up = true
 	for _, l := range a.local.Links() {
-		g.dc(l.Peer).Up = true
+		// A silent neighbour (no sign of life for the relay's DeadAfter)
+		// is down, its links too, long before its connection times out.
+		d := g.dc(l.Peer)
+		d.Up = d.Up || !l.Silent
 		rtt := float64(l.RTT) / float64(time.Millisecond)
 		var loss float64
 		if n := l.PacketsReceived + l.HopLost; n > 0 {
 			loss = float64(l.HopLost) / float64(n)
 		}
-		g.addLink(apiTopologyLink{From: a.dc, To: l.Peer, RTTMs: rtt})
-		g.addLink(apiTopologyLink{From: l.Peer, To: a.dc, RTTMs: rtt, Loss: loss})
+		g.addLink(apiTopologyLink{From: a.dc, To: l.Peer, RTTMs: rtt, Down: l.Silent})
+		g.addLink(apiTopologyLink{From: l.Peer, To: a.dc, RTTMs: rtt, Loss: loss, Down: l.Silent})
 	}
 	// The node's own measurements, when it makes them, replace the
 	// outgoing direction: smoothed, with jitter, loss and bandwidth.

@@ -69,6 +69,10 @@ type LinkStats struct {
 	// heartbeats at the neighbour, as it reports it: how much the delay of
 	// what this end sends varies. -1 until the neighbour reported.
 	Jitter time.Duration `json:"jitter_ns"`
+	// Silent is true while the neighbour has not been heard from for
+	// DeadAfter (heartbeat.go): its connection is still open, but nothing
+	// is taken through it.
+	Silent bool `json:"silent"`
 	// Path is quic-go's view of the connection: RTT and its mean
 	// deviation, packets and bytes sent and declared lost (node/measure.go
 	// derives the link's jitter, loss and delivery rate from it).

@@ -232,14 +232,18 @@ func (h *Hub) removeLink(l link, cause error) {
 func (h *Hub) Links() []LinkStats {
 	h.mu.Lock()
 	links := make([]link, 0, len(h.links))
-	for _, l := range h.links {
+	silent := make(map[string]bool, len(h.silent))
+	for peer, l := range h.links {
 		links = append(links, l)
+		silent[peer] = h.silent[peer]
 	}
 	h.mu.Unlock()
 	out := make([]LinkStats, 0, len(links))
 	for _, l := range links {
 		if ql, ok := l.(*quicLink); ok {
-			out = append(out, ql.stats())
+			st := ql.stats()
+			st.Silent = silent[st.Peer]
+			out = append(out, st)
 		}
 	}
 	slices.SortFunc(out, func(a, b LinkStats) int { return strings.Compare(a.Peer, b.Peer) })
