@@ -182,7 +182,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		since = v
 	}
-	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: s.cfg.OriginPatterns})
+	cw := &corkingWriter{ResponseWriter: w}
+	conn, err := websocket.Accept(cw, r, &websocket.AcceptOptions{OriginPatterns: s.cfg.OriginPatterns})
 	if err != nil {
 		s.log.Debug("chat: websocket upgrade failed", "err", err)
 		return // Accept answered
@@ -190,7 +191,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	conn.SetReadLimit(readLimit)
 	s.wg.Add(1)
 	defer s.wg.Done()
-	c := &client{srv: s, conn: conn, room: room, nick: q.Get("nick"), epoch: q.Get("epoch"), since: since, hasSince: hasSince,
+	c := &client{srv: s, conn: conn, cork: cw.conn, room: room, nick: q.Get("nick"), epoch: q.Get("epoch"), since: since, hasSince: hasSince,
 		win: rooms.NewAckWindow(ackWindow), ctrl: make(chan any, 64), counters: s.cfg.Rooms.Counters(room)}
 	c.acks = make(chan rooms.Ack, c.win.Size())
 	c.run(r.Context())
@@ -202,6 +203,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 type client struct {
 	srv      *Server
 	conn     *websocket.Conn
+	cork     *corkConn // conn's socket: the writer corks it around each batch
 	room     string
 	nick     string // "" until a valid nickname is set: the client reads only
 	epoch    string
@@ -268,7 +270,9 @@ func (c *client) run(reqCtx context.Context) {
 }
 
 // write sends the joined frame, the history the client lacks, then live
-// messages, acks and the reader's frames, until the connection ends.
+// messages, acks and the reader's frames, until the connection ends. Each
+// round's frames are gathered (the connection is corked) and go out in one
+// write.
 func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) error {
 	epoch, cursor := c.epoch, c.since
 	v := r.Read(rooms.AnyEpoch, 0, 1) // where the history is now
@@ -289,15 +293,24 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 	nick := c.nick
 	nickMu.Unlock()
 	joined := true
+	var woke any // an ack or reply taken while waiting: it goes out first
+	var scratch []byte
 	for {
 		v := r.Read(epoch, cursor, readBatch)
+		c.cork.Cork()
+		if woke != nil {
+			if err := c.sendLocked(woke, &scratch); err != nil {
+				return err
+			}
+			woke = nil
+		}
 		if v.Reset {
 			code, msg := CodeHistoryGap, fmt.Sprintf("messages %d to %d are no longer kept: you get the history from %d", cursor+1, v.First-1, v.First)
 			if epoch != rooms.AnyEpoch && epoch != v.Epoch {
 				code, msg = CodeEpochChanged, fmt.Sprintf("the room's history was lost and started again (epoch %s, was %s): drop what you have; you get the retained history", v.Epoch, epoch)
 			}
 			if v.First > cursor+1 || code == CodeEpochChanged {
-				if err := c.send(ctx, errorFrame{Type: "error", Code: code, Message: msg}); err != nil {
+				if err := c.sendLocked(errorFrame{Type: "error", Code: code, Message: msg}, &scratch); err != nil {
 					return err
 				}
 			}
@@ -305,33 +318,38 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 			cursor = v.First - 1
 		}
 		if joined {
-			if err := c.send(ctx, joinedFrame{Type: "joined", Room: c.room, Epoch: v.Epoch, LastSeq: v.Last, FirstSeq: v.First,
-				DC: c.srv.cfg.Rooms.Datacenter(), Nick: nick}); err != nil {
+			if err := c.sendLocked(joinedFrame{Type: "joined", Room: c.room, Epoch: v.Epoch, LastSeq: v.Last, FirstSeq: v.First,
+				DC: c.srv.cfg.Rooms.Datacenter(), Nick: nick}, &scratch); err != nil {
 				return err
 			}
 			joined = false
 		}
 		epoch = v.Epoch
-		wctx, wcancel := context.WithTimeout(ctx, writeTimeout)
 		for i := range v.Msgs {
 			m := &v.Msgs[i]
 			b := m.Frame
 			if b == nil {
 				b = EncodeMsg(*m)
 			}
-			if err := c.conn.Write(wctx, websocket.MessageText, b); err != nil {
-				wcancel()
+			if err := c.put(b); err != nil {
 				return err
-			}
-			if m.Seq > liveFrom {
-				c.srv.cfg.Rooms.ObserveLatency(time.Since(m.TS))
 			}
 			cursor = m.Seq
 		}
-		wcancel()
-		c.counters.Out(len(v.Msgs))
-		if err := c.drain(ctx); err != nil {
+		if err := c.drain(&scratch); err != nil {
 			return err
+		}
+		if err := c.cork.Uncork(); err != nil {
+			return err
+		}
+		if len(v.Msgs) > 0 {
+			now := time.Now()
+			for i := range v.Msgs {
+				if m := &v.Msgs[i]; m.Seq > liveFrom {
+					c.srv.cfg.Rooms.ObserveLatency(now.Sub(m.TS))
+				}
+			}
+			c.counters.Out(len(v.Msgs))
 		}
 		if len(v.Msgs) == readBatch {
 			continue
@@ -339,29 +357,32 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 		select {
 		case <-v.Changed:
 		case a := <-c.acks:
-			if err := c.send(ctx, c.ack(a)); err != nil {
-				return err
-			}
+			woke = a
 		case f := <-c.ctrl:
-			if err := c.send(ctx, f); err != nil {
-				return err
-			}
+			woke = f
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
 }
 
+// put writes one text frame. The connection is corked: the frame goes to
+// memory (or, past corkMax, to the socket with its deadline), so the write
+// needs no context of its own (one with a deadline costs a timer per frame).
+func (c *client) put(b []byte) error {
+	return c.conn.Write(context.Background(), websocket.MessageText, b)
+}
+
 // drain sends the acks and reader frames waiting now.
-func (c *client) drain(ctx context.Context) error {
+func (c *client) drain(scratch *[]byte) error {
 	for {
 		select {
 		case a := <-c.acks:
-			if err := c.send(ctx, c.ack(a)); err != nil {
+			if err := c.sendLocked(a, scratch); err != nil {
 				return err
 			}
 		case f := <-c.ctrl:
-			if err := c.send(ctx, f); err != nil {
+			if err := c.sendLocked(f, scratch); err != nil {
 				return err
 			}
 		default:
@@ -370,21 +391,48 @@ func (c *client) drain(ctx context.Context) error {
 	}
 }
 
+// sendLocked writes an ack (giving back its place in the window) or a
+// frame of the reader, while the connection is corked.
+func (c *client) sendLocked(v any, scratch *[]byte) error {
+	if a, ok := v.(rooms.Ack); ok {
+		c.win.Release(a.ID)
+		*scratch = appendAck((*scratch)[:0], a)
+		return c.put(*scratch)
+	}
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return c.put(b)
+}
+
+// appendAck appends a's ack frame: {"type":"ack","id":"…","seq":N}.
+func appendAck(b []byte, a rooms.Ack) []byte {
+	b = append(b, `{"type":"ack","id":`...)
+	b = appendJSONString(b, a.ID)
+	b = append(b, `,"seq":`...)
+	b = strconv.AppendUint(b, a.Seq, 10)
+	return append(b, '}')
+}
+
+// appendJSONString appends s as a JSON string.
+func appendJSONString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			q, _ := json.Marshal(s)
+			return append(b, q...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
+}
+
 // EncodeMsg encodes a message as the client protocol's msg frame
 // (relay/chat's Config.Encode).
 func EncodeMsg(m rooms.Msg) []byte {
 	b, _ := json.Marshal(msgFrame{Type: "msg", Seq: m.Seq, ID: m.ID, Nick: m.Nick, Text: m.Text, TS: m.TS.UTC().Format(time.RFC3339Nano)})
 	return b
-}
-
-func (c *client) send(ctx context.Context, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	wctx, cancel := context.WithTimeout(ctx, writeTimeout)
-	defer cancel()
-	return c.conn.Write(wctx, websocket.MessageText, b)
 }
 
 // reply queues a frame for the writer; the reader waits when the writer is
@@ -495,12 +543,6 @@ func (c *client) handleSend(ctx context.Context, r *rooms.Room, f *clientFrame, 
 		return nil // the connection is ending
 	}
 	return nil
-}
-
-// ack is the ack frame of a, whose place in the window it gives back.
-func (c *client) ack(a rooms.Ack) ackFrame {
-	c.win.Release(a.ID)
-	return ackFrame{Type: "ack", ID: a.ID, Seq: a.Seq}
 }
 
 // tokenBucket is a connection's send limit.
