@@ -52,7 +52,10 @@ func (l *chatLoad) run(ctx context.Context, c *loadClient) {
 	for attempt := 0; ctx.Err() == nil && len(c.got) < l.total; attempt++ {
 		bases := c.bases()
 		base := bases[attempt%len(bases)]
-		o := chattest.Options{Nick: nick}
+		// The first connection asks for the whole history (since=0): a
+		// client that connects after others sent messages still reads
+		// every one.
+		o := chattest.Options{Nick: nick, Since: chattest.Since(0)}
 		if connected {
 			o.Since, o.Epoch = chattest.Since(last), c.epoch
 		}

@@ -25,6 +25,9 @@ const (
 	// batchMax bounds the messages sequenced or applied in one store
 	// transaction.
 	batchMax = 1024
+	// commitDelay bounds how long the origin holds a message to store it
+	// with others in one transaction (only with a store).
+	commitDelay = 2 * time.Millisecond
 	// openTimeout bounds opening a channel to the parent and its first
 	// frames.
 	openTimeout = 3 * time.Second
@@ -56,6 +59,7 @@ type Room struct {
 
 	// Owned by run.
 	born    time.Time         // when the room started here
+	leading bool              // sequencing here now: commits are stored before they are seen
 	claimed bool              // this node led the room (since it started here)
 	led     bool              // the last role taken was origin (or none yet)
 	ids     map[string]uint64 // id → seq of the retained messages
@@ -287,8 +291,9 @@ func newEpoch() string {
 	return hex.EncodeToString(b[:])
 }
 
-// commit makes a batch part of the history: stored first (when the node has
-// a store), then visible to readers. With reset the history is replaced:
+// commit makes a batch part of the history, visible to readers. With a
+// store, the origin's batches are stored first; a follower's are queued to
+// be stored behind (Store.WriteBehind). With reset the history is replaced:
 // the epoch is set and the next message is last+1.
 func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	if enc := r.svc.cfg.Encode; enc != nil {
@@ -324,11 +329,6 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	if drop > 0 {
 		trimBefore = newLast - uint64(all) + 1 + uint64(drop)
 	}
-	if st := r.svc.cfg.Store; st != nil && (reset || len(msgs) > 0 || drop > 0) {
-		if err := st.write(r.name, epoch, reset, msgs, trimBefore); err != nil {
-			r.svc.warn("chat: storing messages failed: they are kept in memory only", "room", r.name, "err", err)
-		}
-	}
 	for i := 0; i < drop; i++ {
 		delete(r.ids, at(cur, msgs, i).ID)
 	}
@@ -349,6 +349,25 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	default:
 		next = append(cur[drop:], msgs...)
 	}
+	if st := r.svc.cfg.Store; st != nil && (reset || len(msgs) > 0 || drop > 0) {
+		// What is stored: the new messages retention keeps (elements of
+		// next never change).
+		kept := next[len(next)-min(len(msgs), len(next)):]
+		if r.leading {
+			// The origin's order: stored before anyone sees or acks it,
+			// so a restart never numbers another message the same.
+			if err := st.Write(r.name, epoch, reset, kept, trimBefore); err != nil {
+				r.svc.warn("chat: storing messages failed: they are kept in memory only", "room", r.name, "err", err)
+			}
+		} else {
+			// A follower's copy, which its parent holds: served at once,
+			// stored within the store's delay. After a restart it fetches
+			// from its parent what it had not stored.
+			st.WriteBehind(r.name, epoch, reset, kept, trimBefore, func(err error) {
+				r.svc.warn("chat: storing messages failed: they are kept in memory only", "room", r.name, "err", err)
+			})
+		}
+	}
 	r.mu.Lock()
 	r.epoch, r.msgs, r.last = epoch, next, newLast
 	close(r.changed)
@@ -367,6 +386,8 @@ func at(cur, msgs []Msg, i int) *Msg {
 
 // lead sequences the room's messages while this node is its origin.
 func (r *Room) lead() {
+	r.leading = true
+	defer func() { r.leading = false }()
 	r.setRole("origin", "")
 	if r.epoch == "" {
 		r.commit(nil, true, newEpoch(), 0)
@@ -387,19 +408,42 @@ func (r *Room) lead() {
 	r.sequence(batch)
 	tick := time.NewTicker(roleInterval)
 	defer tick.Stop()
+	gather := time.NewTimer(time.Hour)
+	gather.Stop()
 	for {
 		select {
 		case s := <-r.submits:
 			batch = append(batch[:0], s)
+			// Group commit: with a store, a batch waits up to commitDelay
+			// for company, so that a busy room commits a few hundred times
+			// a second, not once per message.
+			var wait <-chan time.Time
+			if r.svc.cfg.Store != nil {
+				gather.Reset(commitDelay)
+				wait = gather.C
+			}
 		drain:
 			for len(batch) < batchMax {
 				select {
 				case s := <-r.submits:
 					batch = append(batch, s)
+					continue
 				default:
+				}
+				if wait == nil {
+					break
+				}
+				select {
+				case s := <-r.submits:
+					batch = append(batch, s)
+				case <-wait:
+					wait = nil
+					break drain
+				case <-r.ctx.Done():
 					break drain
 				}
 			}
+			gather.Stop() // Go ≥ 1.23: no stale tick after Stop
 			r.sequence(batch)
 		case <-tick.C:
 			if _, origin, live := r.svc.role(r.name); live && !origin {

@@ -3,9 +3,11 @@ package chat
 import (
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -14,17 +16,48 @@ import (
 // Store keeps rooms' histories in one bbolt file, so that a node restarts
 // with the history and epoch of every room it held. Layout: a top bucket per
 // room (named like it) holding the key "epoch" and a bucket "msgs" of
-// messages by 8-byte big-endian sequence number (JSON values).
+// messages by 8-byte big-endian sequence number (values: appendStored).
 //
 // bbolt rather than etcd: every message of every room is written at every
 // node that holds the room, thousands a second; etcd is the control plane's
-// and is not for data of that volume. A Store is safe for concurrent use;
-// each room's owner writes in batches, one transaction each.
+// and is not for data of that volume.
+//
+// One goroutine writes (group commit): every change queued while it
+// commits goes into its next transaction, whatever the room. A change
+// queued with Write is durable when Write returns (the origin's: it acks
+// and serves only what is stored); one queued with WriteBehind (a
+// follower's copy, which its parent holds) waits up to Config's behind
+// delay for company, so followers commit a few times a second rather than
+// once per batch. A Store is safe for concurrent use; changes of one room
+// are applied in the order queued.
 type Store struct {
-	db *bolt.DB
+	db     *bolt.DB
+	behind time.Duration
+	queue  chan *storeReq
+	done   chan struct{}
+	close  sync.Once
 }
 
-// storedMsg is a message's value in the store.
+// storeReq is one batch of a room's changes (see Store.write).
+type storeReq struct {
+	room, epoch string
+	reset       bool
+	msgs        []Msg // not changed after queueing
+	trimBefore  uint64
+	durable     chan error // Write waits on it; nil for WriteBehind
+	failed      func(error)
+}
+
+const (
+	// storeBehind is how long a follower's changes may wait for others to
+	// share their transaction.
+	storeBehind = 20 * time.Millisecond
+	// storeBatchMax bounds the messages of one transaction.
+	storeBatchMax = 8192
+)
+
+// storedMsg is a message's value in the store as first written (JSON);
+// values are binary now (appendStored), read either way.
 type storedMsg struct {
 	ID   string    `json:"id"`
 	Nick string    `json:"nick"`
@@ -47,11 +80,113 @@ func OpenStore(dir string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("chat store %s: %w (is another node using this data directory?)", path, err)
 	}
-	return &Store{db: db}, nil
+	st := &Store{db: db, behind: storeBehind, queue: make(chan *storeReq, 1024), done: make(chan struct{})}
+	go st.run()
+	return st, nil
 }
 
-// Close closes the file.
-func (s *Store) Close() error { return s.db.Close() }
+// Close writes what is queued and closes the file. Nothing may be queued
+// after Close.
+func (s *Store) Close() error {
+	s.close.Do(func() { close(s.queue) })
+	<-s.done
+	return s.db.Close()
+}
+
+// Write queues a batch of a room's changes and returns once it is stored:
+// with reset, every message goes and the epoch is set; then msgs are added
+// and the messages before trimBefore deleted.
+func (s *Store) Write(room, epoch string, reset bool, msgs []Msg, trimBefore uint64) error {
+	req := &storeReq{room: room, epoch: epoch, reset: reset, msgs: msgs, trimBefore: trimBefore, durable: make(chan error, 1)}
+	s.queue <- req
+	return <-req.durable
+}
+
+// WriteBehind queues a batch like Write but does not wait: it is stored
+// within the behind delay (failed, when set, hears if it was not). msgs
+// must not change afterwards.
+func (s *Store) WriteBehind(room, epoch string, reset bool, msgs []Msg, trimBefore uint64, failed func(error)) {
+	s.queue <- &storeReq{room: room, epoch: epoch, reset: reset, msgs: msgs, trimBefore: trimBefore, failed: failed}
+}
+
+// run commits the queue: a batch waited for (Write) goes at once with
+// whatever is queued; batches behind wait up to s.behind for more.
+func (s *Store) run() {
+	defer close(s.done)
+	var batch []*storeReq
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for {
+		req, ok := <-s.queue
+		if !ok {
+			return
+		}
+		batch = append(batch[:0], req)
+		urgent, n := req.durable != nil, len(req.msgs)
+		if !urgent {
+			timer.Reset(s.behind)
+		}
+	gather:
+		for n < storeBatchMax {
+			if urgent {
+				select {
+				case req, ok := <-s.queue:
+					if !ok {
+						break gather
+					}
+					batch = append(batch, req)
+					n += len(req.msgs)
+				default:
+					break gather
+				}
+				continue
+			}
+			select {
+			case req, ok := <-s.queue:
+				if !ok {
+					break gather
+				}
+				batch = append(batch, req)
+				n += len(req.msgs)
+				urgent = req.durable != nil
+			case <-timer.C:
+				break gather
+			}
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		err := s.commit(batch)
+		for _, req := range batch {
+			switch {
+			case req.durable != nil:
+				req.durable <- err
+			case err != nil && req.failed != nil:
+				req.failed(err)
+			}
+		}
+		clear(batch)
+	}
+}
+
+// commit applies batches in one transaction.
+func (s *Store) commit(batch []*storeReq) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		for _, req := range batch {
+			if err := applyStored(tx, req); err != nil {
+				return fmt.Errorf("room %s: %w", req.room, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("chat store: %w", err)
+	}
+	return nil
+}
 
 func seqKey(seq uint64) []byte { return binary.BigEndian.AppendUint64(nil, seq) }
 
@@ -69,14 +204,15 @@ func (s *Store) load(room string) (epoch string, msgs []Msg, err error) {
 			return nil
 		}
 		return mb.ForEach(func(k, v []byte) error {
-			var m storedMsg
 			if len(k) != 8 {
 				return fmt.Errorf("room %s: bad key %x", room, k)
 			}
-			if err := json.Unmarshal(v, &m); err != nil {
+			m, err := parseStored(v)
+			if err != nil {
 				return fmt.Errorf("room %s message %d: %w", room, binary.BigEndian.Uint64(k), err)
 			}
-			msgs = append(msgs, Msg{Seq: binary.BigEndian.Uint64(k), ID: m.ID, Nick: m.Nick, Text: m.Text, TS: m.TS})
+			m.Seq = binary.BigEndian.Uint64(k)
+			msgs = append(msgs, m)
 			return nil
 		})
 	})
@@ -86,54 +222,73 @@ func (s *Store) load(room string) (epoch string, msgs []Msg, err error) {
 	return epoch, msgs, nil
 }
 
-// write applies one batch of a room's changes in one transaction: with reset,
-// every message goes and the epoch is set; then msgs are added and the
-// messages before trimBefore deleted.
-func (s *Store) write(room, epoch string, reset bool, msgs []Msg, trimBefore uint64) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		if reset {
-			if tx.Bucket([]byte(room)) != nil {
-				if err := tx.DeleteBucket([]byte(room)); err != nil {
-					return err
-				}
-			}
-		}
-		rb, err := tx.CreateBucketIfNotExists([]byte(room))
-		if err != nil {
-			return err
-		}
-		if reset || rb.Get(keyEpoch) == nil {
-			if err := rb.Put(keyEpoch, []byte(epoch)); err != nil {
+// applyStored applies one batch of a room's changes.
+func applyStored(tx *bolt.Tx, req *storeReq) error {
+	room := []byte(req.room)
+	if req.reset {
+		if tx.Bucket(room) != nil {
+			if err := tx.DeleteBucket(room); err != nil {
 				return err
 			}
 		}
-		mb, err := rb.CreateBucketIfNotExists(bucketMsgs)
-		if err != nil {
-			return err
-		}
-		for _, m := range msgs {
-			v, err := json.Marshal(storedMsg{ID: m.ID, Nick: m.Nick, Text: m.Text, TS: m.TS})
-			if err != nil {
-				return err
-			}
-			if err := mb.Put(seqKey(m.Seq), v); err != nil {
-				return err
-			}
-		}
-		if trimBefore > 0 {
-			// Seek again after each delete: Next after a cursor's Delete
-			// may skip a key.
-			c := mb.Cursor()
-			for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) < trimBefore; k, _ = c.First() {
-				if err := c.Delete(); err != nil {
-					return err
-				}
-			}
-		}
-		return nil
-	})
+	}
+	rb, err := tx.CreateBucketIfNotExists(room)
 	if err != nil {
-		return fmt.Errorf("chat store: room %s: %w", room, err)
+		return err
+	}
+	if req.reset || rb.Get(keyEpoch) == nil {
+		if err := rb.Put(keyEpoch, []byte(req.epoch)); err != nil {
+			return err
+		}
+	}
+	mb, err := rb.CreateBucketIfNotExists(bucketMsgs)
+	if err != nil {
+		return err
+	}
+	for _, m := range req.msgs {
+		if err := mb.Put(seqKey(m.Seq), appendStored(nil, &m)); err != nil {
+			return err
+		}
+	}
+	if req.trimBefore > 0 {
+		// Seek again after each delete: Next after a cursor's Delete
+		// may skip a key.
+		c := mb.Cursor()
+		for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) < req.trimBefore; k, _ = c.First() {
+			if err := c.Delete(); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
+}
+
+// storedBinary marks a value in the binary layout: uvarint ts (unix nanos),
+// then id, nick and text, each uvarint-prefixed. Values written before it
+// are JSON (storedMsg) and start with '{'.
+const storedBinary = 1
+
+func appendStored(b []byte, m *Msg) []byte {
+	b = append(b, storedBinary)
+	b = binary.AppendUvarint(b, uint64(m.TS.UnixNano()))
+	b = appendString(b, m.ID)
+	b = appendString(b, m.Nick)
+	return appendString(b, m.Text)
+}
+
+func parseStored(v []byte) (Msg, error) {
+	if len(v) > 0 && v[0] == storedBinary {
+		d := decoder{b: v[1:]}
+		ts := d.uint()
+		m := Msg{ID: d.str(), Nick: d.str(), Text: d.str(), TS: time.Unix(0, int64(ts))}
+		if d.bad || len(d.b) != 0 {
+			return Msg{}, errors.New("malformed value")
+		}
+		return m, nil
+	}
+	var m storedMsg
+	if err := json.Unmarshal(v, &m); err != nil {
+		return Msg{}, err
+	}
+	return Msg{ID: m.ID, Nick: m.Nick, Text: m.Text, TS: m.TS}, nil
 }
