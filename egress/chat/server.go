@@ -192,7 +192,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.wg.Add(1)
 	defer s.wg.Done()
 	c := &client{srv: s, conn: conn, cork: cw.conn, room: room, nick: q.Get("nick"), epoch: q.Get("epoch"), since: since, hasSince: hasSince,
-		win: rooms.NewAckWindow(ackWindow), ctrl: make(chan any, 64), counters: s.cfg.Rooms.Counters(room)}
+		win: rooms.NewAckWindow(ackWindow), ctrl: make(chan any, 64)}
 	c.acks = make(chan rooms.Ack, c.win.Size())
 	c.run(r.Context())
 }
@@ -224,6 +224,7 @@ func (c *client) run(reqCtx context.Context) {
 
 	r, release := c.srv.cfg.Rooms.Acquire(c.room, true)
 	defer release()
+	c.counters = r.Counters()
 
 	if c.nick != "" {
 		if err := rooms.ValidateNick(c.nick); err != nil {

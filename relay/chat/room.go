@@ -38,9 +38,10 @@ const (
 // readers (clients, children) take snapshots with Read and wait on the
 // channel it returns. Get rooms from Service.Acquire.
 type Room struct {
-	name string
-	svc  *Service
-	log  *slog.Logger
+	name     string
+	svc      *Service
+	log      *slog.Logger
+	counters *roomCounters // the room's series while it is held here
 
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -84,7 +85,7 @@ type pendingSend struct {
 func newRoom(svc *Service, name string) *Room {
 	ctx, cancel := context.WithCancel(svc.ctx)
 	return &Room{
-		name: name, svc: svc, log: svc.log.With("room", name),
+		name: name, svc: svc, log: svc.log.With("room", name), counters: svc.stats.room(name),
 		ctx: ctx, cancel: cancel, done: make(chan struct{}),
 		submits: make(chan submission, 4096),
 		synced:  make(chan struct{}),
@@ -373,7 +374,7 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	close(r.changed)
 	r.changed = make(chan struct{})
 	r.mu.Unlock()
-	r.svc.stats.sequenced(r.name, len(msgs))
+	r.counters.sequenced.Add(uint64(len(msgs)))
 }
 
 // at returns the i-th message of cur followed by msgs.
@@ -478,7 +479,7 @@ func (r *Room) sequence(batch []submission) {
 			fresh = append(fresh, m)
 			batchIDs[m.ID] = seq
 		} else {
-			r.svc.stats.duplicate(r.name)
+			r.counters.dups.Add(1)
 		}
 		acks[i] = Ack{ID: s.msg.ID, Seq: seq}
 	}
@@ -576,7 +577,7 @@ func (r *Room) follow(parent string) error {
 				continue
 			}
 			if !p.sent.IsZero() || all {
-				r.svc.stats.retry(r.name)
+				r.counters.retries.Add(1)
 			}
 			p.sent = now
 			if err := write(&frame{Type: frameSend, Msg: p.msg}); err != nil {
@@ -588,7 +589,7 @@ func (r *Room) follow(parent string) error {
 	}
 	for _, id := range r.order { // sent before on another channel, or never
 		if p := r.pending[id]; p != nil && !p.sent.IsZero() {
-			r.svc.stats.retry(r.name)
+			r.counters.retries.Add(1)
 		}
 		if p := r.pending[id]; p != nil {
 			p.sent = time.Now()
@@ -750,7 +751,7 @@ func (r *Room) apply(f frame, joined *bool, msgs *[]Msg, acks *[]Ack) error {
 			return nil // had it (a parent that is behind us replays less than it could)
 		}
 		if f.Msg.Seq > want {
-			r.svc.stats.gap(r.name)
+			r.counters.gaps.Add(1)
 			return fmt.Errorf("%w: message %d after %d", errGap, f.Msg.Seq, want-1)
 		}
 		*msgs = append(*msgs, f.Msg)

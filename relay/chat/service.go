@@ -160,6 +160,7 @@ func (s *Service) lingerOut(name string, ref *roomRef, gen uint64) {
 		return
 	}
 	delete(s.rooms, name)
+	s.stats.drop(name) // its series go from /metrics (a new room starts new ones)
 	s.mu.Unlock()
 	ref.room.close()
 }
@@ -211,6 +212,9 @@ func (s *Service) Close() {
 		}
 	}
 	s.rooms = map[string]*roomRef{}
+	for _, ref := range refs {
+		s.stats.drop(ref.room.name)
+	}
 	s.mu.Unlock()
 	for _, ref := range refs {
 		ref.room.close()

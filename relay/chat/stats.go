@@ -8,8 +8,9 @@ import (
 	"time"
 )
 
-// RoomStats counts what happened in one room at this node since it first
-// held the room. All counters only grow.
+// RoomStats counts what happened in one room at this node while it holds
+// the room. The counters only grow; they go (and start again from zero)
+// when the room goes away here (no client or child for Config.Linger).
 type RoomStats struct {
 	Room string
 	// In: messages this node's clients sent (accepted: valid and within
@@ -73,21 +74,19 @@ func (t *statsTable) room(name string) *roomCounters {
 	return c
 }
 
-func (t *statsTable) sequenced(room string, n int) {
-	if n > 0 {
-		t.room(room).sequenced.Add(uint64(n))
-	}
+// drop forgets a room's counters (the room went away here).
+func (t *statsTable) drop(name string) {
+	t.mu.Lock()
+	delete(t.rooms, name)
+	t.mu.Unlock()
 }
-func (t *statsTable) duplicate(room string) { t.room(room).dups.Add(1) }
-func (t *statsTable) retry(room string)     { t.room(room).retries.Add(1) }
-func (t *statsTable) gap(room string)       { t.room(room).gaps.Add(1) }
 
 // Counters of a room for the client protocol (egress/chat), which counts
 // what it sees.
 type Counters struct{ c *roomCounters }
 
 // Counters returns the room's counters.
-func (s *Service) Counters(room string) Counters { return Counters{s.stats.room(room)} }
+func (r *Room) Counters() Counters { return Counters{r.counters} }
 
 func (c Counters) In()          { c.c.in.Add(1) }
 func (c Counters) Out(n int)    { c.c.out.Add(uint64(n)) }
