@@ -113,11 +113,6 @@ type (
 		Text string `json:"text"`
 		TS   string `json:"ts"`
 	}
-	ackFrame struct {
-		Type string `json:"type"` // ack
-		ID   string `json:"id"`
-		Seq  uint64 `json:"seq"`
-	}
 	errorFrame struct {
 		Type    string `json:"type"` // error
 		Code    string `json:"code"`
