@@ -59,7 +59,8 @@ type Config struct {
 	// holds the live packets that wait behind the paced replay (about a
 	// quarter of the GOP: ~150 packets for 2 s at 4 Mbit/s, ~1000 for a GOP
 	// at the hub's 4096-packet limit) and a slow viewer's lag. It holds
-	// pointers to pooled buffers: 8 bytes per slot while empty.
+	// pointers to pooled buffers in a ring that grows with what is queued
+	// and is let go once a burst has drained (see viewerQueue).
 	QueueSize int
 	// SubscribeTimeout bounds the wait for a stream's description, which
 	// may come from another datacenter (default 5s).
@@ -165,9 +166,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.ep.ServeH
 // *rtc.HTTPError.
 func (s *Server) play(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*viewer, string, error) {
 	stream := rs.Stream()
-	q := relay.NewQueue(s.cfg.QueueSize)
+	q := newViewerQueue(s.cfg.QueueSize)
 	sctx, cancel := context.WithTimeout(ctx, s.cfg.SubscribeTimeout)
-	sub, err := s.cfg.Hub.Subscribe(sctx, stream, viewerQueue{q})
+	sub, err := s.cfg.Hub.Subscribe(sctx, stream, q)
 	cancel()
 	if err != nil {
 		return nil, "", subscribeError(stream, err)

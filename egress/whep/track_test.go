@@ -73,8 +73,8 @@ func (w *nopRTCP) WriteRTCP(pkts []rtcp.Packet) error {
 // newWritePath returns a viewer with one bound video track writing to a
 // nopWriter, and the queue feeding it: the per-viewer path of
 // BenchmarkWritePath and TestWritePathDoesNotAllocate.
-func newWritePath() (*viewer, *relay.Queue, *outTrack, *nopRTCP) {
-	q := relay.NewQueue(1024)
+func newWritePath() (*viewer, *viewerQueue, *outTrack, *nopRTCP) {
+	q := newViewerQueue(1024)
 	out := &nopRTCP{}
 	tr := &outTrack{kind: rtc.CodecType(relay.KindVideo), pt: 109, rtcpOut: out}
 	tr.bound.Store(&binding{ssrc: 0xabcdef, pt: 109, clockRate: 90000, w: &nopWriter{}})
@@ -110,7 +110,8 @@ func TestWritePathDoesNotAllocate(t *testing.T) {
 		allocs := testing.AllocsPerRun(1000, func() {
 			tr.sr.due = time.Unix(1, 0) // a report is due
 			q.WritePacket(&p)
-			sent += v.forward(<-q.C())
+			b, _ := q.Pop()
+			sent += v.forward(b)
 		})
 		if allocs != 0 {
 			t.Errorf("%d-byte packet: %.1f allocations per packet, want 0", len(data), allocs)

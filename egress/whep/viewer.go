@@ -27,7 +27,7 @@ type viewer struct {
 	ctx context.Context // the session's, for the forward path
 
 	sub    *relay.Subscription
-	q      *relay.Queue
+	q      *viewerQueue
 	cache  *streamCache
 	tracks [relay.MaxTracks]*outTrack
 	pc     *webrtc.PeerConnection
@@ -48,15 +48,7 @@ type viewer struct {
 
 var _ rtc.Runner = (*viewer)(nil)
 
-// viewerQueue is a viewer's queue as a relay.DeferredSubscriber: the hub
-// sends it nothing until the viewer has connected and called Start.
-type viewerQueue struct{ *relay.Queue }
-
-func (viewerQueue) DeferStart() {}
-
-var _ relay.DeferredSubscriber = viewerQueue{}
-
-func newViewer(s *Server, rs *rtc.Session, sub *relay.Subscription, q *relay.Queue, cache *streamCache) *viewer {
+func newViewer(s *Server, rs *rtc.Session, sub *relay.Subscription, q *viewerQueue, cache *streamCache) *viewer {
 	return &viewer{
 		Session:   rs,
 		srv:       s,
@@ -158,12 +150,10 @@ func (v *viewer) Run() {
 		v.pacer.Start(v.replay[0])
 	}
 
-	drops := time.NewTicker(5 * time.Second)
-	defer drops.Stop()
+	dl := dropLog{t: time.NewTicker(5 * time.Second)}
+	defer dl.t.Stop()
 	pace := time.NewTimer(0)
 	<-pace.C
-	var lastDropped uint64
-	c := v.q.C()
 	for {
 		var b *relay.Buffer
 		if len(v.replay) > 0 {
@@ -171,21 +161,8 @@ func (v *viewer) Run() {
 			if len(v.replay) == 0 {
 				v.replay = nil // let the replay's array go
 			}
-		} else {
-			select {
-			case b = <-c:
-			case <-v.ctx.Done():
-				return
-			case <-v.sub.Done():
-				v.Cancel(errStreamEnded)
-				return
-			case <-drops.C:
-				if d := v.q.Dropped(); d > lastDropped {
-					v.Logger().Warn("viewer too slow: dropped packets", "dropped", d-lastDropped, "total", d)
-					lastDropped = d
-				}
-				continue
-			}
+		} else if b = v.next(&dl); b == nil {
+			return
 		}
 		if w := v.pacer.Wait(b); w > 0 && !v.sleep(pace, w) {
 			b.Release()
@@ -194,17 +171,67 @@ func (v *viewer) Run() {
 		n := v.forward(b)
 		if v.pacer.Live() {
 			// Drain what else is queued without going back to select.
-		drain:
 			for range 64 {
-				select {
-				case b = <-c:
-					n += v.forward(b)
-				default:
-					break drain
+				b, ok := v.q.Pop()
+				if !ok {
+					break
 				}
+				n += v.forward(b)
 			}
 		}
 		v.sent.Add(uint64(n))
+	}
+}
+
+// dropLog sums a viewer's queue drops into one log line per tick.
+type dropLog struct {
+	t    *time.Ticker
+	last uint64
+}
+
+func (v *viewer) logDrops(dl *dropLog) {
+	if d := v.q.Dropped(); d > dl.last {
+		v.Logger().Warn("viewer too slow: dropped packets", "dropped", d-dl.last, "total", d)
+		dl.last = d
+	}
+}
+
+// next returns the next live packet from the queue, waiting for one, or
+// nil when the viewer or the stream has ended.
+func (v *viewer) next(dl *dropLog) *relay.Buffer {
+	for {
+		b, ok := v.q.Pop()
+		// The viewer's end is checked with every packet too: a queue
+		// that never empties must not keep an ended viewer going.
+		select {
+		case <-v.ctx.Done():
+		case <-v.sub.Done():
+			v.Cancel(errStreamEnded)
+		case <-dl.t.C:
+			v.logDrops(dl)
+			if ok {
+				return b
+			}
+			continue
+		default:
+			if ok {
+				return b
+			}
+			select {
+			case <-v.q.Ready():
+				continue
+			case <-v.ctx.Done():
+			case <-v.sub.Done():
+				v.Cancel(errStreamEnded)
+			case <-dl.t.C:
+				v.logDrops(dl)
+				continue
+			}
+		}
+		if ok {
+			b.Release()
+		}
+		return nil
 	}
 }
 
