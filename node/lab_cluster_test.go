@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -411,4 +412,38 @@ func getURL(t *testing.T, url string) (int, http.Header, []byte) {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, resp.Header, body
+}
+
+// TestLabStartWhenPortTaken: while b is killed another process takes its
+// HTTP port. Starting b still works: it keeps its overlay address (its
+// neighbours redial it there) and takes a new HTTP port, which HTTPURL
+// names. Before, the start failed with "address already in use".
+func TestLabStartWhenPortTaken(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 120*time.Second)
+	l := startLab(t, "datacenters: [a, b]\n")
+	old := l.HTTPURL(1)
+	if code, body := post(t, l.HTTPURL(0)+"/api/v1/lab/dcs/b/kill", ""); code != 200 {
+		t.Fatalf("POST kill b: %d %s", code, body)
+	}
+	var taken net.Listener
+	testutil.WaitFor(t, "b's HTTP port to be free to take", func() bool {
+		var err error
+		taken, err = net.Listen("tcp", strings.TrimPrefix(old, "http://"))
+		return err == nil
+	})
+	defer taken.Close()
+	if code, body := post(t, l.HTTPURL(0)+"/api/v1/lab/dcs/b/start", ""); code != 200 {
+		t.Fatalf("POST start b with its HTTP port taken: %d %s", code, body)
+	}
+	if l.HTTPURL(1) == old {
+		t.Fatalf("b restarted on its taken HTTP address %s", old)
+	}
+	if code, _, _ := get(t, l.Node("b"), "/api/v1/streams"); code != 200 {
+		t.Fatalf("GET b's /api/v1/streams on its new port: %d", code)
+	}
+	if addr := "http://" + l.Node("b").HTTPAddr().String(); addr != l.HTTPURL(1) {
+		t.Fatalf("b serves HTTP on %s, HTTPURL says %s", addr, l.HTTPURL(1))
+	}
+	testutil.WaitFor(t, "b's link to a", func() bool { return slices.Contains(linksUp(l.Node("b")), "a") })
 }

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/stemflow/stemflow/internal/etcdembed"
@@ -361,7 +362,20 @@ func (l *Lab) Start(ctx context.Context, dc string) error {
 			err = fmt.Errorf("datacenter %s: %w", dc, err)
 			return
 		}
-		if err = l.startNode(d); err != nil {
+		err = l.startNode(d)
+		if errors.Is(err, syscall.EADDRINUSE) && l.cfg.FreePorts {
+			// A free-port lab's HTTP, RTSP or RTP port was taken by
+			// another process while d was down: d's neighbours only
+			// need its overlay address, so it takes new ones.
+			l.cfg.Logger.Info("lab: a port of the datacenter was taken while it was down; it starts on new ones", "dc", dc, "err", err)
+			d.httpPort, d.rtspPort = 0, 0
+			if d.rtp, err = freeUDPPair(l.cfg.Bind); err == nil {
+				if err = l.bind(d); err == nil {
+					err = l.startNode(d)
+				}
+			}
+		}
+		if err != nil {
 			err = fmt.Errorf("datacenter %s: %w", dc, err)
 			return
 		}
