@@ -206,7 +206,7 @@ func (s *Server) play(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*
 		s.releaseCache(cache)
 		return fail(err)
 	}
-	answer, err := v.start(ctx, s.cfg.RTC.NewAPI(m, ir), offer.SDP)
+	answer, err := v.start(ctx, s.cfg.RTC.NewSenderAPI(m, ir, v.handleRTCP), offer.SDP)
 	if err != nil {
 		s.releaseCache(cache)
 		return fail(err)

@@ -34,7 +34,7 @@ type outTrack struct {
 	waitKey bool       // drop video until a keyframe
 	sr      senderReport
 
-	// Used by the track's RTCP goroutine only.
+	// Used by the viewer's handleRTCP only (pion's SRTCP goroutine).
 	rtxPkt rtp.Packet
 }
 

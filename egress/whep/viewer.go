@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -19,8 +20,9 @@ import (
 
 // viewer is one WHEP session. Its Run, in the goroutine the rtc.Endpoint
 // gives it, owns the PeerConnection, the subscription and the queue, and is
-// the only writer of media; one goroutine per RTP sender reads RTCP
-// (keyframe requests and NACKs).
+// the only writer of media; pion's SRTCP goroutine of the PeerConnection
+// hands it the viewer's RTCP (keyframe requests and NACKs: handleRTCP) and
+// sends the retransmissions.
 type viewer struct {
 	*rtc.Session
 	srv *Server
@@ -31,7 +33,7 @@ type viewer struct {
 	cache  *streamCache
 	tracks [relay.MaxTracks]*outTrack
 	pc     *webrtc.PeerConnection
-	rtcpWG sync.WaitGroup
+	waitWG sync.WaitGroup // waitSRTP
 
 	// srtpReady is closed once pion runs SRTP: writes before it are lost.
 	srtpReady chan struct{}
@@ -79,8 +81,8 @@ var (
 	errStreamEnded    = errors.New("stream ended")
 )
 
-// start creates the PeerConnection, answers the offer and starts the RTCP
-// readers, which Run's cleanup waits for. On error nothing is left running;
+// start creates the PeerConnection, answers the offer and starts the
+// goroutine that waits for SRTP, which Run's cleanup waits for. On error nothing is left running;
 // the caller still owns the subscription.
 func (v *viewer) start(ctx context.Context, api *webrtc.API, offer string) (string, error) {
 	pc, err := v.NewPeerConnection(api)
@@ -105,10 +107,10 @@ func (v *viewer) start(ctx context.Context, api *webrtc.API, offer string) (stri
 	if err != nil {
 		return "", err
 	}
-	for i, sender := range senders {
+	for _, sender := range senders {
 		if sender != nil {
-			t := v.tracks[i]
-			v.rtcpWG.Go(func() { v.readRTCP(t, sender) })
+			v.waitWG.Go(func() { v.waitSRTP(sender) })
+			break
 		}
 	}
 	return answer, nil
@@ -279,59 +281,80 @@ func (v *viewer) forward(b *relay.Buffer) int {
 	return 1
 }
 
-// readRTCP answers the viewer's RTCP for one sender: PLI and FIR become a
-// keyframe request to the publisher, NACKs are answered from the cache.
-//
-// It first waits for pion's SRTP session, which pion starts just after it
-// reports the connection: the sender's SetReadDeadline blocks until then
-// (pion's srtpWriterFuture), and returns an error if the sender stops first.
-func (v *viewer) readRTCP(t *outTrack, sender *webrtc.RTPSender) {
+// waitSRTP closes srtpReady once pion runs SRTP, which it starts just after
+// it reports the connection: the sender's SetReadDeadline blocks until
+// then (pion's srtpWriterFuture), and returns an error if the sender stops
+// first.
+func (v *viewer) waitSRTP(sender *webrtc.RTPSender) {
 	if err := sender.SetReadDeadline(time.Time{}); err != nil {
 		return
 	}
 	v.srtpOnce.Do(func() { close(v.srtpReady) })
-	buf := make([]byte, 1500)
-	for {
-		n, _, err := sender.Read(buf)
-		if err != nil {
-			return
-		}
-		pkts, err := rtcp.Unmarshal(buf[:n])
-		if err != nil {
+}
+
+// handleRTCP answers one RTCP packet the viewer addressed to ssrc (see
+// rtc.RTCPHandler): PLI and FIR become a keyframe request to the
+// publisher, NACKs are answered from the cache. It runs on pion's SRTCP
+// goroutine of the viewer's PeerConnection, which makes it the only user
+// of its tracks' rtxPkt. Reports and other packets are skipped unparsed.
+func (v *viewer) handleRTCP(ssrc uint32, pkt []byte) {
+	if len(pkt) < 12 { // header, sender SSRC, media SSRC
+		return
+	}
+	typ, format := rtcp.PacketType(pkt[1]), pkt[0]&0x1f
+	switch {
+	case typ == rtcp.TypePayloadSpecificFeedback && (format == rtcp.FormatPLI || format == rtcp.FormatFIR):
+	case typ == rtcp.TypeTransportSpecificFeedback && format == rtcp.FormatTLN:
+	default:
+		return
+	}
+	var t *outTrack
+	var b *binding
+	for _, tr := range v.tracks {
+		if tr == nil {
 			continue
 		}
-		b := t.bound.Load()
-		if b == nil {
-			continue
+		if tb := tr.bound.Load(); tb != nil && tb.ssrc == ssrc {
+			t, b = tr, tb
+			break
 		}
-		for _, p := range pkts {
-			switch p := p.(type) {
-			case *rtcp.PictureLossIndication:
-				if p.MediaSSRC == b.ssrc {
-					v.keyReqs.Add(1)
-					v.sub.RequestKeyframe()
-				}
-			case *rtcp.FullIntraRequest:
-				if p.MediaSSRC == b.ssrc {
-					v.keyReqs.Add(1)
-					v.sub.RequestKeyframe()
-				}
-			case *rtcp.TransportLayerNack:
-				if p.MediaSSRC != b.ssrc {
-					continue
-				}
-				var resent uint64
-				for _, pair := range p.Nacks {
-					pair.Range(func(seq uint16) bool {
-						if t.resend(seq) {
-							resent++
-						}
-						return true
-					})
-				}
-				v.resent.Add(resent)
+	}
+	if t == nil {
+		return
+	}
+	switch typ {
+	case rtcp.TypePayloadSpecificFeedback:
+		if format == rtcp.FormatPLI {
+			var p rtcp.PictureLossIndication
+			if p.Unmarshal(pkt) != nil || p.MediaSSRC != b.ssrc {
+				return
+			}
+		} else {
+			// RFC 5104 names the stream in the FCI entries; the
+			// header's media SSRC is 0.
+			var p rtcp.FullIntraRequest
+			if p.Unmarshal(pkt) != nil ||
+				p.MediaSSRC != b.ssrc && !slices.ContainsFunc(p.FIR, func(e rtcp.FIREntry) bool { return e.SSRC == b.ssrc }) {
+				return
 			}
 		}
+		v.keyReqs.Add(1)
+		v.sub.RequestKeyframe()
+	case rtcp.TypeTransportSpecificFeedback:
+		var p rtcp.TransportLayerNack
+		if p.Unmarshal(pkt) != nil || p.MediaSSRC != b.ssrc {
+			return
+		}
+		var resent uint64
+		for _, pair := range p.Nacks {
+			pair.Range(func(seq uint16) bool {
+				if t.resend(seq) {
+					resent++
+				}
+				return true
+			})
+		}
+		v.resent.Add(resent)
 	}
 }
 
@@ -345,7 +368,7 @@ func (v *viewer) cleanup() {
 	if err := v.pc.Close(); err != nil {
 		v.Logger().Debug("close peer connection", "err", err)
 	}
-	v.rtcpWG.Wait()
+	v.waitWG.Wait()
 	s := v.srv
 	s.releaseCache(v.cache)
 	s.mu.Lock()

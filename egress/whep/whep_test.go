@@ -2,6 +2,7 @@ package whep
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/stemflow/stemflow/internal/testutil"
 
+	"github.com/pion/rtcp"
 	"github.com/pion/rtp"
 	"github.com/pion/webrtc/v4"
 
@@ -372,14 +374,23 @@ func TestPLIFromViewerReachesPublisher(t *testing.T) {
 	src := startSource(t, e.hub, "pli", sourceOptions{GOP: 1000})
 	v := e.view(t, "pli", rtctest.ViewOptions{})
 	testutil.WaitFor(t, "video", func() bool { return len(v.Video()) > 0 })
-	time.Sleep(600 * time.Millisecond) // past the hub's keyframe request coalescing
-	before := src.keyReqs.Load()
-	if err := v.SendPLI(); err != nil {
-		t.Fatal(err)
-	}
-	testutil.WaitFor(t, "the publisher's OnKeyframeRequest", func() bool { return src.keyReqs.Load() > before })
-	if st := e.srv.Stats(); st.KeyframeRequests == 0 {
-		t.Errorf("stats = %+v", st)
+	_, ssrc := v.VideoCodec()
+	for _, req := range []rtcp.Packet{
+		&rtcp.PictureLossIndication{MediaSSRC: ssrc},
+		// RFC 5104: a FIR names the stream in its entries, with 0 as the
+		// header's media SSRC (as browsers send it).
+		&rtcp.FullIntraRequest{FIR: []rtcp.FIREntry{{SSRC: ssrc, SequenceNumber: 1}}},
+	} {
+		time.Sleep(600 * time.Millisecond) // past the hub's keyframe request coalescing
+		before, counted := src.keyReqs.Load(), e.srv.Stats().KeyframeRequests
+		if err := v.PC.WriteRTCP([]rtcp.Packet{req}); err != nil {
+			t.Fatal(err)
+		}
+		testutil.WaitFor(t, fmt.Sprintf("the publisher's OnKeyframeRequest after a %T", req),
+			func() bool { return src.keyReqs.Load() > before })
+		if st := e.srv.Stats(); st.KeyframeRequests != counted+1 {
+			t.Errorf("after a %T: stats = %+v, want %d keyframe requests", req, st, counted+1)
+		}
 	}
 }
 

@@ -4,13 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/pion/ice/v4"
 	"github.com/pion/interceptor"
+	"github.com/pion/transport/v5/packetio"
 	"github.com/pion/transport/v5/stdnet"
 	"github.com/pion/webrtc/v4"
 )
@@ -203,6 +206,91 @@ func (e *Engine) NewAPI(m *webrtc.MediaEngine, ir *interceptor.Registry) *webrtc
 		webrtc.WithMediaEngine(m),
 		webrtc.WithInterceptorRegistry(ir),
 	)
+}
+
+// RTCPHandler takes one RTCP packet (not a compound: each of its packets
+// in turn) that a peer addressed to ssrc: one of the PeerConnection's RTP
+// senders, or any other SSRC the packet names (a report about the peer's
+// own stream, say), which the handler ignores. It runs on pion's SRTCP
+// reading goroutine of the PeerConnection, one packet after the other, and
+// must not keep pkt after it returns. What it writes (retransmissions,
+// say) goes out through the PeerConnection's SRTP session, not the SRTCP
+// session it is called from.
+type RTCPHandler func(ssrc uint32, pkt []byte)
+
+// NewSenderAPI is NewAPI for PeerConnections that only send media: the
+// RTCP a peer sends is handed to handle as it is decrypted, instead of
+// being queued for each RTP sender until RTPSender.Read takes it. That
+// saves each sender its reading goroutine and buffers (~7 KB of RSS per
+// sender), and bounds what a peer's RTCP to SSRCs nobody reads costs: pion
+// queues it, unread, up to 100 KB per SSRC. RTPSender.Read then returns
+// nothing until the sender stops; its SetReadDeadline still waits until
+// SRTP runs. Incoming RTP (not expected) is queued as pion does.
+func (e *Engine) NewSenderAPI(m *webrtc.MediaEngine, ir *interceptor.Registry, handle RTCPHandler) *webrtc.API {
+	se := e.setting
+	se.BufferFactory = func(t packetio.BufferPacketType, ssrc uint32) io.ReadWriteCloser {
+		if t == packetio.RTCPBufferPacket {
+			return &rtcpSink{ssrc: ssrc, handle: handle, closed: make(chan struct{})}
+		}
+		b := packetBuffer{packetio.NewBuffer()}
+		b.SetLimitSize(rtpBufferLimit)
+		return b
+	}
+	return webrtc.NewAPI(
+		webrtc.WithSettingEngine(se),
+		webrtc.WithMediaEngine(m),
+		webrtc.WithInterceptorRegistry(ir),
+	)
+}
+
+// rtcpSink is the buffer of one SRTCP read stream of a sender API: it hands
+// each packet written to it to the handler.
+type rtcpSink struct {
+	ssrc   uint32
+	handle RTCPHandler
+	once   sync.Once
+	closed chan struct{}
+}
+
+// Write hands pkt to the handler.
+func (s *rtcpSink) Write(pkt []byte) (int, error) {
+	s.handle(s.ssrc, pkt)
+	return len(pkt), nil
+}
+
+// Read returns io.EOF once the stream closes: the handler took every
+// packet.
+func (s *rtcpSink) Read([]byte) (int, error) {
+	<-s.closed
+	return 0, io.EOF
+}
+
+func (s *rtcpSink) Close() error {
+	s.once.Do(func() { close(s.closed) })
+	return nil
+}
+
+// rtpBufferLimit bounds what is queued of an incoming RTP stream, as pion's
+// own buffer does (srtp's srtpBufferSize).
+const rtpBufferLimit = 1000 * 1000
+
+// packetBuffer is a packetio.Buffer as an io.ReadWriteCloser, as pion's
+// SRTP read streams use it.
+type packetBuffer struct{ *packetio.Buffer }
+
+func (b packetBuffer) Read(p []byte) (int, error) {
+	n, _, err := b.Buffer.Read(p, nil)
+	return n, err
+}
+
+func (b packetBuffer) Write(p []byte) (int, error) { return b.Buffer.Write(p, nil) }
+
+func (b packetBuffer) ReadWithAttributes(p []byte, a packetio.Attributes) (int, packetio.Attributes, error) {
+	return b.Buffer.Read(p, a)
+}
+
+func (b packetBuffer) WriteWithAttributes(p []byte, a packetio.Attributes) (int, error) {
+	return b.Buffer.Write(p, a)
 }
 
 // IPs returns the configured IPs.
