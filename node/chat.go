@@ -82,6 +82,7 @@ func (n *Node) startChat() error {
 		Store:      n.chatStore,
 		Retention:  chat.Retention{Count: cc.HistoryCount, Age: *cc.HistoryAge},
 		Encode:     egresschat.EncodeMsg,
+		Claims:     chatClaims{n},
 		Logger:     n.log,
 	})
 	n.hub.HandleChannels(relay.ChannelChat, n.chat.ServeChannel)

@@ -388,6 +388,7 @@ func TestChatSurvivesRelayKill(t *testing.T) {
 	}
 	l := &chatLoad{room: "x", perClient: 100, window: 5}
 	var seqAtKill uint64
+	rerouted := map[string][2]time.Duration{} // dc → after the kill: stream from e, room following e
 	clients, took := runChatLoad(t, l, 60, bases, func() {
 		// Kill b once a third of the messages went through.
 		testutil.WaitForWithin(t, 60*time.Second, "2,000 messages sequenced", func() bool {
@@ -398,8 +399,24 @@ func TestChatSurvivesRelayKill(t *testing.T) {
 		bDead = true
 		deadMu.Unlock()
 		seqAtKill = lab.Node("a").Chat().Rooms()[0].LastSeq
+		killedAt := time.Now()
 		if err := lab.Kill(ctx, "b"); err != nil {
 			t.Error(err)
+		}
+		t.Logf("lab.Kill(b) returned after %v", time.Since(killedAt).Round(time.Millisecond))
+		// How long c's and d's rooms take to follow e, and their streams.
+		for _, dc := range []string{"c", "d"} {
+			var room, media time.Duration
+			testutil.WaitForWithin(t, 30*time.Second, dc+"'s room following e", func() bool {
+				if p, _, ok := lab.Node(dc).Hub().Upstream("x"); ok && p == "e" && media == 0 {
+					media = time.Since(killedAt)
+				}
+				if r := lab.Node(dc).Chat().Rooms(); len(r) == 1 && r[0].Parent == "e" && room == 0 {
+					room = time.Since(killedAt)
+				}
+				return room > 0 && media > 0
+			})
+			rerouted[dc] = [2]time.Duration{media, room}
 		}
 	})
 	lat := l.check(t, clients)
@@ -426,6 +443,10 @@ func TestChatSurvivesRelayKill(t *testing.T) {
 	}
 	t.Logf("b killed at seq %d; %d clients of b moved; 6,000 messages in %v; latency p50 %v p99 %v max %v; %d sends forwarded again at c, d and e",
 		seqAtKill, moved, took.Round(time.Millisecond), quantile(lat, .5), quantile(lat, .99), lat[len(lat)-1], retries)
+	for _, dc := range []string{"c", "d"} {
+		t.Logf("after b's kill, %s took x from e in %v, its room followed e in %v", dc,
+			rerouted[dc][0].Round(time.Millisecond), rerouted[dc][1].Round(time.Millisecond))
+	}
 }
 
 // TestChatOriginRestart: the origin a restarts (killed and started on the
@@ -656,5 +677,87 @@ func TestChatOriginMovesWhenStreamStarts(t *testing.T) {
 	}
 	if r := lab.Node("a").Chat().Rooms(); len(r) != 1 || r[0].Role != "origin" {
 		t.Fatalf("a's rooms: %+v, want y's origin", r)
+	}
+}
+
+// TestChatTwoNodesBeforeStream: clients join the room z at b and at c
+// before its stream is live anywhere (the lab, a–c down), and send: one
+// node sequences the room for both (its claim is in etcd), so both clients
+// read the same 10 messages in one order (without the claim each node
+// sequenced its own: b's client read only b's 5). When the stream starts
+// at a, a becomes the room's origin and every message said before is in its
+// history exactly once.
+func TestChatTwoNodesBeforeStream(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 120*time.Second)
+	lab := chatLab(t, "a, b, c", [2]string{"a", "c"})
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(60*time.Second))
+	defer cancel()
+	var clients []*chattest.Client
+	for _, dc := range []int{1, 2} {
+		cl, err := chattest.Dial(ctx, lab.HTTPURL(dc), "z", chattest.Options{Nick: "early " + lab.Datacenters()[dc]})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		if j, err := cl.Next(testutil.Scale(10 * time.Second)); err != nil || j.Type != "joined" {
+			t.Fatalf("at %s: %s %v, want joined", lab.Datacenters()[dc], j, err)
+		}
+		clients = append(clients, cl)
+	}
+	for i := 1; i <= 5; i++ {
+		for k, cl := range clients {
+			if err := cl.Send(ctx, fmt.Sprintf("%c%d", 'b'+k, i), "before the stream"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// read returns the ids of the next n messages cl reads (acks skipped).
+	read := func(cl *chattest.Client, n int, what string) []string {
+		var got []string
+		for len(got) < n {
+			f, _, err := cl.NextOf(testutil.Scale(20*time.Second), "msg")
+			if err != nil {
+				t.Fatalf("%s: after %v: %v", what, got, err)
+			}
+			got = append(got, fmt.Sprintf("%d:%s", f.Seq, f.ID))
+		}
+		return got
+	}
+	atB, atC := read(clients[0], 10, "client at b"), read(clients[1], 10, "client at c")
+	if strings.Join(atB, " ") != strings.Join(atC, " ") {
+		t.Fatalf("before the stream, b's client read %v and c's %v: want one order", atB, atC)
+	}
+	var roles []string
+	for _, dc := range []string{"b", "c"} {
+		for _, r := range lab.Node(dc).Chat().Rooms() {
+			roles = append(roles, dc+":"+r.Role+" "+r.Parent)
+		}
+	}
+	t.Logf("before the stream: %v; rooms %v", atB, roles)
+
+	publishStill(t, lab.Node("a"), "z")
+	testutil.WaitForWithin(t, 30*time.Second, "a sequencing z with 10 messages", func() bool {
+		r := lab.Node("a").Chat().Rooms()
+		return len(r) == 1 && r[0].Role == "origin" && r[0].LastSeq >= 10
+	})
+	at, err := chattest.Dial(ctx, lab.HTTPURL(0), "z", chattest.Options{Since: chattest.Since(0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer at.Close()
+	ids := map[string]int{}
+	for _, s := range read(at, 10, "a's history") {
+		ids[s[strings.Index(s, ":")+1:]]++
+	}
+	for k := range 2 {
+		for i := 1; i <= 5; i++ {
+			if id := fmt.Sprintf("%c%d", 'b'+k, i); ids[id] != 1 {
+				t.Errorf("message %s is %d times in a's history %v, want once", id, ids[id], ids)
+			}
+		}
+	}
+	if r := lab.Node("a").Chat().Rooms(); r[0].LastSeq != 10 {
+		t.Errorf("a's room holds %d messages, want the 10 said before the stream", r[0].LastSeq)
 	}
 }

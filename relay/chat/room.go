@@ -28,6 +28,8 @@ const (
 	// commitDelay bounds how long the origin holds a message to store it
 	// with others in one transaction (only with a store).
 	commitDelay = 2 * time.Millisecond
+	// claimTimeout bounds asking the cluster for a room's claim.
+	claimTimeout = 2 * time.Second
 	// openTimeout bounds opening a channel to the parent and its first
 	// frames.
 	openTimeout = 3 * time.Second
@@ -59,14 +61,15 @@ type Room struct {
 	parent  string
 
 	// Owned by run.
-	born    time.Time         // when the room started here
-	leading bool              // sequencing here now: commits are stored before they are seen
-	claimed bool              // this node led the room (since it started here)
-	led     bool              // the last role taken was origin (or none yet)
-	ids     map[string]uint64 // id → seq of the retained messages
-	pending map[string]*pendingSend
-	order   []string       // pending ids in submission order (may hold resolved ones)
-	carry   []*pendingSend // to send now: history carried over to a new origin (apply)
+	born     time.Time         // when the room started here
+	leading  bool              // sequencing here now: commits are stored before they are seen
+	ledEpoch string            // the epoch this node sequenced last
+	claimed  bool              // this node led the room (since it started here)
+	led      bool              // the last role taken was origin (or none yet)
+	ids      map[string]uint64 // id → seq of the retained messages
+	pending  map[string]*pendingSend
+	order    []string       // pending ids in submission order (may hold resolved ones)
+	carry    []*pendingSend // to send now: history carried over to a new origin (apply)
 }
 
 // submission is a message to sequence and where its ack goes.
@@ -184,27 +187,36 @@ func (r *Room) setRole(role, parent string) {
 // run owns the room: it loads the stored history, then leads or follows as
 // the tree says, until the room closes.
 //
-// A room whose stream is not live anywhere keeps its last role: a room new
-// here (after Config.ClaimAfter without a route), or one this node led, is
-// sequenced here (its first client joined here, or the stream ended here);
-// a replica that followed a parent waits,
-// its clients' sends pending, until the stream is live again (two
-// sequencers would give two orders).
+// A room whose stream is not live anywhere is sequenced where its claim
+// is (roleNotLive).
 func (r *Room) run() {
 	defer close(r.done)
 	r.load()
 	backoff := 50 * time.Millisecond
+	if cl := r.svc.cfg.Claims; cl != nil {
+		defer func() {
+			ctx, cancel := context.WithTimeout(context.Background(), claimTimeout)
+			defer cancel()
+			cl.Release(ctx, r.name)
+		}()
+	}
 	for r.ctx.Err() == nil {
 		parent, origin, live := r.svc.role(r.name)
 		if !live {
-			origin = r.led
-			if origin && !r.claimed && time.Since(r.born) < r.svc.cfg.ClaimAfter {
-				origin = false // a route may be on its way: do not start a second order yet
-			}
+			parent, origin = r.roleNotLive()
 		}
 		switch {
 		case origin:
 			r.led, r.claimed = true, true
+			if cl := r.svc.cfg.Claims; cl != nil && live {
+				// The stream is live here: the room is sequenced here
+				// after the stream ends too, until this node lets it go.
+				ctx, cancel := context.WithTimeout(r.ctx, claimTimeout)
+				if _, err := cl.Claim(ctx, r.name, true); err != nil {
+					r.log.Debug("chat: taking the room's claim failed", "err", err)
+				}
+				cancel()
+			}
 			r.lead()
 		case parent != "":
 			r.led = false
@@ -224,6 +236,40 @@ func (r *Room) run() {
 			r.wait(roleInterval)
 		}
 	}
+}
+
+// roleNotLive decides the room's role while its stream is not live
+// anywhere this node knows of. With Config.Claims, the node holding the
+// room's claim sequences it and every other node follows that node (when
+// linked to it; else it waits); a room new here claims it only after
+// ClaimAfter (a route may be on its way). Without Claims, or when the
+// cluster does not answer, the room keeps the role it had: a room new here
+// (after ClaimAfter) or one this node led is sequenced here; one that
+// followed waits.
+func (r *Room) roleNotLive() (parent string, origin bool) {
+	young := !r.claimed && time.Since(r.born) < r.svc.cfg.ClaimAfter
+	if cl := r.svc.cfg.Claims; cl != nil {
+		ctx, cancel := context.WithTimeout(r.ctx, claimTimeout)
+		defer cancel()
+		var owner string
+		var err error
+		if young {
+			owner, err = cl.Owner(ctx, r.name)
+		} else {
+			owner, err = cl.Claim(ctx, r.name, false)
+		}
+		if err == nil {
+			switch owner {
+			case "":
+				return "", false
+			case r.svc.cfg.Datacenter:
+				return "", true
+			}
+			return owner, false
+		}
+		r.log.Debug("chat: the room's claim is unknown: the room keeps its role", "err", err)
+	}
+	return "", r.led && !young
 }
 
 // wait waits d, taking submissions meanwhile (they stay pending).
@@ -394,6 +440,7 @@ func (r *Room) lead() {
 		r.commit(nil, true, newEpoch(), 0)
 		r.log.Info("chat: new room", "epoch", r.epoch)
 	}
+	r.ledEpoch = r.epoch
 	r.markSynced()
 	// What waited for a parent is sequenced here now.
 	var batch []submission
@@ -721,12 +768,14 @@ func (r *Room) apply(f frame, joined *bool, msgs *[]Msg, acks *[]Ack) error {
 			var carry []Msg
 			if r.epoch != "" && f.Epoch != r.epoch {
 				r.log.Info("chat: the room's history was replaced upstream", "epoch", f.Epoch, "old_epoch", r.epoch)
-				if f.First > f.Last {
-					// The origin's room is new and empty: this node
-					// sequenced the room before its stream went live here
-					// (its first clients were here). Its messages move to
-					// the origin, in order, renumbered, instead of being
-					// lost.
+				if f.First > f.Last || r.epoch == r.ledEpoch {
+					// The origin's room is new and empty, or this node
+					// sequenced the history it holds (before the room's
+					// stream went live: its first clients were here). Its
+					// messages move to the origin, in order, renumbered,
+					// instead of being lost; the origin takes each id
+					// once, so what a follower of this node carried there
+					// first is not repeated.
 					carry = r.msgs
 				}
 			}

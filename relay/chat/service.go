@@ -24,6 +24,22 @@ type Tree interface {
 	OpenChannel(ctx context.Context, peer string, kind relay.ChannelKind) (relay.Channel, error)
 }
 
+// Claims is the cluster's record of which datacenter sequences a room
+// whose stream is not live, so that clients joining at two nodes before the
+// stream starts get one order, not one per node. The node keeps it in etcd,
+// each claim bound to the node's lease (it goes when the node does).
+type Claims interface {
+	// Owner returns the datacenter holding room's claim ("" when none
+	// does).
+	Owner(ctx context.Context, room string) (string, error)
+	// Claim takes room's claim for this datacenter unless another holds it
+	// (take: whoever holds it, because the room's stream is live here),
+	// and returns the holder.
+	Claim(ctx context.Context, room string, take bool) (owner string, err error)
+	// Release gives up this datacenter's claim on room, if it holds it.
+	Release(ctx context.Context, room string)
+}
+
 // Retention bounds each room's history; zero fields mean no bound.
 type Retention struct {
 	Count int
@@ -40,6 +56,10 @@ type Config struct {
 	// Encode, when set, encodes each message for the clients once, when
 	// it joins the history here (Msg.Frame).
 	Encode func(Msg) []byte
+	// Claims, when set, picks one node to sequence each room whose stream
+	// is not live (without it: the node where the room's first client
+	// joined, each node deciding alone).
+	Claims Claims
 	// ClaimAfter is how long a room new here whose stream is not live
 	// waits for a route before this node sequences it (default 3s): a
 	// route that is missing for a moment must not start a second order.
