@@ -15,9 +15,13 @@ import (
 )
 
 const (
-	// roleInterval is how often a room checks where its origin and parent
-	// are (the relay's routes move).
-	roleInterval = 200 * time.Millisecond
+	// roleInterval is how often a room that leads or follows checks where
+	// its origin and parent are (the relay's routes move): the room follows
+	// the stream's failover within it. A check asks the hub only.
+	roleInterval = 50 * time.Millisecond
+	// waitInterval is how often a room without a parent looks for one
+	// (a check may ask etcd for the room's claim).
+	waitInterval = 200 * time.Millisecond
 	// retryAfter is how long a send forwarded upstream waits for its ack
 	// before it is sent again on the same channel (a new channel resends at
 	// once).
@@ -233,7 +237,7 @@ func (r *Room) run() {
 			backoff = min(2*backoff, time.Second)
 		default:
 			r.setRole("waiting", "")
-			r.wait(roleInterval)
+			r.wait(waitInterval)
 		}
 	}
 }

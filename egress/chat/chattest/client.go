@@ -46,10 +46,9 @@ type Client struct {
 	Conn *websocket.Conn
 	C    <-chan Frame
 
-	cancel context.CancelFunc
-	done   chan struct{}
-	mu     sync.Mutex
-	err    error
+	done chan struct{}
+	mu   sync.Mutex
+	err  error
 }
 
 // Options of a connection; zero values are left out of the URL.
@@ -94,13 +93,14 @@ func Dial(ctx context.Context, base, room string, o Options) (*Client, error) {
 		n = 100000
 	}
 	ch := make(chan Frame, n)
-	rctx, cancel := context.WithCancel(context.Background())
-	c := &Client{Conn: conn, C: ch, cancel: cancel, done: make(chan struct{})}
+	c := &Client{Conn: conn, C: ch, done: make(chan struct{})}
 	go func() {
 		defer close(c.done)
 		defer close(ch)
 		for {
-			_, b, err := conn.Read(rctx)
+			// No deadline: Close ends the read by closing the connection
+			// (a context that can end costs the library a timer per frame).
+			_, b, err := conn.Read(context.Background())
 			if err != nil {
 				c.mu.Lock()
 				c.err = err
@@ -148,6 +148,14 @@ func (c *Client) Send(ctx context.Context, id, text string) error {
 
 // Next returns the next frame, or an error when none comes within d.
 func (c *Client) Next(d time.Duration) (Frame, error) {
+	select { // a frame waiting: no timer
+	case f, ok := <-c.C:
+		if !ok {
+			return Frame{}, fmt.Errorf("connection ended: %v", c.Err())
+		}
+		return f, nil
+	default:
+	}
 	select {
 	case f, ok := <-c.C:
 		if !ok {
@@ -180,7 +188,6 @@ func (c *Client) NextOf(d time.Duration, types ...string) (f Frame, skipped []Fr
 // Close closes the connection and waits for the reader.
 func (c *Client) Close() {
 	c.Conn.CloseNow()
-	c.cancel()
 	<-c.done
 }
 
