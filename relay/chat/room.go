@@ -199,7 +199,8 @@ func (r *Room) run() {
 	backoff := 50 * time.Millisecond
 	if cl := r.svc.cfg.Claims; cl != nil {
 		defer func() {
-			ctx, cancel := context.WithTimeout(context.Background(), claimTimeout)
+			// Briefly: a claim not released goes with the node's lease.
+			ctx, cancel := context.WithTimeout(context.Background(), claimTimeout/4)
 			defer cancel()
 			cl.Release(ctx, r.name)
 		}()

@@ -26,17 +26,22 @@ import (
 // commits goes into its next transaction, whatever the room. A change
 // queued with Write is durable when Write returns (the origin's: it acks
 // and serves only what is stored); one queued with WriteBehind (a
-// follower's copy, which its parent holds) waits up to Config's behind
-// delay for company, so followers commit a few times a second rather than
+// follower's copy, which its parent holds) waits up to storeBehind (20 ms)
+// for company, so followers commit a few dozen times a second rather than
 // once per batch. A Store is safe for concurrent use; changes of one room
 // are applied in the order queued.
 type Store struct {
 	db     *bolt.DB
 	behind time.Duration
-	queue  chan *storeReq
+	queue  chan *storeReq // closed by Close
 	done   chan struct{}
-	close  sync.Once
+
+	mu     sync.RWMutex // guards closed; senders on queue hold it shared
+	closed bool
 }
+
+// ErrStoreClosed: a write queued after Close.
+var ErrStoreClosed = errors.New("chat store: closed")
 
 // storeReq is one batch of a room's changes (see Store.write).
 type storeReq struct {
@@ -85,12 +90,30 @@ func OpenStore(dir string) (*Store, error) {
 	return st, nil
 }
 
-// Close writes what is queued and closes the file. Nothing may be queued
-// after Close.
+// Close writes what is queued and closes the file. Writes after Close fail
+// with ErrStoreClosed.
 func (s *Store) Close() error {
-	s.close.Do(func() { close(s.queue) })
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.queue)
+	s.mu.Unlock()
 	<-s.done
 	return s.db.Close()
+}
+
+// enqueue queues req, unless the store is closed.
+func (s *Store) enqueue(req *storeReq) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return ErrStoreClosed
+	}
+	s.queue <- req // the writer drains it without the lock
+	return nil
 }
 
 // Write queues a batch of a room's changes and returns once it is stored:
@@ -98,7 +121,9 @@ func (s *Store) Close() error {
 // and the messages before trimBefore deleted.
 func (s *Store) Write(room, epoch string, reset bool, msgs []Msg, trimBefore uint64) error {
 	req := &storeReq{room: room, epoch: epoch, reset: reset, msgs: msgs, trimBefore: trimBefore, durable: make(chan error, 1)}
-	s.queue <- req
+	if err := s.enqueue(req); err != nil {
+		return err
+	}
 	return <-req.durable
 }
 
@@ -106,7 +131,9 @@ func (s *Store) Write(room, epoch string, reset bool, msgs []Msg, trimBefore uin
 // within the behind delay (failed, when set, hears if it was not). msgs
 // must not change afterwards.
 func (s *Store) WriteBehind(room, epoch string, reset bool, msgs []Msg, trimBefore uint64, failed func(error)) {
-	s.queue <- &storeReq{room: room, epoch: epoch, reset: reset, msgs: msgs, trimBefore: trimBefore, failed: failed}
+	if err := s.enqueue(&storeReq{room: room, epoch: epoch, reset: reset, msgs: msgs, trimBefore: trimBefore, failed: failed}); err != nil && failed != nil {
+		failed(err)
+	}
 }
 
 // run commits the queue: a batch waited for (Write) goes at once with

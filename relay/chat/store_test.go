@@ -114,3 +114,20 @@ func TestStoreReadsJSONValues(t *testing.T) {
 	checkLoaded(t, st, "x", "old", want)
 	st.Close()
 }
+
+// TestStoreClosedRefuses: writes after Close fail, they do not panic.
+func TestStoreClosedRefuses(t *testing.T) {
+	st, err := OpenStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	if err := st.Write("x", "e", true, testMsgs(1, 1), 0); err != ErrStoreClosed {
+		t.Errorf("Write after Close: %v, want ErrStoreClosed", err)
+	}
+	var got error
+	st.WriteBehind("x", "e", false, testMsgs(2, 1), 0, func(err error) { got = err })
+	if got != ErrStoreClosed {
+		t.Errorf("WriteBehind after Close reported %v, want ErrStoreClosed", got)
+	}
+}
