@@ -24,6 +24,10 @@ import (
 type LabProfile struct {
 	Datacenters []string  `yaml:"datacenters"`
 	Links       []LabLink `yaml:"links"`
+	// ProbeBandwidth makes the nodes measure each link's bandwidth (probe
+	// trains when idle, the delivery rate when saturated) instead of
+	// publishing its rate cap as a configured capacity, the default.
+	ProbeBandwidth bool `yaml:"probe_bandwidth"`
 }
 
 // LabLink impairs the link between two datacenters, both ways alike. It is

@@ -47,6 +47,9 @@ type Lab struct {
 	// goroutines, which must not wait for the lab's goroutine).
 	rateMu sync.Mutex
 	rates  map[[2]string]Rate
+	// probeBW: the nodes measure bandwidth rather than publish rates
+	// (LabProfile.ProbeBandwidth).
+	probeBW bool
 
 	// Owned by the run goroutine (and by Close once it has stopped).
 	dcs   []*labDC
@@ -101,6 +104,7 @@ func StartLab(ctx context.Context, cfg DevConfig, p *LabProfile, profile string)
 		}
 	}
 	l.rates = map[[2]string]Rate{}
+	l.probeBW = p.ProbeBandwidth
 	for _, ln := range p.Links {
 		k := pairKey(ln.Between[0], ln.Between[1])
 		ln.Between = []string{k[0], k[1]}
@@ -201,7 +205,9 @@ func (l *Lab) startNode(d *labDC) error {
 	nc.Etcd.Endpoints = []string{l.etcd.ClientURL()}
 	nc.Manager = true // every datacenter runs a manager candidate
 	name := d.name
-	nc.capacity = func(peer string) int64 { return l.rate(name, peer) }
+	if !l.probeBW {
+		nc.capacity = func(peer string) int64 { return l.rate(name, peer) }
+	}
 	nc.overlayConn = d.conn
 	nc.extraRoutes = l.routes
 	n, err := Start(nc, l.cfg.Logger)

@@ -28,19 +28,27 @@ import (
 //   - loss: packets quic-go declared lost over packets sent in the interval
 //     (the sending end's view of what it sends: acknowledgements tell it),
 //     counted only in intervals that sent at least minLossSample packets,
-//     so that an idle link keeps its last figure instead of noise;
+//     so that an idle link keeps its last figure instead of noise. Probe
+//     datagrams, and those of them the neighbour reported missing, are
+//     left out: a train that overflows a bottleneck's queue is no loss
+//     media meets;
 //   - bandwidth (what the link can carry in all, as the manager's trees
 //     take it: they subtract their own load): the link's configured
-//     capacity when one is set (overlay.capacity; the lab's rate caps).
-//     Otherwise it is measured only when the link is saturated — its send
-//     queue dropped packets in the interval, so quic-go's congestion
-//     control delivered all it could: the delivery rate then (bytes sent
-//     minus bytes lost per second), smoothed, raised later whenever the link
-//     delivers more without dropping. There is no probe: a link never
-//     saturated has bandwidth 0, which the trees read as unknown
-//     (unlimited). Publishing the delivery rate of an unsaturated link
-//     would tell the manager the link is full when it only carries what
-//     its trees send.
+//     capacity when one is set (overlay.capacity; the lab's rate caps
+//     unless its profile has probe_bandwidth). Otherwise it is measured:
+//     under load, when the link is saturated — its send queue dropped
+//     packets in the interval, so quic-go's congestion control delivered
+//     all it could — by the delivery rate then (bytes sent minus bytes lost
+//     per second, probes left out); when idle, by the relay's probe trains
+//     (relay/probe.go: a train's dispersion at the receiver, a few seconds
+//     apart, only while the link carries under a fifth of its estimate;
+//     a link faster than a train can time, ~100 Mbit/s, goes back to 0).
+//     Both are smoothed into one figure, raised whenever the link delivers
+//     more without dropping. A link neither saturated nor probed (a long
+//     idle link whose congestion window paces a train below its rate) has
+//     bandwidth 0, which the trees read as unknown (unlimited). Publishing
+//     the delivery rate of an unsaturated link would tell the manager the
+//     link is full when it only carries what its trees send.
 //
 // Figures are smoothed with an EWMA and published to etcd (links/{from}/{to},
 // leased by the node) only when they move beyond hysteresis, or every
@@ -169,10 +177,12 @@ func (m *meter) update(lm *linkMeter, ls relay.LinkStats, capBps int64, now time
 		return
 	}
 	dt := now.Sub(lm.lastAt).Seconds()
-	sent := float64(ls.Path.PacketsSent) - float64(lm.last.Path.PacketsSent)
+	probes := float64(ls.ProbeDatagramsSent) - float64(lm.last.ProbeDatagramsSent)
+	probesLost := float64(ls.ProbeDatagramsLost) - float64(lm.last.ProbeDatagramsLost)
+	sent := float64(ls.Path.PacketsSent) - float64(lm.last.Path.PacketsSent) - probes
 	// quic-go's lost counters can go down (a packet declared lost arrives
 	// after all): count the interval's net loss, never below 0.
-	lost := max(0, float64(ls.Path.PacketsLost)-float64(lm.last.Path.PacketsLost))
+	lost := max(0, float64(ls.Path.PacketsLost)-float64(lm.last.Path.PacketsLost)-probesLost)
 	if sent >= minLossSample {
 		frac := min(1, lost/sent)
 		if !lm.lossKnown {
@@ -185,14 +195,23 @@ func (m *meter) update(lm *linkMeter, ls relay.LinkStats, capBps int64, now time
 		return
 	}
 	bytes := float64(ls.Path.BytesSent) - float64(lm.last.Path.BytesSent) -
-		max(0, float64(ls.Path.BytesLost)-float64(lm.last.Path.BytesLost))
-	kbps := bytes * 8 / 1000 / dt
+		max(0, float64(ls.Path.BytesLost)-float64(lm.last.Path.BytesLost)) -
+		(float64(ls.ProbeBytesSent) - float64(lm.last.ProbeBytesSent))
+	kbps := max(0, bytes) * 8 / 1000 / dt
 	saturated := ls.QueueDropped > lm.last.QueueDropped && kbps >= loadedKbps
+	probed := ls.ProbeEstimates > lm.last.ProbeEstimates
 	switch {
 	case saturated && !lm.bwKnown:
 		lm.cur.BandwidthKbps, lm.bwKnown = kbps, true
 	case saturated:
 		lm.cur.BandwidthKbps = ewma(lm.cur.BandwidthKbps, kbps, bwAlpha)
+	case probed && ls.ProbeKbps <= 0:
+		// Faster than a probe train can time: unknown (unlimited).
+		lm.cur.BandwidthKbps, lm.bwKnown = 0, false
+	case probed && !lm.bwKnown:
+		lm.cur.BandwidthKbps, lm.bwKnown = ls.ProbeKbps, true
+	case probed:
+		lm.cur.BandwidthKbps = ewma(lm.cur.BandwidthKbps, ls.ProbeKbps, bwAlpha)
 	case lm.bwKnown && kbps > lm.cur.BandwidthKbps:
 		lm.cur.BandwidthKbps = kbps // it carried more without dropping
 	}

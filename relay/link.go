@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,8 +64,21 @@ type LinkStats struct {
 	// FragmentsGivenUp counts fragmented packets that never completed.
 	FragmentsGivenUp uint64 `json:"fragments_given_up"`
 	// Malformed counts datagrams that failed to parse.
-	Malformed uint64        `json:"malformed"`
-	RTT       time.Duration `json:"rtt_ns"`
+	Malformed uint64 `json:"malformed"`
+	// ProbeKbps is the link's bandwidth as the last probe train showed it
+	// (probe.go), in kbit/s; 0 before any, or when the link is faster
+	// than a train can time. ProbeEstimates counts the estimates taken
+	// (0 ones too), so that a reader tells a new one from the last.
+	ProbeKbps      float64 `json:"probe_kbps"`
+	ProbeEstimates uint64  `json:"probe_estimates"`
+	// ProbeDatagramsSent and ProbeBytesSent count the probe trains'
+	// datagrams and their bytes, ProbeDatagramsLost those the neighbour
+	// reported missing. Path counts them too (and quic-go counts the lost
+	// ones lost): subtract them for what media met.
+	ProbeDatagramsSent uint64        `json:"probe_datagrams_sent"`
+	ProbeBytesSent     uint64        `json:"probe_bytes_sent"`
+	ProbeDatagramsLost uint64        `json:"probe_datagrams_lost"`
+	RTT                time.Duration `json:"rtt_ns"`
 	// Jitter is the interarrival jitter (RFC 3550) of this end's
 	// heartbeats at the neighbour, as it reports it: how much the delay of
 	// what this end sends varies. -1 until the neighbour reported.
@@ -109,6 +123,10 @@ type quicLink struct {
 	received, dgramsReceived, receiveDropped, lost, unknown, dups atomic.Uint64
 	malformed, fragLost                                           atomic.Uint64
 	budget                                                        atomic.Int64
+	probeKbps                                                     atomic.Uint64 // math.Float64bits
+	probeEstimates, probeDgrams, probeBytes, probeLost            atomic.Uint64
+
+	probeRx probeReceiver // owned by the datagram reader
 
 	mu    sync.Mutex          // guards the following fields
 	ups   map[uint32]*upSub   // streams we receive from the neighbour
@@ -542,6 +560,11 @@ func (l *quicLink) stats() LinkStats {
 		FragmentsGivenUp:    l.fragLost.Load(),
 		Malformed:           l.malformed.Load(),
 		Jitter:              l.jitter.sent(),
+		ProbeKbps:           math.Float64frombits(l.probeKbps.Load()),
+		ProbeEstimates:      l.probeEstimates.Load(),
+		ProbeDatagramsSent:  l.probeDgrams.Load(),
+		ProbeBytesSent:      l.probeBytes.Load(),
+		ProbeDatagramsLost:  l.probeLost.Load(),
 	}
 	if l.conn != nil { // nil in tests of the link without the network
 		st.Path = l.conn.ConnectionStats()

@@ -38,6 +38,10 @@ func (l *quicLink) readDatagrams() {
 			l.jitter.received(b, time.Now())
 			continue
 		}
+		if isProbe(b) {
+			l.handleProbe(b) // probe.go
+			continue
+		}
 		select {
 		case l.rx.in <- b:
 		default:

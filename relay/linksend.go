@@ -184,11 +184,16 @@ type linkSender struct {
 
 	backlog atomic.Int64 // packets in the link's queues
 
+	// Bandwidth probes (probe.go): reports from the neighbour on our
+	// trains, and ours on its trains to send, from the datagram reader.
+	probeIn, probeOut chan probeReport
+
 	// Owned by the sending goroutine.
 	round, next []*downSub
 	budget      int
 	refreshAt   time.Time
 	pace        pacer
+	probe       prober
 	scratch     [maxBudget]byte
 }
 
@@ -198,6 +203,14 @@ func newLinkSender(l *quicLink, conn datagramSender) *linkSender {
 		conn: conn,
 		wake: make(chan struct{}, 1),
 		pace: newPacer(&l.offered),
+
+		probeIn:  make(chan probeReport, 4),
+		probeOut: make(chan probeReport, 4),
+	}
+	if l.conn != nil {
+		s.probe.init(l.conn.ConnectionStats)
+	} else {
+		s.probe.init(nil) // a link in a test, without a connection: no probes
 	}
 	s.setBudget(minDatagramPayload)
 	return s
@@ -214,19 +227,28 @@ func (s *linkSender) schedule(d *downSub) {
 	}
 }
 
-// run sends until ctx ends.
+// run sends until ctx ends. Probe trains go only when no media waits.
 func (s *linkSender) run(ctx context.Context) {
+	defer s.probe.stop()
 	for {
+		s.probeMessages()
 		if len(s.round) == 0 {
 			s.takePending()
 		}
 		if len(s.round) == 0 {
 			select {
 			case <-s.wake:
-				continue
+			case r := <-s.probeIn:
+				s.probeReported(r)
+			case r := <-s.probeOut:
+				s.sendProbeReport(r)
+			case <-s.probe.due():
+				s.sendProbe(ctx)
+				s.probe.rearm()
 			case <-ctx.Done():
 				return
 			}
+			continue
 		}
 		if err := s.serveRound(ctx); err != nil {
 			return
@@ -280,10 +302,7 @@ func (s *linkSender) sendPacket(ctx context.Context, subID uint32, slot sendSlot
 	if slot.b.Keyframe {
 		h.Flags |= flagKeyframe
 	}
-	if now := time.Now(); now.After(s.refreshAt) {
-		s.refreshAt = now.Add(budgetRefresh)
-		s.refreshBudget()
-	}
+	s.maybeRefreshBudget()
 	pkt := slot.b.Data()
 	count, chunk, err := fragments(len(pkt), s.budget)
 	retried := false
@@ -314,6 +333,13 @@ func (s *linkSender) sendPacket(ctx context.Context, subID uint32, slot sendSlot
 	}
 	s.l.sent.Add(1)
 	return nil
+}
+
+func (s *linkSender) maybeRefreshBudget() {
+	if now := time.Now(); now.After(s.refreshAt) {
+		s.refreshAt = now.Add(budgetRefresh)
+		s.refreshBudget()
+	}
 }
 
 // refreshBudget asks quic-go for the datagram payload it accepts now.

@@ -32,6 +32,16 @@ import (
 //
 // A heartbeat datagram is one byte: the version and type nibbles, type 1.
 //
+// A probe datagram (type 2, probe.go) measures an idle link's bandwidth:
+// after the version/type byte, a kind byte, 0 for one datagram of a train
+// and 1 for the receiver's report on a train. A train datagram carries the
+// train id (32 bits), its index and the train's count (16 bits each), then
+// zero padding to the datagram size; a report the train id, the datagrams
+// received and sent (16 bits each), the bytes received after the first
+// datagram and the microseconds they took to arrive (32 bits each; a
+// least-squares fit of the arrival times). A node that predates type 2
+// counts probe datagrams as malformed and sends no reports.
+//
 // Control messages travel on one reliable bidirectional QUIC stream per link,
 // each framed as a uvarint length, a type byte and a body of uvarints and
 // uvarint-prefixed strings. An announce ends with the stream's flags only
@@ -42,6 +52,7 @@ const (
 
 	dgramMedia     = 0 // datagram type: media
 	dgramHeartbeat = 1 // datagram type: heartbeat, one byte (heartbeat.go)
+	dgramProbe     = 2 // datagram type: bandwidth probe train or report (probe.go)
 
 	flagKeyframe   = 0x01
 	flagFragment   = 0x02
