@@ -53,9 +53,9 @@ func TestLabProbedBandwidth(t *testing.T) {
 			}
 		}
 		ls := stats(k)
-		t.Logf("after %v: %s→%s set %.0f kbit/s: etcd has %.0f, the node %.0f; its relay's last of %d estimates %.0f; "+
+		t.Logf("after %v: %s→%s set %.0f kbit/s: etcd has %.0f (jitter %.1f ms, loss %.2f %%), the node %.0f; its relay's last of %d estimates %.0f; "+
 			"probes sent %d datagrams, %d bytes, %d lost",
-			time.Since(start).Round(100*time.Millisecond), k[0], k[1], kbps, ln.BandwidthKbps, now, ls.ProbeEstimates, ls.ProbeKbps,
+			time.Since(start).Round(100*time.Millisecond), k[0], k[1], kbps, ln.BandwidthKbps, ln.JitterMs, ln.Loss*100, now, ls.ProbeEstimates, ls.ProbeKbps,
 			ls.ProbeDatagramsSent, ls.ProbeBytesSent, ls.ProbeDatagramsLost)
 		if !found || math.Abs(ln.BandwidthKbps-kbps) > 0.25*kbps {
 			t.Errorf("%s→%s: etcd has %.0f kbit/s (found %v), set %.0f: want within 25 %%", k[0], k[1], ln.BandwidthKbps, found, kbps)
@@ -65,7 +65,8 @@ func TestLabProbedBandwidth(t *testing.T) {
 		}
 	}
 	if bc, ok := etcdLink(t, s, "b", "c"); ok {
-		t.Logf("b→c (unimpaired loopback) has %.0f kbit/s; b's relay's last estimate %.0f", bc.BandwidthKbps, stats([2]string{"b", "c"}).ProbeKbps)
+		t.Logf("b→c (unimpaired loopback) has %.0f kbit/s (jitter %.1f ms); b's relay's last estimate %.0f", bc.BandwidthKbps, bc.JitterMs,
+			stats([2]string{"b", "c"}).ProbeKbps)
 	}
 }
 

@@ -35,7 +35,10 @@ func (l *quicLink) readDatagrams() {
 		}
 		l.live.heardFrom()
 		if isHeartbeat(b) {
-			l.jitter.received(b, time.Now())
+			// One that queued behind a probe train is no jitter sample.
+			if now := time.Now(); !l.probeRx.delays(now) {
+				l.jitter.received(b, now)
+			}
 			continue
 		}
 		if isProbe(b) {
