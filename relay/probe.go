@@ -20,8 +20,8 @@ import (
 // datagram may be. A bottleneck on the way forwards them one after another
 // at its rate, so they arrive spaced by it: the receiver notes when each
 // arrives and reports the train's dispersion back in a datagram: the bytes
-// after the first and the time they took, by a least-squares fit of
-// arrival time over bytes (robust to a datagram handed over late). The
+// after the first and the time they took, by the lower envelope of arrival
+// time over bytes (robust to datagrams handed over late). The
 // sender turns the reports into an estimate, the median of the last three
 // trains' rates: LinkStats' ProbeKbps, which the node publishes as the
 // link's bandwidth when nothing better is known.
@@ -181,6 +181,7 @@ type probeReceiver struct {
 	xs, ts [probeFitPoints]float64
 	n      int
 	x      float64
+	hull   [probeFitPoints]int // scratch for finish
 	// quietUntil: heartbeats arriving before it queued behind a train.
 	quietUntil time.Time
 }
@@ -225,28 +226,46 @@ func (pr *probeReceiver) add(h probeHeader, size int, now time.Time) (rep probeR
 }
 
 // finish reports the train. Its span is the time the bytes after the first
-// datagram took by a least-squares fit of arrival time over bytes: a
-// datagram handed over late, as timers fire on a busy machine, moves the
-// fit much less than it would the first-to-last time.
+// datagram took by the lower envelope of arrival time over bytes: a
+// datagram can arrive late (timers fire late on a busy machine and hand
+// over a batch at once, a reader is not scheduled) but never early, so the
+// datagrams that came on time lie on the lower convex hull of the
+// arrivals, and the hull's edge over the train's middle (the line below
+// every arrival that is highest there) has the bottleneck's pace as its
+// slope. A least-squares fit, or the first-to-last time, takes the
+// lateness of the first datagrams for a faster link.
 func (pr *probeReceiver) finish() (probeReport, bool) {
 	rep := pr.cur
 	pr.active, pr.done, pr.reported = false, rep.Train, true
-	if n := pr.n; n >= 2 {
-		var mx, mt float64
-		for i := range n {
-			mx += pr.xs[i]
-			mt += pr.ts[i]
+	n := pr.n
+	if n < 2 {
+		return rep, true
+	}
+	hull := pr.hull[:0]
+	var mx float64
+	for i := range n {
+		mx += pr.xs[i]
+		for len(hull) >= 2 {
+			o, a := hull[len(hull)-2], hull[len(hull)-1]
+			cross := (pr.xs[a]-pr.xs[o])*(pr.ts[i]-pr.ts[o]) - (pr.ts[a]-pr.ts[o])*(pr.xs[i]-pr.xs[o])
+			if cross > 0 {
+				break
+			}
+			hull = hull[:len(hull)-1]
 		}
-		mx, mt = mx/float64(n), mt/float64(n)
-		var sxt, sxx float64
-		for i := range n {
-			sxt += (pr.xs[i] - mx) * (pr.ts[i] - mt)
-			sxx += (pr.xs[i] - mx) * (pr.xs[i] - mx)
+		hull = append(hull, i)
+	}
+	mx /= float64(n)
+	for k := 0; k+1 < len(hull); k++ {
+		i, j := hull[k], hull[k+1]
+		if pr.xs[j] < mx && k+2 < len(hull) {
+			continue
 		}
-		if sxx > 0 && sxt > 0 {
+		if slope := (pr.ts[j] - pr.ts[i]) / (pr.xs[j] - pr.xs[i]); slope > 0 {
 			after := float64(rep.Bytes) + float64(rep.Got-1)*probeOverhead
-			rep.Span = time.Duration(sxt / sxx * after * float64(time.Second))
+			rep.Span = time.Duration(slope * after * float64(time.Second))
 		}
+		break
 	}
 	return rep, true
 }

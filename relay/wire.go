@@ -38,8 +38,8 @@ import (
 // train id (32 bits), its index and the train's count (16 bits each), then
 // zero padding to the datagram size; a report the train id, the datagrams
 // received and sent (16 bits each), the bytes received after the first
-// datagram and the microseconds they took to arrive (32 bits each; a
-// least-squares fit of the arrival times). A node that predates type 2
+// datagram and the microseconds they took to arrive (32 bits each; the
+// lower envelope of the arrival times). A node that predates type 2
 // counts probe datagrams as malformed and sends no reports.
 //
 // Control messages travel on one reliable bidirectional QUIC stream per link,
