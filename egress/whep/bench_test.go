@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -185,6 +186,14 @@ func cpuTime() (user, sys time.Duration) {
 	return time.Duration(ru.Utime.Nano()), time.Duration(ru.Stime.Nano())
 }
 
+// gcCPU returns the CPU time the garbage collector has used, in seconds
+// (the runtime's estimate).
+func gcCPU() float64 {
+	s := []metrics.Sample{{Name: "/cpu/classes/gc/total:cpu-seconds"}}
+	metrics.Read(s)
+	return s[0].Value.Float64()
+}
+
 // vmRSS returns the process's resident set size from /proc/self/status.
 func vmRSS(b *testing.B) int64 { return procStatus(b, "VmRSS") }
 
@@ -212,7 +221,8 @@ func procStatus(b *testing.B, field string) int64 {
 // BenchmarkFanout sends a 2 Mbit/s H264 stream (~1100-byte packets, ~240
 // packets/s, 2 s GOP) and Opus (50 packets/s) to N pion viewers on loopback
 // and reports the server's CPU time per outgoing packet (process CPU:
-// publisher, hub fan-out, queues, pion's SRTP and UDP writes), the outgoing
+// publisher, hub fan-out, queues, pion's SRTP and UDP writes), the share of
+// it the garbage collector took (gc-cpu-%, what GOGC trades), the outgoing
 // packet rate, the CPU cores used, what the viewers lost, and per viewer:
 // the growth of the server process's resident set (VmRSS, what an outside
 // observer sees: heap, GC headroom, goroutine stacks, runtime; and its
@@ -360,9 +370,11 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	runtime.ReadMemStats(&a0)
 	st0, rx0, t0 := srv.Stats(), c.received(b), time.Now()
 	u0, s0 := cpuTime()
+	gc0 := gcCPU()
 	time.Sleep(10 * time.Second)
 	st1, rx1, t1 := srv.Stats(), c.received(b), time.Now()
 	u1, s1 := cpuTime()
+	gc1 := gcCPU()
 	runtime.ReadMemStats(&a1)
 	b.StopTimer()
 	// The RSS is read rssWindow after the viewers connected, as the
@@ -395,6 +407,7 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	b.ReportMetric(cpu*1e6/sent, "µs-cpu/pkt")
 	b.ReportMetric(user*1e6/sent, "µs-user/pkt")
 	b.ReportMetric(sys*1e6/sent, "µs-sys/pkt")
+	b.ReportMetric(100*(gc1-gc0)/cpu, "gc-cpu-%")
 	b.ReportMetric(sent/wall, "pkt/s")
 	b.ReportMetric(cpu/wall, "cores")
 	b.ReportMetric(float64(rss1-rss0)/float64(n), "rss-B/viewer")

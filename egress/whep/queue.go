@@ -16,7 +16,7 @@ const (
 	// replay, a slow viewer's lag) does not keep its peak for the
 	// viewer's lifetime. Rings up to this size are kept, so that the
 	// steady state does not allocate.
-	queueShrinkSlots = 256
+	queueShrinkSlots = 64
 )
 
 // viewerQueue is a viewer's bounded packet queue: a relay.BufferWriter the

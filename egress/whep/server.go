@@ -206,7 +206,13 @@ func (s *Server) play(ctx context.Context, rs *rtc.Session, offer *rtc.Offer) (*
 		s.releaseCache(cache)
 		return fail(err)
 	}
-	answer, err := v.start(ctx, s.cfg.RTC.NewSenderAPI(m, ir, v.handleRTCP), offer.SDP)
+	// pion keeps the remote description for the viewer's lifetime: only
+	// the formats sent stay in it.
+	keep := make(map[int]uint8, len(choices))
+	for _, c := range choices {
+		keep[c.section] = c.codec.PayloadType
+	}
+	answer, err := v.start(ctx, s.cfg.RTC.NewSenderAPI(m, ir, v.handleRTCP), rtc.TrimOffer(offer.SDP, keep))
 	if err != nil {
 		s.releaseCache(cache)
 		return fail(err)
@@ -236,11 +242,13 @@ func egressInterceptors() (*interceptor.Registry, error) {
 	return &interceptor.Registry{}, nil
 }
 
-// choice is a stream track and the offered codec it is sent as.
+// choice is a stream track and the offered codec it is sent as, in the
+// offer's media section (0-based) section.
 type choice struct {
-	index int
-	track relay.Track
-	codec *rtc.Codec
+	index   int
+	track   relay.Track
+	codec   *rtc.Codec
+	section int
 }
 
 // chooseCodecs matches the first video and first audio track of the stream
@@ -256,9 +264,10 @@ func chooseCodecs(stream string, desc relay.Description, o *rtc.Offer) ([]choice
 		}
 		t := desc.Tracks[idx]
 		var media *rtc.Media
+		section := -1
 		for i := range o.Media {
 			if m := &o.Media[i]; m.Kind == kind && (m.Direction == "recvonly" || m.Direction == "sendrecv") {
-				media = m
+				media, section = m, i
 				break
 			}
 		}
@@ -275,7 +284,7 @@ func chooseCodecs(stream string, desc relay.Description, o *rtc.Offer) ([]choice
 				"whep: stream %q sends %s but the offer's %s section does not offer %s: offer that codec to play this stream",
 				stream, t.MimeType, kind, want)
 		}
-		out = append(out, choice{index: idx, track: t, codec: c})
+		out = append(out, choice{index: idx, track: t, codec: c, section: section})
 	}
 	if len(out) == 0 {
 		return nil, rtc.Errorf(http.StatusBadRequest,

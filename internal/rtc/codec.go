@@ -3,6 +3,7 @@ package rtc
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -185,7 +186,8 @@ func (c *Codec) Track() relay.Track {
 
 // Parameters returns the pion codec parameters to register for this codec,
 // with its payload type and fmtp, keeping only the RTCP feedback types in
-// feedback that the offer also lists.
+// feedback that the offer also lists. The fmtp is a copy: pion keeps it for
+// the PeerConnection's lifetime, and the offer's text need not stay with it.
 func (c *Codec) Parameters(feedback ...webrtc.RTCPFeedback) webrtc.RTPCodecParameters {
 	var fb []webrtc.RTCPFeedback
 	for _, f := range feedback {
@@ -202,7 +204,7 @@ func (c *Codec) Parameters(feedback ...webrtc.RTCPFeedback) webrtc.RTPCodecParam
 			MimeType:     c.MimeType,
 			ClockRate:    c.ClockRate,
 			Channels:     c.Channels,
-			SDPFmtpLine:  c.Fmtp,
+			SDPFmtpLine:  strings.Clone(c.Fmtp),
 			RTCPFeedback: fb,
 		},
 	}
@@ -228,3 +230,51 @@ var (
 // SupportedCodecs is the wording user-facing errors use for what the relay
 // carries.
 const SupportedCodecs = "H264 (packetization-mode=1), VP8 or Opus"
+
+// TrimOffer returns offer with only the payload type keep[i] left in its
+// i-th media section (0-based, in order): the other formats leave the m=
+// line with their rtpmap, fmtp and rtcp-fb lines. Sections without an
+// entry in keep, and every other line, are left as they are. An answer to
+// the trimmed offer is an answer to offer; pion keeps the remote
+// description of every PeerConnection, text and parsed, for its lifetime:
+// a browser's offer lists a dozen video formats with their RTX and
+// feedback (~5 KB of SDP) where a server that sends one codec per kind
+// needs one.
+func TrimOffer(offer string, keep map[int]uint8) string {
+	var b strings.Builder
+	b.Grow(len(offer))
+	section := -1
+	pt, trim := uint8(0), false
+	for line := range strings.Lines(offer) {
+		text := strings.TrimRight(line, "\r\n")
+		if rest, ok := strings.CutPrefix(text, "m="); ok {
+			section++
+			pt, trim = keep[section]
+			if trim {
+				if f := strings.Fields(rest); len(f) > 3 && slices.Contains(f[3:], strconv.Itoa(int(pt))) {
+					b.WriteString("m=" + strings.Join(f[:3], " ") + " " + strconv.Itoa(int(pt)))
+					b.WriteString(line[len(text):])
+					continue
+				}
+				trim = false // pt is not offered here: leave the section alone
+			}
+		} else if trim && !keepFormatLine(text, pt) {
+			continue
+		}
+		b.WriteString(line)
+	}
+	return b.String()
+}
+
+// keepFormatLine reports whether an SDP line of a trimmed section stays:
+// every line but an rtpmap, fmtp or rtcp-fb of a payload type other than
+// pt (rtcp-fb:* stays).
+func keepFormatLine(line string, pt uint8) bool {
+	for _, attr := range []string{"a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"} {
+		if rest, ok := strings.CutPrefix(line, attr); ok {
+			f, _, _ := strings.Cut(rest, " ")
+			return f == "*" || f == strconv.Itoa(int(pt))
+		}
+	}
+	return true
+}

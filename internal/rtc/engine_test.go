@@ -182,6 +182,49 @@ func TestParseOffer(t *testing.T) {
 	}
 }
 
+func TestTrimOffer(t *testing.T) {
+	const offer = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n" +
+		"m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n" +
+		"a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n" +
+		"a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtcp-fb:96 nack pli\r\n" +
+		"a=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\na=rtcp-fb:* transport-cc\r\n" +
+		"a=rtpmap:102 H264/90000\r\na=rtcp-fb:102 nack\r\n" +
+		"a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n" +
+		"a=rtpmap:103 H264/90000\r\na=fmtp:103 packetization-mode=0;profile-level-id=42e01f\r\n" +
+		"m=audio 9 UDP/TLS/RTP/SAVPF 111 0\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=rtpmap:111 opus/48000/2\r\na=rtpmap:0 PCMU/8000\r\n"
+	got := rtc.TrimOffer(offer, map[int]uint8{0: 102})
+	want := "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n" +
+		"m=video 9 UDP/TLS/RTP/SAVPF 102\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n" +
+		"a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n" +
+		"a=rtcp-fb:* transport-cc\r\n" +
+		"a=rtpmap:102 H264/90000\r\na=rtcp-fb:102 nack\r\n" +
+		"a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n" +
+		"m=audio 9 UDP/TLS/RTP/SAVPF 111 0\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=rtpmap:111 opus/48000/2\r\na=rtpmap:0 PCMU/8000\r\n"
+	if got != want {
+		t.Errorf("trimmed offer:\n%s\nwant:\n%s", got, want)
+	}
+	o, err := rtc.ParseOffer(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := o.Media[0].Codecs; len(c) != 1 || c[0].PayloadType != 102 || !c[0].Supported() || len(c[0].Feedback) != 1 {
+		t.Errorf("trimmed video codecs = %+v", c)
+	}
+	if both := rtc.TrimOffer(offer, map[int]uint8{0: 96, 1: 111}); !strings.Contains(both, "SAVPF 96\r\n") ||
+		!strings.Contains(both, "SAVPF 111\r\n") || strings.Contains(both, "PCMU") || strings.Contains(both, "rtx") {
+		t.Errorf("offer trimmed to VP8 and Opus:\n%s", both)
+	}
+	// A payload type the section does not offer leaves it alone, as does
+	// an offer with LF line ends only its lines' formats.
+	if same := rtc.TrimOffer(offer, map[int]uint8{0: 50}); same != offer {
+		t.Errorf("offer trimmed to an unoffered payload type:\n%s", same)
+	}
+	lf := strings.ReplaceAll(offer, "\r\n", "\n")
+	if got := rtc.TrimOffer(lf, map[int]uint8{0: 102}); got != strings.ReplaceAll(want, "\r\n", "\n") {
+		t.Errorf("LF offer trimmed:\n%s", got)
+	}
+}
+
 func FuzzParseOffer(f *testing.F) {
 	f.Add("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\na=fmtp:96 x=1\r\n")
 	f.Add("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\na=rtcp-fb:111 nack\r\n")
