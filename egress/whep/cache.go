@@ -14,8 +14,9 @@ const (
 	// frame is late for playout, well within a second.
 	rtxWindow = time.Second
 	// rtxMinBytes and rtxMaxBytes bound a cache's byte ring: it starts
-	// small and doubles while one lap of it holds less than rtxWindow of
-	// the track (~512 KB for a 2 Mbit/s stream).
+	// small and grows by half while one lap of it holds less than
+	// rtxWindow of the track (~324 KB for a 2 Mbit/s stream; doubling
+	// overshot to 512 KB).
 	rtxMinBytes = 64 << 10
 	rtxMaxBytes = 2 << 20
 	// rtxSlots is the size of the sequence number index: more packets
@@ -74,14 +75,17 @@ func (c *rtxCache) add(p *relay.Packet) {
 	c.w += n
 }
 
-// endLapLocked makes room at the end of the ring: it doubles the ring when
-// the lap took less than rtxWindow, and starts a new lap otherwise.
+// endLapLocked makes room at the end of the ring: it grows the ring by
+// half when the lap took less than rtxWindow, and starts a new lap
+// otherwise.
 func (c *rtxCache) endLapLocked() {
 	now := time.Now()
 	if now.Sub(c.t0) < rtxWindow && len(c.buf) < rtxMaxBytes {
 		// Growing keeps every offset: the previous lap's packets beyond w
 		// stay where they were until this lap's writes reach them.
-		c.buf = append(c.buf, make([]byte, len(c.buf))...)
+		grown := make([]byte, min(len(c.buf)*3/2, rtxMaxBytes))
+		copy(grown, c.buf)
+		c.buf = grown
 		return
 	}
 	c.lap++
