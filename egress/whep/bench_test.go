@@ -261,7 +261,7 @@ const rssWindow = 25 * time.Second
 // benchGCPercent is the GC target cmd/stemflow gives a node (its
 // gcPercent); GOGC in the environment overrides it, e.g. GOGC=100 for Go's
 // default.
-const benchGCPercent = 25
+const benchGCPercent = 15
 
 func fanout(b *testing.B, n int, udpMux bool) {
 	if os.Getenv("GOGC") == "" {
