@@ -254,6 +254,14 @@ func (h *Hub) setSilent(l link, silent bool) {
 	}
 	var stops []source
 	moved, stuck := 0, 0
+	// What this node announces leaves out routes through a silent
+	// neighbour (bestRouteLocked): announce what changes.
+	before := map[string]advert{}
+	for name, vias := range h.routes {
+		if _, ok := vias[peer]; ok {
+			before[name] = h.advertLocked(name)
+		}
+	}
 	if silent {
 		h.silent[peer] = true
 		for _, s := range h.streams {
@@ -282,6 +290,9 @@ func (h *Hub) setSilent(l link, silent bool) {
 				h.followRouteLocked(s) // make-before-break back to the route's parent
 			}
 		}
+	}
+	for name, ad := range before {
+		h.advertiseLocked(name, ad)
 	}
 	h.mu.Unlock()
 	for _, src := range stops {

@@ -309,6 +309,41 @@ func TestQuietNeighbourStreamsMoveFirst(t *testing.T) {
 	}
 }
 
+// TestAnnouncementsLeaveSilentNeighbour: e hears of x only from d, and d
+// from b and c (a→b→d wins the tie). e takes nothing yet (a chat room
+// there only wants x). b goes silent: d announces the path through c to e
+// within DeadAfter (here b, which hears nobody either, also stops
+// announcing the path through a, which it finds silent), so e's way to x
+// follows the failover. Before, d went
+// on announcing a→b→d until its connection to b timed out (5 s on QUIC),
+// and nodes that only wanted the stream waited that long.
+func TestAnnouncementsLeaveSilentNeighbour(t *testing.T) {
+	testutil.CheckLeaks(t)
+	testutil.Watchdog(t, 60*time.Second)
+	m := newFakeMesh(t, Config{Heartbeat: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond}, "a", "b", "c", "d", "e")
+	for _, p := range [][2]string{{"a", "d"}, {"a", "e"}, {"b", "e"}, {"c", "e"}} {
+		m.links[p[0]][p[1]].drop(errors.New("not linked in this test"))
+	}
+	pub, err := m.hubs["a"].Publish("x", h264Desc, PublishOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	e := m.hubs["e"]
+	testutil.WaitFor(t, "e learns of x through b and d", func() bool { return hopsOf(e, "x") == "a>b>d>e" })
+	for _, peer := range []string{"a", "c", "d"} {
+		m.links["b"][peer].silence(true)
+	}
+	testutil.WaitFor(t, "e to learn of x through c", func() bool { return hopsOf(e, "x") == "a>c>d>e" })
+	if p, origin, ok := e.Upstream("x"); !ok || p != "d" || origin != "a" {
+		t.Fatalf("Upstream at e: %q %q %v, want d a true", p, origin, ok)
+	}
+	for _, peer := range []string{"a", "c", "d"} {
+		m.links["b"][peer].silence(false)
+	}
+	testutil.WaitFor(t, "e to learn of x through b again", func() bool { return hopsOf(e, "x") == "a>b>d>e" })
+}
+
 // TestNewLinkToSilentNeighbourIsUsable: a neighbour that went silent and
 // whose link closed comes back on a new link: it is usable at once (its new
 // link's heartbeat watches it), not silent forever.

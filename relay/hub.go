@@ -175,8 +175,8 @@ func (h *Hub) publishableLocked(name string) error {
 	if s, ok := h.streams[name]; ok {
 		return fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, s.origin)
 	}
-	if r, ok := h.bestRouteLocked(name); ok {
-		return fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, r.origin)
+	for _, ad := range h.routes[name] { // through a silent neighbour too
+		return fmt.Errorf("%w: %q is live at datacenter %s", ErrStreamExists, name, ad.hops[0])
 	}
 	return nil
 }

@@ -51,11 +51,18 @@ type advert struct {
 
 func (a advert) equal(b advert) bool { return slices.Equal(a.hops, b.hops) && a.flags == b.flags }
 
-// bestRouteLocked returns the best announced route to a stream.
+// bestRouteLocked returns the best announced route to a stream, leaving
+// out routes through a silent neighbour (heartbeat.go): what this node
+// announces follows its neighbours' failover, so that nodes further on
+// learn of another path within DeadAfter, not when the silent link's
+// connection times out.
 func (h *Hub) bestRouteLocked(name string) (route, bool) {
 	var best route
 	found := false
 	for via, ad := range h.routes[name] {
+		if h.silent[via] {
+			continue
+		}
 		if hops := ad.hops; !found || len(hops) < len(best.hops) || len(hops) == len(best.hops) && via < best.via {
 			best, found = route{origin: hops[0], via: via, hops: hops, flags: ad.flags}, true
 		}
