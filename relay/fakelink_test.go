@@ -280,6 +280,17 @@ func (u *fakeUp) end(err error) { u.l.hub.upstreamEnded(u.s, u, err) }
 // stream, until the hub stops the subscription or the link drops.
 func (u *fakeUp) serve(ctx context.Context) {
 	defer u.l.wg.Done()
+	// A real subscription's first packets arrive a round trip after the
+	// request, which the hub sends with its lock held and follows, under
+	// the same lock, by telling the stream's ingress of the new source.
+	// Wait for the hub to release it: a packet that came before would be
+	// dropped as a retired source's (a replay lost, the splice held).
+	u.l.hub.mu.Lock()
+	closed := u.l.hub.closed
+	u.l.hub.mu.Unlock()
+	if closed {
+		return
+	}
 	remote := u.l.remote.hub
 	feed := downstreamFunc{peer: u.l.remote.peer, f: func(p *Packet) {
 		if !u.l.silenced.Load() {

@@ -193,7 +193,9 @@ const (
 // setSuspect starts moving every stream taken from a neighbour that has
 // been quiet for SuspectAfter to another parent, make-before-break (on),
 // or, when it is heard again (off), drops the moves that have not spliced
-// yet and sends streams whose route names it back to it.
+// yet and sends the streams that moved back to it, make-before-break:
+// those whose route names it, and those without a route whose best
+// announcement still comes through it.
 func (h *Hub) setSuspect(l link, on bool) {
 	peer := l.neighbour()
 	h.mu.Lock()
@@ -225,11 +227,21 @@ func (h *Hub) setSuspect(l link, on bool) {
 				s.nextHops = h.pathThrough(hops)
 			}
 			s.in.join(s.next)
+			s.quietFrom = peer
 			moving++
 		case !on && r.Parent == peer:
 			h.followRouteLocked(s)
 		case !on && from && s.next != nil && s.next.peer() != r.Parent:
 			h.dropJoiningLocked(s)
+		case !on && s.quietFrom == peer && r.Parent == "":
+			// It moved away by announcement: back while the quiet
+			// neighbour's announcement is still the best.
+			if best, ok := h.bestRouteLocked(name); ok && best.via == peer {
+				h.moveLocked(s, peer)
+			}
+		}
+		if !on && s.quietFrom == peer {
+			s.quietFrom = ""
 		}
 	}
 	h.mu.Unlock()

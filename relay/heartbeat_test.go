@@ -239,29 +239,47 @@ func TestSilentNeighbourFailsOver(t *testing.T) {
 	}
 }
 
-// TestQuietNeighbourStreamsMoveFirst: d takes a stream through b (route,
-// backup c) on fake links that beat. b falls quiet: after SuspectAfter,
-// long before DeadAfter calls it silent, d's stream is already on c,
-// spliced make-before-break, and the viewer sees no duplicate and no gap
-// without a keyframe. b beats again before it is silent: the stream goes
-// back to b, make-before-break. Before, the stream stayed on quiet b until
-// DeadAfter, and the backup's round trip came on top of that.
+// TestQuietNeighbourStreamsMoveFirst: d takes a stream through b on fake
+// links that beat, by its route (backup c) or, with no route and no link
+// a–d, by announcement (a→b→d wins the tie with a→c→d). The link b–d falls
+// quiet: after SuspectAfter, long before DeadAfter calls b silent, d's
+// stream is already on c, spliced make-before-break, and the viewer sees
+// no duplicate and no gap without a keyframe. b is heard again before it
+// is silent: the stream goes back to b, make-before-break. Before, the
+// stream stayed on quiet b until DeadAfter, and the backup's round trip
+// came on top of that.
 func TestQuietNeighbourStreamsMoveFirst(t *testing.T) {
+	for _, routed := range []bool{true, false} {
+		t.Run(map[bool]string{true: "route", false: "announcement"}[routed], func(t *testing.T) {
+			testQuietNeighbourStreamsMoveFirst(t, routed)
+		})
+	}
+}
+
+func testQuietNeighbourStreamsMoveFirst(t *testing.T, routed bool) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 60*time.Second)
 	// DeadAfter is long here so that the move can only be the suspicion's.
 	cfg := Config{Heartbeat: 20 * time.Millisecond, SuspectAfter: 100 * time.Millisecond, DeadAfter: testutil.Scale(5 * time.Second)}
 	m := newFakeMesh(t, cfg, "a", "b", "c", "d")
 	a, d := m.hubs["a"], m.hubs["d"]
+	if !routed {
+		m.links["a"]["d"].drop(errors.New("not linked in this test"))
+	}
 	pub, err := a.Publish("x", h264Desc, PublishOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pub.Close()
-	for _, n := range []string{"b", "c", "d"} {
+	for _, n := range []string{"b", "c"} {
 		testutil.WaitFor(t, n+" learns of x", func() bool { return hopsOf(m.hubs[n], "x") == "a>"+n })
 	}
-	d.SetRoute("x", Route{Parent: "b", Backup: "c", Version: 1})
+	if routed {
+		testutil.WaitFor(t, "d learns of x", func() bool { return hopsOf(d, "x") == "a>d" })
+		d.SetRoute("x", Route{Parent: "b", Backup: "c", Version: 1})
+	} else {
+		testutil.WaitFor(t, "d learns of x through b", func() bool { return hopsOf(d, "x") == "a>b>d" })
+	}
 	q := NewQueue(1 << 14)
 	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
 	defer cancel()
@@ -273,10 +291,8 @@ func TestQuietNeighbourStreamsMoveFirst(t *testing.T) {
 	f := startFlow(t, pub, q, 2000, 1)
 	testutil.WaitFor(t, "packets through b", func() bool { f.drain(); return f.n > 100 && hopsOf(d, "x") == "a>b>d" })
 
-	f.phase = "b quiet"
-	for _, peer := range []string{"a", "c", "d"} {
-		m.links["b"][peer].silence(true)
-	}
+	f.phase = "b–d quiet"
+	m.links["b"]["d"].silence(true)
 	quiet := time.Now()
 	testutil.WaitFor(t, "d to take x through c", func() bool { f.drain(); return hopsOf(d, "x") == "a>c>d" })
 	moved := time.Since(quiet)
@@ -285,13 +301,11 @@ func TestQuietNeighbourStreamsMoveFirst(t *testing.T) {
 	}
 	n := f.n
 	testutil.WaitFor(t, "packets through c", func() bool { f.drain(); return f.n > n+50 })
-	t.Logf("x on c %v after b fell quiet (SuspectAfter %v); longest wait at the viewer %v; %d packets lost in %d gaps",
+	t.Logf("x on c %v after b–d fell quiet (SuspectAfter %v); longest wait at the viewer %v; %d packets lost in %d gaps",
 		moved.Round(time.Millisecond), cfg.SuspectAfter, f.maxSilent.Round(time.Millisecond), f.lost, f.gaps)
 
 	f.phase = "b heard again"
-	for _, peer := range []string{"a", "c", "d"} {
-		m.links["b"][peer].silence(false)
-	}
+	m.links["b"]["d"].silence(false)
 	testutil.WaitFor(t, "x back through b", func() bool { f.drain(); return hopsOf(d, "x") == "a>b>d" })
 	n = f.n
 	testutil.WaitFor(t, "packets through b again", func() bool { f.drain(); return f.n > n+50 })

@@ -213,22 +213,27 @@ func (h *Hub) pathThrough(hops []string) []string {
 // It reports whether a move started, and from which parent.
 func (h *Hub) followRouteLocked(s *Stream) (from string, moving bool) {
 	h.syncSourcesLocked(s)
-	r := h.steer[s.name]
-	if r.Parent == "" || !h.usableLocked(r.Parent) {
+	return h.moveLocked(s, h.steer[s.name].Parent)
+}
+
+// moveLocked moves a relayed stream to parent make-before-break (see
+// followRouteLocked); parent "" or unusable does nothing.
+func (h *Hub) moveLocked(s *Stream, parent string) (from string, moving bool) {
+	if parent == "" || !h.usableLocked(parent) {
 		return "", false
 	}
-	if s.src != nil && s.src.peer() == r.Parent {
+	if s.src != nil && s.src.peer() == parent {
 		h.dropJoiningLocked(s) // back to where it was before the move finished
 		return "", false
 	}
-	if s.next != nil && s.next.peer() == r.Parent {
+	if s.next != nil && s.next.peer() == parent {
 		return "", false
 	}
 	h.dropJoiningLocked(s)
-	l := h.links[r.Parent]
+	l := h.links[parent]
 	s.next = l.subscribe(s)
 	s.nextHops = nil
-	if ad, ok := h.routes[s.name][r.Parent]; ok {
+	if ad, ok := h.routes[s.name][parent]; ok {
 		s.nextHops = h.pathThrough(ad.hops)
 	}
 	s.in.join(s.next)

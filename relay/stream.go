@@ -57,7 +57,10 @@ type Stream struct {
 	next     source          // make-before-break: the new parent's subscription, until spliced
 	nextHops []string        // the path through next, once known
 	failed   map[string]bool // neighbours whose subscription failed since the stream last got an answer
-	hops     []string        // datacenters from the origin to this node
+	// quietFrom is the neighbour a move started because it fell quiet
+	// left (heartbeat.go), until it is heard again.
+	quietFrom string
+	hops      []string // datacenters from the origin to this node
 	// pathChanged is closed when hops changes; nil until watched.
 	pathChanged chan struct{}
 	interest    int // acquire calls not released: Subscribes waiting or attached
