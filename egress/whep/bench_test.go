@@ -187,11 +187,12 @@ func cpuTime() (user, sys time.Duration) {
 }
 
 // gcCPU returns the CPU time the garbage collector has used, in seconds
-// (the runtime's estimate).
-func gcCPU() float64 {
-	s := []metrics.Sample{{Name: "/cpu/classes/gc/total:cpu-seconds"}}
+// (the runtime's estimate): its share that ran on cores nothing else
+// wanted (idle mark workers) apart.
+func gcCPU() (busy, idle float64) {
+	s := []metrics.Sample{{Name: "/cpu/classes/gc/total:cpu-seconds"}, {Name: "/cpu/classes/gc/mark/idle:cpu-seconds"}}
 	metrics.Read(s)
-	return s[0].Value.Float64()
+	return s[0].Value.Float64() - s[1].Value.Float64(), s[1].Value.Float64()
 }
 
 // vmRSS returns the process's resident set size from /proc/self/status.
@@ -222,7 +223,8 @@ func procStatus(b *testing.B, field string) int64 {
 // packets/s, 2 s GOP) and Opus (50 packets/s) to N pion viewers on loopback
 // and reports the server's CPU time per outgoing packet (process CPU:
 // publisher, hub fan-out, queues, pion's SRTP and UDP writes), the share of
-// it the garbage collector took (gc-cpu-%, what GOGC trades), the outgoing
+// it the garbage collector took (gc-cpu-%, what GOGC trades; gc-idle-cpu-%
+// is the GC's work on cores that were idle, apart), the outgoing
 // packet rate, the CPU cores used, what the viewers lost, and per viewer:
 // the growth of the server process's resident set (VmRSS, what an outside
 // observer sees: heap, GC headroom, goroutine stacks, runtime; and its
@@ -370,11 +372,11 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	runtime.ReadMemStats(&a0)
 	st0, rx0, t0 := srv.Stats(), c.received(b), time.Now()
 	u0, s0 := cpuTime()
-	gc0 := gcCPU()
+	gc0, gcIdle0 := gcCPU()
 	time.Sleep(10 * time.Second)
 	st1, rx1, t1 := srv.Stats(), c.received(b), time.Now()
 	u1, s1 := cpuTime()
-	gc1 := gcCPU()
+	gc1, gcIdle1 := gcCPU()
 	runtime.ReadMemStats(&a1)
 	b.StopTimer()
 	// The RSS is read rssWindow after the viewers connected, as the
@@ -408,6 +410,7 @@ func fanout(b *testing.B, n int, udpMux bool) {
 	b.ReportMetric(user*1e6/sent, "µs-user/pkt")
 	b.ReportMetric(sys*1e6/sent, "µs-sys/pkt")
 	b.ReportMetric(100*(gc1-gc0)/cpu, "gc-cpu-%")
+	b.ReportMetric(100*(gcIdle1-gcIdle0)/cpu, "gc-idle-cpu-%")
 	b.ReportMetric(sent/wall, "pkt/s")
 	b.ReportMetric(cpu/wall, "cores")
 	b.ReportMetric(float64(rss1-rss0)/float64(n), "rss-B/viewer")
