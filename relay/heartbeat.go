@@ -15,7 +15,8 @@ import (
 // counts every datagram it receives, media or heartbeat, as a sign of
 // life. Silence has two stages:
 //
-//   - A neighbour not heard from for Config.SuspectAfter (150 ms) is
+//   - A neighbour not heard from for Config.SuspectAfter (150 ms), and for
+//     twice the longest wait between its signs of life lately, is
 //     suspect: every stream this node takes from it starts moving to its
 //     route's backup, else to the best announcement through another
 //     neighbour, make-before-break (splice.go): the new parent's packets
@@ -140,6 +141,12 @@ func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func
 	defer tick.Stop()
 	last, lastBeat, prevTick := time.Now(), time.Time{}, time.Now()
 	state := alive
+	// recentGap is the longest wait between signs of life lately (halved
+	// every second or so). A neighbour is suspect only after twice that:
+	// on a long link whose congestion window is still opening, datagrams
+	// come in bursts once per round trip with silence between, and that is
+	// its normal.
+	var recentGap time.Duration
 	for {
 		select {
 		case now := <-tick.C:
@@ -154,7 +161,9 @@ func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func
 				lastBeat = now
 				beat()
 			}
+			recentGap -= recentGap / 64
 			if lv.heard.Swap(false) {
+				recentGap = max(recentGap, now.Sub(last))
 				last = now
 				switch state {
 				case suspect:
@@ -173,7 +182,7 @@ func (h *Hub) watchLiveness(ctx context.Context, l link, lv *liveness, beat func
 			case state != silent && quiet >= h.cfg.DeadAfter:
 				state = silent
 				h.setSilent(l, true)
-			case state == alive && quiet >= h.cfg.SuspectAfter:
+			case state == alive && quiet >= max(h.cfg.SuspectAfter, 2*recentGap):
 				state = suspect
 				h.setSuspect(l, true)
 			}
