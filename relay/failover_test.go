@@ -109,14 +109,7 @@ func TestFailoverOverQUIC(t *testing.T) {
 		testutil.WaitFor(t, n+" learns of x", func() bool { return hopsOf(hubs[n], "x") == "a>"+n })
 	}
 	d.SetRoute("x", Route{Parent: "b", Backup: "c", Version: 1})
-	q := NewQueue(1 << 14)
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
-	defer cancel()
-	sub, err := d.Subscribe(ctx, "x", q)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Close()
+	sub, q := watchStream(t, d, "x")
 	// 1000 packets/s, a keyframe every second: a 1 s GOP.
 	f := startFlow(t, pub, q, 1000, 1)
 	testutil.WaitFor(t, "packets through b", func() bool { f.drain(); return f.n > 300 })

@@ -74,6 +74,21 @@ func startFlow(t *testing.T, pub *Publisher, q *Queue, keyEvery uint16, perMs in
 	return f
 }
 
+// watchStream subscribes a viewer's queue to a stream at h, as a viewer
+// joining would; the subscription closes when the test ends.
+func watchStream(t *testing.T, h *Hub, name string) (*Subscription, *Queue) {
+	t.Helper()
+	q := NewQueue(1 << 14)
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
+	defer cancel()
+	sub, err := h.Subscribe(ctx, name, q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sub.Close)
+	return sub, q
+}
+
 // drain checks every packet the viewer has: sequence numbers never go back
 // or repeat, and a gap resumes at a keyframe (the decoder can resync).
 func (f *flow) drain() {
@@ -280,14 +295,7 @@ func testQuietNeighbourStreamsMoveFirst(t *testing.T, routed bool) {
 	} else {
 		testutil.WaitFor(t, "d learns of x through b", func() bool { return hopsOf(d, "x") == "a>b>d" })
 	}
-	q := NewQueue(1 << 14)
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
-	defer cancel()
-	sub, err := d.Subscribe(ctx, "x", q)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Close()
+	sub, q := watchStream(t, d, "x")
 	f := startFlow(t, pub, q, 2000, 1)
 	testutil.WaitFor(t, "packets through b", func() bool { f.drain(); return f.n > 100 && hopsOf(d, "x") == "a>b>d" })
 

@@ -245,14 +245,7 @@ func TestMoveParentMidFlowOnMesh(t *testing.T) {
 		testutil.WaitFor(t, n+" learns of x", func() bool { return hopsOf(m.hubs[n], "x") == "a>"+n })
 	}
 	d.SetRoute("x", Route{Parent: "b", Version: 1})
-	q := NewQueue(1 << 14)
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.Scale(5*time.Second))
-	defer cancel()
-	sub, err := d.Subscribe(ctx, "x", q)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Close()
+	_, q := watchStream(t, d, "x")
 
 	var check seqChecker
 	stop := make(chan struct{})
