@@ -274,6 +274,11 @@ func TestRouteFollowsTopology(t *testing.T) {
 	if d := moved.at.Sub(expired); d > testutil.Scale(time.Second) {
 		t.Errorf("the route moved %v after b's lease expired, want within 1 s", d)
 	}
+	// The watcher can see the route before the manager's Put returns and
+	// counts it.
+	testutil.WaitFor(t, "the manager to count 2 routes written", func() bool {
+		return m.Status().RoutesWritten >= 2
+	})
 	if st := m.Status(); !st.Leading || st.RoutesWritten != 2 {
 		t.Errorf("manager status %+v, want leading with 2 routes written", st)
 	}
