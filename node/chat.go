@@ -19,6 +19,12 @@ type ChatConfig struct {
 	// (default 168h). 0 for HistoryAge keeps messages of any age.
 	HistoryCount int            `yaml:"history_count"`
 	HistoryAge   *time.Duration `yaml:"history_age"`
+	// SyncInterval bounds how long stored messages wait to be flushed to
+	// the disk (default 100ms): they are in the file at once, which a
+	// node's crash does not lose; the machine's crash loses at most this
+	// much, and then every room starts a new epoch. 0 flushes every commit
+	// before its messages are seen (each message then waits for the disk).
+	SyncInterval *time.Duration `yaml:"sync_interval"`
 	// Rate and Burst limit each connection's sends (default 5 a second,
 	// bursts of 10).
 	Rate  float64 `yaml:"rate"`
@@ -39,6 +45,10 @@ func (c *ChatConfig) setDefaults() {
 		d := defaultChatHistoryAge
 		c.HistoryAge = &d
 	}
+	if c.SyncInterval == nil {
+		d := chat.DefaultSyncInterval
+		c.SyncInterval = &d
+	}
 	if c.Rate == 0 {
 		c.Rate = egresschat.DefaultRate
 	}
@@ -54,6 +64,9 @@ func (c *ChatConfig) validate(bad func(field, format string, args ...any)) {
 	if c.HistoryAge != nil && *c.HistoryAge < 0 {
 		bad("chat.history_age", "%v is negative: give how long messages are kept, e.g. 168h (0 keeps them however old)", *c.HistoryAge)
 	}
+	if c.SyncInterval != nil && *c.SyncInterval < 0 {
+		bad("chat.sync_interval", "%v is negative: give how long stored messages may wait to be flushed to disk, e.g. 100ms (0 flushes every commit)", *c.SyncInterval)
+	}
 	if c.Rate < 0 {
 		bad("chat.rate", "%g is negative: give the messages a second one connection may send (default %g)", c.Rate, egresschat.DefaultRate)
 	}
@@ -68,7 +81,7 @@ func (n *Node) startChat() error {
 	cc := n.cfg.Chat
 	cc.setDefaults()
 	if cc.DataDir != "" {
-		st, err := chat.OpenStore(cc.DataDir)
+		st, err := chat.OpenStore(cc.DataDir, chat.StoreOptions{SyncInterval: *cc.SyncInterval, Logger: n.log})
 		if err != nil {
 			return fmt.Errorf("chat.data_dir: %w", err)
 		}

@@ -45,6 +45,8 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{"level: info", "level: info\nchat:\n  rate: -2", "chat.rate: -2 is negative"},
 		{"level: info", "level: info\nchat:\n  history_age: -1h", "chat.history_age: -1h0m0s is negative"},
 		{"level: info", "level: info\nchat:\n  burst: many", "chat.burst"},
+		{"level: info", "level: info\nchat:\n  sync_interval: -5ms", "chat.sync_interval: -5ms is negative"},
+		{"level: info", "level: info\nchat:\n  sync_interval: soon", "chat.sync_interval"},
 	} {
 		bad := strings.Replace(string(base), tc.from, tc.to, 1)
 		if bad == string(base) {

@@ -5,6 +5,7 @@
 package chat
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -446,15 +447,17 @@ func (c *client) reply(ctx context.Context, v any) bool {
 // frame is answered with an error frame; the connection goes on.
 func (c *client) read(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) {
 	bucket := tokenBucket{rate: c.srv.cfg.Rate, burst: float64(c.srv.cfg.Burst)}
+	var buf bytes.Buffer // one frame's bytes; what is parsed from them is copied
 	for {
 		typ, rd, err := c.conn.Reader(ctx)
 		if err != nil {
 			return
 		}
-		data, err := io.ReadAll(io.LimitReader(rd, maxFrameBytes+1))
-		if err != nil {
+		buf.Reset()
+		if _, err := buf.ReadFrom(io.LimitReader(rd, maxFrameBytes+1)); err != nil {
 			return
 		}
+		data := buf.Bytes()
 		if len(data) > maxFrameBytes {
 			if _, err := io.Copy(io.Discard, rd); err != nil {
 				return

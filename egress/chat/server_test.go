@@ -27,7 +27,7 @@ type node struct {
 
 func startNode(t *testing.T, dir string, ret rooms.Retention, rate float64, burst int) *node {
 	t.Helper()
-	st, err := rooms.OpenStore(dir)
+	st, err := rooms.OpenStore(dir, rooms.StoreOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -61,7 +61,7 @@ func startChain(tb testing.TB, stores bool) []*Service {
 		hubs[dc] = h
 		var st *Store
 		if stores {
-			if st, err = OpenStore(tb.TempDir()); err != nil {
+			if st, err = OpenStore(tb.TempDir(), StoreOptions{SyncInterval: DefaultSyncInterval}); err != nil {
 				tb.Fatal(err)
 			}
 		}

@@ -29,9 +29,6 @@ const (
 	// batchMax bounds the messages sequenced or applied in one store
 	// transaction.
 	batchMax = 1024
-	// commitDelay bounds how long the origin holds a message to store it
-	// with others in one transaction (only with a store).
-	commitDelay = 2 * time.Millisecond
 	// claimTimeout bounds asking the cluster for a room's claim.
 	claimTimeout = 2 * time.Second
 	// openTimeout bounds opening a channel to the parent and its first
@@ -461,42 +458,21 @@ func (r *Room) lead() {
 	r.sequence(batch)
 	tick := time.NewTicker(roleInterval)
 	defer tick.Stop()
-	gather := time.NewTimer(time.Hour)
-	gather.Stop()
 	for {
 		select {
 		case s := <-r.submits:
+			// Group commit without waiting: what was queued meanwhile
+			// (while the last batch was stored) goes in this batch.
 			batch = append(batch[:0], s)
-			// Group commit: with a store, a batch waits up to commitDelay
-			// for company, so that a busy room commits a few hundred times
-			// a second, not once per message.
-			var wait <-chan time.Time
-			if r.svc.cfg.Store != nil {
-				gather.Reset(commitDelay)
-				wait = gather.C
-			}
 		drain:
 			for len(batch) < batchMax {
 				select {
 				case s := <-r.submits:
 					batch = append(batch, s)
-					continue
 				default:
-				}
-				if wait == nil {
-					break
-				}
-				select {
-				case s := <-r.submits:
-					batch = append(batch, s)
-				case <-wait:
-					wait = nil
-					break drain
-				case <-r.ctx.Done():
 					break drain
 				}
 			}
-			gather.Stop() // Go ≥ 1.23: no stale tick after Stop
 			r.sequence(batch)
 		case <-tick.C:
 			if _, origin, live := r.svc.role(r.name); live && !origin {

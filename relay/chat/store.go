@@ -1,13 +1,17 @@
 package chat
 
 import (
+	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -24,17 +28,33 @@ import (
 //
 // One goroutine writes (group commit): every change queued while it
 // commits goes into its next transaction, whatever the room. A change
-// queued with Write is durable when Write returns (the origin's: it acks
-// and serves only what is stored); one queued with WriteBehind (a
+// queued with Write is in the file when Write returns (the origin's: it
+// acks and serves only what is stored); one queued with WriteBehind (a
 // follower's copy, which its parent holds) waits up to storeBehind (20 ms)
 // for company, so followers commit a few dozen times a second rather than
 // once per batch. A Store is safe for concurrent use; changes of one room
 // are applied in the order queued.
+//
+// In the file is not yet on the disk: with a SyncInterval, a commit is
+// written to the file (the kernel's page cache, which outlives the
+// process: a node killed or crashed keeps it) and flushed to the disk
+// (fsync) at most SyncInterval later, in the background, so that no
+// message waits for the disk. Only the machine's crash can lose what was
+// not flushed; the store notices at the next open (see markOpen) and gives
+// every room a new epoch, so that no client mistakes a renumbered message
+// for one it has. Without a SyncInterval every commit is flushed before
+// it counts.
 type Store struct {
-	db     *bolt.DB
-	behind time.Duration
-	queue  chan *storeReq // closed by Close
-	done   chan struct{}
+	db        *bolt.DB
+	behind    time.Duration
+	syncEvery time.Duration
+	log       *slog.Logger
+	queue     chan *storeReq // closed by Close
+	done      chan struct{}
+	dirty     atomic.Bool   // committed since the last flush
+	stopSync  chan struct{} // closed by Close
+	syncDone  chan struct{}
+	renewed   int // see Renewed
 
 	mu     sync.RWMutex // guards closed; senders on queue hold it shared
 	closed bool
@@ -59,6 +79,11 @@ const (
 	storeBehind = 20 * time.Millisecond
 	// storeBatchMax bounds the messages of one transaction.
 	storeBatchMax = 8192
+	// trimChunk is how many messages retention drops from the file at
+	// once: a room at its count then deletes in one transaction of a
+	// thousand rather than a few in each (rewriting the file's first
+	// pages every time). Loading keeps the count (Room.load).
+	trimChunk = 1024
 )
 
 // storedMsg is a message's value in the store as first written (JSON);
@@ -71,23 +96,146 @@ type storedMsg struct {
 }
 
 var (
-	keyEpoch   = []byte("epoch")
+	keyEpoch = []byte("epoch")
+	// keyFirst holds the first sequence number retention keeps (8 bytes
+	// big-endian); messages before it may still be in the file.
+	keyFirst   = []byte("first")
 	bucketMsgs = []byte("msgs")
 )
 
+// StoreOptions tune a Store.
+type StoreOptions struct {
+	// SyncInterval bounds how long a commit waits to be flushed to the
+	// disk (see Store). 0 flushes every commit before it counts.
+	SyncInterval time.Duration
+	// Logger hears of failed flushes and of rooms renewed at open.
+	Logger *slog.Logger
+
+	bootID string // tests: this boot's id instead of the machine's
+}
+
+// DefaultSyncInterval is the SyncInterval nodes use unless configured.
+const DefaultSyncInterval = 100 * time.Millisecond
+
+var (
+	// bucketMeta holds the store's own keys; no room has its name (room
+	// names are stream names).
+	bucketMeta = []byte("\x00stemflow")
+	// keyOpen is there while a store with a SyncInterval has the file
+	// open; its value is the machine's boot id then.
+	keyOpen = []byte("open")
+)
+
 // OpenStore opens (or creates) dir/chat.db. Close it when done.
-func OpenStore(dir string) (*Store, error) {
+func OpenStore(dir string, opts StoreOptions) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("chat store: %w", err)
 	}
 	path := filepath.Join(dir, "chat.db")
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second, NoSync: opts.SyncInterval > 0})
 	if err != nil {
 		return nil, fmt.Errorf("chat store %s: %w (is another node using this data directory?)", path, err)
 	}
-	st := &Store{db: db, behind: storeBehind, queue: make(chan *storeReq, 1024), done: make(chan struct{})}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	st := &Store{db: db, behind: storeBehind, syncEvery: opts.SyncInterval, log: log,
+		queue: make(chan *storeReq, 1024), done: make(chan struct{}),
+		stopSync: make(chan struct{}), syncDone: make(chan struct{})}
+	if err := st.markOpen(cmp.Or(opts.bootID, bootID())); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("chat store %s: %w", path, err)
+	}
+	if st.renewed > 0 {
+		log.Warn("chat store: the machine restarted while messages were not yet flushed to disk; the last of them may be lost, so every room starts a new epoch (clients are told and get the history)",
+			"path", path, "rooms", st.renewed)
+	}
 	go st.run()
+	if st.syncEvery > 0 {
+		go st.syncLoop()
+	} else {
+		close(st.syncDone)
+	}
 	return st, nil
+}
+
+// Renewed returns how many rooms OpenStore gave a new epoch because the
+// machine restarted with changes not flushed.
+func (s *Store) Renewed() int { return s.renewed }
+
+// markOpen decides, at open, whether the file may have lost commits: it
+// did when the key "open" is there (the last store with a SyncInterval
+// did not close) and holds another boot id than this one (the machine
+// restarted since; a process that died left its commits in the page
+// cache). Then every room gets a new epoch. With a SyncInterval the key
+// is set to this boot (flushed before any commit), else removed.
+func (s *Store) markOpen(boot string) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		meta, err := tx.CreateBucketIfNotExists(bucketMeta)
+		if err != nil {
+			return err
+		}
+		if prev := meta.Get(keyOpen); prev != nil && (boot == "" || string(prev) != boot) {
+			err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+				if b.Get(keyEpoch) == nil {
+					return nil
+				}
+				s.renewed++
+				return b.Put(keyEpoch, []byte(newEpoch()))
+			})
+			if err != nil {
+				return err
+			}
+		}
+		if s.syncEvery > 0 {
+			return meta.Put(keyOpen, []byte(cmp.Or(boot, "unknown")))
+		}
+		return meta.Delete(keyOpen)
+	})
+	if err != nil {
+		return err
+	}
+	return s.db.Sync()
+}
+
+// bootID names this boot of the machine ("" where the system does not
+// say: then any store left open counts as lost).
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// syncLoop flushes the file every syncEvery when something was committed.
+func (s *Store) syncLoop() {
+	defer close(s.syncDone)
+	t := time.NewTicker(s.syncEvery)
+	defer t.Stop()
+	failing := false
+	for {
+		select {
+		case <-t.C:
+		case <-s.stopSync:
+			return
+		}
+		if !s.dirty.Swap(false) {
+			continue
+		}
+		err := s.db.Sync()
+		switch {
+		case err != nil && !failing:
+			s.log.Error("chat store: flushing to disk failed: messages are in the file but a crash of the machine could lose them", "err", err)
+		case err == nil && failing:
+			s.log.Info("chat store: flushing to disk works again")
+		}
+		failing = err != nil
+		if err != nil {
+			s.dirty.Store(true)
+		}
+	}
 }
 
 // Close writes what is queued and closes the file. Writes after Close fail
@@ -102,7 +250,18 @@ func (s *Store) Close() error {
 	close(s.queue)
 	s.mu.Unlock()
 	<-s.done
-	return s.db.Close()
+	close(s.stopSync)
+	<-s.syncDone
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		if meta := tx.Bucket(bucketMeta); meta != nil {
+			return meta.Delete(keyOpen)
+		}
+		return nil
+	})
+	if err == nil {
+		err = s.db.Sync()
+	}
+	return errors.Join(err, s.db.Close())
 }
 
 // enqueue queues req, unless the store is closed.
@@ -187,6 +346,9 @@ func (s *Store) run() {
 			}
 		}
 		err := s.commit(batch)
+		if err == nil {
+			s.dirty.Store(true)
+		}
 		for _, req := range batch {
 			switch {
 			case req.durable != nil:
@@ -230,9 +392,16 @@ func (s *Store) load(room string) (epoch string, msgs []Msg, err error) {
 		if mb == nil {
 			return nil
 		}
+		var first uint64
+		if v := rb.Get(keyFirst); len(v) == 8 {
+			first = binary.BigEndian.Uint64(v)
+		}
 		return mb.ForEach(func(k, v []byte) error {
 			if len(k) != 8 {
 				return fmt.Errorf("room %s: bad key %x", room, k)
+			}
+			if binary.BigEndian.Uint64(k) < first {
+				return nil // trimmed, not yet deleted
 			}
 			m, err := parseStored(v)
 			if err != nil {
@@ -278,9 +447,17 @@ func applyStored(tx *bolt.Tx, req *storeReq) error {
 		}
 	}
 	if req.trimBefore > 0 {
+		// What is before "first" is gone for readers at once; it leaves
+		// the file in chunks.
+		if err := rb.Put(keyFirst, seqKey(req.trimBefore)); err != nil {
+			return err
+		}
 		// Seek again after each delete: Next after a cursor's Delete
 		// may skip a key.
 		c := mb.Cursor()
+		if k, _ := c.First(); k == nil || binary.BigEndian.Uint64(k)+trimChunk > req.trimBefore {
+			return nil // the next trims take these along
+		}
 		for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) < req.trimBefore; k, _ = c.First() {
 			if err := c.Delete(); err != nil {
 				return err

@@ -34,12 +34,27 @@ func checkLoaded(t *testing.T, st *Store, room, epoch string, want []Msg) {
 	}
 }
 
+// checkKeys checks how many messages of room the file holds, trimmed or
+// not.
+func checkKeys(t *testing.T, st *Store, room string, want int) {
+	t.Helper()
+	var n int
+	st.db.View(func(tx *bolt.Tx) error {
+		n = tx.Bucket([]byte(room)).Bucket(bucketMsgs).Stats().KeyN
+		return nil
+	})
+	if n != want {
+		t.Fatalf("room %s: %d messages in the file, want %d", room, n, want)
+	}
+}
+
 // TestStoreWriteIsDurable: what Write stored is in the file when it
 // returns; WriteBehind batches are in it after Close; the trim and the
-// reset apply in the order queued.
+// reset apply in the order queued. What a trim drops is gone for readers at
+// once and leaves the file once trimChunk messages wait.
 func TestStoreWriteIsDurable(t *testing.T) {
 	dir := t.TempDir()
-	st, err := OpenStore(dir)
+	st, err := OpenStore(dir, StoreOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,19 +62,30 @@ func TestStoreWriteIsDurable(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkLoaded(t, st, "x", "e1", testMsgs(1, 10))
+	if err := st.Write("x", "e1", false, testMsgs(11, 5), 4); err != nil {
+		t.Fatal(err)
+	}
+	checkLoaded(t, st, "x", "e1", testMsgs(4, 12))
+	checkKeys(t, st, "x", 15) // 3 to delete: not yet
+	if err := st.Write("x", "e1", false, testMsgs(16, trimChunk), trimChunk+1); err != nil {
+		t.Fatal(err)
+	}
+	checkLoaded(t, st, "x", "e1", testMsgs(trimChunk+1, 15))
+	checkKeys(t, st, "x", 15) // 1..trimChunk deleted
 	failed := func(err error) { t.Errorf("write behind: %v", err) }
-	st.WriteBehind("x", "e1", false, testMsgs(11, 5), 4, failed) // keeps 4..15
+	st.WriteBehind("x", "e1", false, testMsgs(trimChunk+16, 5), trimChunk+4, failed) // keeps trimChunk+4..
 	st.WriteBehind("y", "f1", true, testMsgs(1, 3), 0, failed)
 	st.WriteBehind("y", "f2", true, testMsgs(7, 2), 0, failed) // y's history replaced
 	if err := st.Close(); err != nil {
 		t.Fatal(err)
 	}
-	st, err = OpenStore(dir)
+	st, err = OpenStore(dir, StoreOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	checkLoaded(t, st, "x", "e1", testMsgs(4, 12))
+	checkLoaded(t, st, "x", "e1", testMsgs(trimChunk+4, 17))
+	checkKeys(t, st, "x", 20)
 	checkLoaded(t, st, "y", "f2", testMsgs(7, 2))
 }
 
@@ -67,7 +93,7 @@ func TestStoreWriteIsDurable(t *testing.T) {
 // (the store's delay), and a Write queued after them takes them along at
 // once.
 func TestStoreWriteBehindWaits(t *testing.T) {
-	st, err := OpenStore(t.TempDir())
+	st, err := OpenStore(t.TempDir(), StoreOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +116,7 @@ func TestStoreWriteBehindWaits(t *testing.T) {
 // layout) still load.
 func TestStoreReadsJSONValues(t *testing.T) {
 	dir := t.TempDir()
-	st, err := OpenStore(dir)
+	st, err := OpenStore(dir, StoreOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +143,7 @@ func TestStoreReadsJSONValues(t *testing.T) {
 
 // TestStoreClosedRefuses: writes after Close fail, they do not panic.
 func TestStoreClosedRefuses(t *testing.T) {
-	st, err := OpenStore(t.TempDir())
+	st, err := OpenStore(t.TempDir(), StoreOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,5 +155,103 @@ func TestStoreClosedRefuses(t *testing.T) {
 	st.WriteBehind("x", "e", false, testMsgs(2, 1), 0, func(err error) { got = err })
 	if got != ErrStoreClosed {
 		t.Errorf("WriteBehind after Close reported %v, want ErrStoreClosed", got)
+	}
+}
+
+// die leaves the file as a node killed mid-run does: what was committed is
+// in it, the store did not close.
+func (s *Store) die(t *testing.T) {
+	t.Helper()
+	s.mu.Lock()
+	s.closed = true
+	close(s.queue)
+	s.mu.Unlock()
+	<-s.done
+	close(s.stopSync)
+	<-s.syncDone
+	if err := s.db.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestStoreUnflushedCrash: a store that flushes in the background keeps
+// every room's epoch when its node died but the machine did not (the
+// commits were in the page cache), and when it closed before the machine
+// restarted; a machine that restarted under an open store may have lost
+// the last commits, and every room starts a new epoch, its messages kept.
+// A store that flushed every commit loses nothing to a restart.
+func TestStoreUnflushedCrash(t *testing.T) {
+	open := func(t *testing.T, dir, boot string, every time.Duration) *Store {
+		t.Helper()
+		st, err := OpenStore(dir, StoreOptions{SyncInterval: every, bootID: boot})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	write := func(t *testing.T, st *Store) {
+		t.Helper()
+		if err := st.Write("x", "ex", true, testMsgs(1, 5), 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Write("y", "ey", true, testMsgs(1, 2), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	epochs := func(t *testing.T, st *Store) (x, y string) {
+		t.Helper()
+		x, msgs, err := st.load("x")
+		if err != nil || len(msgs) != 5 {
+			t.Fatalf("room x: %d messages, %v; want 5", len(msgs), err)
+		}
+		y, msgs, err = st.load("y")
+		if err != nil || len(msgs) != 2 {
+			t.Fatalf("room y: %d messages, %v; want 2", len(msgs), err)
+		}
+		return x, y
+	}
+	cases := []struct {
+		name      string
+		every     time.Duration
+		closed    bool
+		nextBoot  string
+		wantRenew bool
+	}{
+		{"node died", time.Hour, false, "boot1", false},
+		{"machine restarted", time.Hour, false, "boot2", true},
+		{"closed, then machine restarted", time.Hour, true, "boot2", false},
+		{"every commit flushed", 0, false, "boot2", false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			st := open(t, dir, "boot1", c.every)
+			write(t, st)
+			if c.closed {
+				if err := st.Close(); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				st.die(t)
+			}
+			st = open(t, dir, c.nextBoot, time.Hour)
+			x, y := epochs(t, st)
+			renewed := x != "ex" && y != "ey"
+			if renewed != c.wantRenew || (!renewed && (x != "ex" || y != "ey")) {
+				t.Fatalf("epochs after reopening: x %q y %q, want renewed %v (before: ex, ey)", x, y, c.wantRenew)
+			}
+			if want := map[bool]int{true: 2}[c.wantRenew]; st.Renewed() != want {
+				t.Errorf("Renewed() = %d, want %d", st.Renewed(), want)
+			}
+			// Reopened cleanly, nothing more changes.
+			if err := st.Close(); err != nil {
+				t.Fatal(err)
+			}
+			st = open(t, dir, "boot3", time.Hour)
+			defer st.Close()
+			if x2, y2 := epochs(t, st); x2 != x || y2 != y {
+				t.Fatalf("epochs after a clean close: x %q y %q, want %q %q", x2, y2, x, y)
+			}
+		})
 	}
 }

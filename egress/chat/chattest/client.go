@@ -41,15 +41,23 @@ type Frame struct {
 
 func (f Frame) String() string { return f.Raw }
 
-// Client is one chat connection. Frames arrive on C until the connection
-// ends (then C is closed and Err says why).
+// Client is one chat connection. Next returns its frames in order until
+// the connection ends (then Err says why).
+//
+// Frames wait in a queue that grows as they come (a channel of Buffered
+// frames would be allocated whole at Dial: 22 MB a client, which the GC
+// of the nodes under test, in the same process, scans on every cycle).
 type Client struct {
 	Conn *websocket.Conn
-	C    <-chan Frame
 
-	done chan struct{}
-	mu   sync.Mutex
-	err  error
+	done  chan struct{}
+	ready chan struct{} // holds a token when a frame was queued or the connection ended
+
+	mu    sync.Mutex // guards the following
+	err   error
+	queue []Frame
+	head  int // queue[head:] wait
+	ended bool
 }
 
 // Options of a connection; zero values are left out of the URL.
@@ -57,7 +65,7 @@ type Options struct {
 	Nick     string
 	Since    *uint64
 	Epoch    string
-	Buffered int // frames buffered on C (default 100000)
+	Buffered int // at most this many frames wait for Next (default 100000); then the client ends
 }
 
 // Since returns a pointer to seq, for Options.Since.
@@ -93,21 +101,23 @@ func Dial(ctx context.Context, base, room string, o Options) (*Client, error) {
 	if n <= 0 {
 		n = 100000
 	}
-	ch := make(chan Frame, n)
-	c := &Client{Conn: conn, C: ch, done: make(chan struct{})}
+	c := &Client{Conn: conn, done: make(chan struct{}), ready: make(chan struct{}, 1)}
 	go func() {
 		defer close(c.done)
-		defer close(ch)
+		var buf bytes.Buffer // one frame's bytes: Raw and the fields are copies
 		for {
 			// No deadline: Close ends the read by closing the connection
 			// (a context that can end costs the library a timer per frame).
-			_, b, err := conn.Read(context.Background())
+			_, rd, err := conn.Reader(context.Background())
+			if err == nil {
+				buf.Reset()
+				_, err = buf.ReadFrom(rd)
+			}
 			if err != nil {
-				c.mu.Lock()
-				c.err = err
-				c.mu.Unlock()
+				c.end(err)
 				return
 			}
+			b := buf.Bytes()
 			f, ok := decodeFast(b)
 			if !ok {
 				if err := json.Unmarshal(b, &f); err != nil {
@@ -115,14 +125,17 @@ func Dial(ctx context.Context, base, room string, o Options) (*Client, error) {
 				}
 			}
 			f.Received, f.Raw = time.Now(), string(b)
-			select {
-			case ch <- f:
-			default:
-				c.mu.Lock()
-				c.err = fmt.Errorf("chattest: more than %d frames buffered", n)
-				c.mu.Unlock()
+			c.mu.Lock()
+			full := len(c.queue)-c.head >= n
+			if !full {
+				c.queue = append(c.queue, f)
+			}
+			c.mu.Unlock()
+			if full {
+				c.end(fmt.Errorf("chattest: more than %d frames buffered", n))
 				return
 			}
+			c.wake()
 		}
 	}()
 	return c, nil
@@ -149,24 +162,61 @@ func (c *Client) Send(ctx context.Context, id, text string) error {
 	return c.SendJSON(ctx, map[string]string{"type": "send", "id": id, "text": text})
 }
 
-// Next returns the next frame, or an error when none comes within d.
-func (c *Client) Next(d time.Duration) (Frame, error) {
-	select { // a frame waiting: no timer
-	case f, ok := <-c.C:
-		if !ok {
-			return Frame{}, fmt.Errorf("connection ended: %v", c.Err())
-		}
-		return f, nil
+func (c *Client) wake() {
+	select {
+	case c.ready <- struct{}{}:
 	default:
 	}
-	select {
-	case f, ok := <-c.C:
-		if !ok {
+}
+
+// end records why the connection ended.
+func (c *Client) end(err error) {
+	c.mu.Lock()
+	c.err, c.ended = err, true
+	c.mu.Unlock()
+	c.wake()
+}
+
+// pop takes the next frame; ended reports that none will come.
+func (c *Client) pop() (f Frame, ok, ended bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.head == len(c.queue) {
+		return Frame{}, false, c.ended
+	}
+	f = c.queue[c.head]
+	c.queue[c.head] = Frame{}
+	c.head++
+	if c.head == len(c.queue) {
+		c.queue, c.head = c.queue[:0], 0
+	}
+	return f, true, false
+}
+
+// Next returns the next frame, or an error when none comes within d.
+func (c *Client) Next(d time.Duration) (Frame, error) {
+	var timeout <-chan time.Time
+	for {
+		f, ok, ended := c.pop()
+		if ok {
+			return f, nil
+		}
+		if ended {
 			return Frame{}, fmt.Errorf("connection ended: %v", c.Err())
 		}
-		return f, nil
-	case <-time.After(d):
-		return Frame{}, fmt.Errorf("no frame within %v", d)
+		if timeout == nil { // a frame waiting needs no timer
+			t := time.NewTimer(d)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-c.ready:
+		case <-timeout:
+			if f, ok, _ := c.pop(); ok {
+				return f, nil
+			}
+			return Frame{}, fmt.Errorf("no frame within %v", d)
+		}
 	}
 }
 
