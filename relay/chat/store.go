@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -35,15 +36,17 @@ import (
 // once per batch. A Store is safe for concurrent use; changes of one room
 // are applied in the order queued.
 //
-// In the file is not yet on the disk: with a SyncInterval, a commit is
-// written to the file (the kernel's page cache, which outlives the
-// process: a node killed or crashed keeps it) and flushed to the disk
-// (fsync) at most SyncInterval later, in the background, so that no
-// message waits for the disk. Only the machine's crash can lose what was
-// not flushed; the store notices at the next open (see markOpen) and gives
-// every room a new epoch, so that no client mistakes a renumbered message
-// for one it has. Without a SyncInterval every commit is flushed before
-// it counts.
+// In the file is not yet on the disk: with a SyncInterval, a Write is
+// appended to the journal (see journal: one write, to the kernel's page
+// cache, which outlives the process: a node killed or crashed keeps it)
+// and goes into bbolt behind, like WriteBehind; journal and bbolt are
+// flushed to the disk (fsync) at most SyncInterval later, in the
+// background, so that no message waits for the disk or for a bbolt
+// commit. Only the machine's crash can lose what was not flushed; the
+// store notices at the next open (see markOpen) and gives every room a new
+// epoch, so that no client mistakes a renumbered message for one it has.
+// Without a SyncInterval every Write is a bbolt commit flushed before it
+// counts.
 type Store struct {
 	db        *bolt.DB
 	behind    time.Duration
@@ -58,6 +61,16 @@ type Store struct {
 
 	mu     sync.RWMutex // guards closed; senders on queue hold it shared
 	closed bool
+
+	jdir string
+	jmu  sync.Mutex // guards j; held across an append and its queueing, so that the queue is in the journal's order
+	j    *journal   // nil without a SyncInterval, or after the journal failed
+
+	removedBelow uint64 // journal files below it are gone (run's)
+
+	// abandon makes run end without committing what is queued, as the
+	// node's death does (tests).
+	abandon atomic.Bool
 }
 
 // ErrStoreClosed: a write queued after Close.
@@ -71,6 +84,8 @@ type storeReq struct {
 	trimBefore  uint64
 	durable     chan error // Write waits on it; nil for WriteBehind
 	failed      func(error)
+	journaled   bool   // in the journal, in file jnum
+	jnum        uint64 // see journaled
 }
 
 const (
@@ -142,11 +157,20 @@ func OpenStore(dir string, opts StoreOptions) (*Store, error) {
 	}
 	st := &Store{db: db, behind: storeBehind, syncEvery: opts.SyncInterval, log: log,
 		queue: make(chan *storeReq, 1024), done: make(chan struct{}),
-		stopSync: make(chan struct{}), syncDone: make(chan struct{})}
-	if err := st.markOpen(cmp.Or(opts.bootID, bootID())); err != nil {
+		stopSync: make(chan struct{}), syncDone: make(chan struct{}),
+		jdir: filepath.Join(dir, "journal")}
+	next, err := st.replay()
+	if err == nil {
+		err = st.markOpen(cmp.Or(opts.bootID, bootID()))
+	}
+	if err == nil && st.syncEvery > 0 {
+		st.j, err = openJournal(st.jdir, next)
+	}
+	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("chat store %s: %w", path, err)
 	}
+	st.removedBelow = next
 	if st.renewed > 0 {
 		log.Warn("chat store: the machine restarted while messages were not yet flushed to disk; the last of them may be lost, so every room starts a new epoch (clients are told and get the history)",
 			"path", path, "rooms", st.renewed)
@@ -158,6 +182,43 @@ func OpenStore(dir string, opts StoreOptions) (*Store, error) {
 		close(st.syncDone)
 	}
 	return st, nil
+}
+
+// replay applies what the journal holds to bbolt (a node that died left
+// it) and removes its files. It returns the number of the next file.
+func (s *Store) replay() (next uint64, err error) {
+	nums, err := journalFiles(s.jdir)
+	if err != nil || len(nums) == 0 {
+		return 1, err
+	}
+	records := 0
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		for _, n := range nums {
+			path := journalPath(s.jdir, n)
+			damaged, err := readJournal(path, func(req *storeReq) error {
+				records++
+				return applyStored(tx, req)
+			})
+			if err != nil {
+				return fmt.Errorf("replaying %s: %w", path, err)
+			}
+			if damaged != nil {
+				s.log.Warn("chat store: the journal ends in a damaged record (a write cut short); what follows it is ignored", "file", path, "err", damaged)
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		err = s.db.Sync()
+	}
+	if err == nil {
+		err = removeJournals(s.jdir, nums[len(nums)-1]+1)
+	}
+	if err != nil {
+		return 0, err
+	}
+	s.log.Info("chat store: batches replayed from the journal", "records", records)
+	return nums[len(nums)-1] + 1, nil
 }
 
 // Renewed returns how many rooms OpenStore gave a new epoch because the
@@ -209,6 +270,23 @@ func bootID() string {
 	return strings.TrimSpace(string(b))
 }
 
+// syncJournal flushes the journal's file being written, beside appends.
+func (s *Store) syncJournal() error {
+	s.jmu.Lock()
+	var f *os.File
+	if s.j != nil {
+		f = s.j.file()
+	}
+	s.jmu.Unlock()
+	if f == nil {
+		return nil
+	}
+	if err := f.Sync(); err != nil && !errors.Is(err, os.ErrClosed) {
+		return err // closed: the journal went on to its next file, flushing this one
+	}
+	return nil
+}
+
 // syncLoop flushes the file every syncEvery when something was committed.
 func (s *Store) syncLoop() {
 	defer close(s.syncDone)
@@ -224,7 +302,7 @@ func (s *Store) syncLoop() {
 		if !s.dirty.Swap(false) {
 			continue
 		}
-		err := s.db.Sync()
+		err := errors.Join(s.syncJournal(), s.db.Sync())
 		switch {
 		case err != nil && !failing:
 			s.log.Error("chat store: flushing to disk failed: messages are in the file but a crash of the machine could lose them", "err", err)
@@ -252,12 +330,24 @@ func (s *Store) Close() error {
 	<-s.done
 	close(s.stopSync)
 	<-s.syncDone
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	// Everything queued is in bbolt: the journal goes.
+	s.jmu.Lock()
+	var err error
+	if s.j != nil {
+		err = s.j.close()
+		s.j = nil
+	}
+	s.jmu.Unlock()
+	err = errors.Join(err, s.db.Sync())
+	if err == nil {
+		err = removeJournals(s.jdir, math.MaxUint64)
+	}
+	err = errors.Join(err, s.db.Update(func(tx *bolt.Tx) error {
 		if meta := tx.Bucket(bucketMeta); meta != nil {
 			return meta.Delete(keyOpen)
 		}
 		return nil
-	})
+	}))
 	if err == nil {
 		err = s.db.Sync()
 	}
@@ -275,15 +365,45 @@ func (s *Store) enqueue(req *storeReq) error {
 	return nil
 }
 
-// Write queues a batch of a room's changes and returns once it is stored:
-// with reset, every message goes and the epoch is set; then msgs are added
-// and the messages before trimBefore deleted.
+// Write queues a batch of a room's changes and returns once it is stored
+// (in the journal, or committed): with reset, every message goes and the
+// epoch is set; then msgs are added and the messages before trimBefore
+// deleted. msgs must not change afterwards.
 func (s *Store) Write(room, epoch string, reset bool, msgs []Msg, trimBefore uint64) error {
-	req := &storeReq{room: room, epoch: epoch, reset: reset, msgs: msgs, trimBefore: trimBefore, durable: make(chan error, 1)}
+	req := &storeReq{room: room, epoch: epoch, reset: reset, msgs: msgs, trimBefore: trimBefore}
+	if s.journal(req) {
+		return nil
+	}
+	req.durable = make(chan error, 1)
 	if err := s.enqueue(req); err != nil {
 		return err
 	}
 	return <-req.durable
+}
+
+// journal appends req to the journal and queues it behind; false: there
+// is no journal (or it failed now), or the store is closed.
+func (s *Store) journal(req *storeReq) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return false
+	}
+	s.jmu.Lock()
+	defer s.jmu.Unlock()
+	if s.j == nil {
+		return false
+	}
+	num, err := s.j.append(req)
+	if err != nil {
+		s.log.Error("chat store: writing the journal failed: the origin's batches wait for bbolt's commits from now on", "err", err)
+		s.j = nil
+		return false
+	}
+	req.journaled, req.jnum = true, num
+	s.dirty.Store(true)
+	s.queue <- req
+	return true
 }
 
 // WriteBehind queues a batch like Write but does not wait: it is stored
@@ -345,9 +465,13 @@ func (s *Store) run() {
 			default:
 			}
 		}
+		if s.abandon.Load() {
+			return
+		}
 		err := s.commit(batch)
 		if err == nil {
 			s.dirty.Store(true)
+			s.dropJournal(batch)
 		}
 		for _, req := range batch {
 			switch {
@@ -359,6 +483,31 @@ func (s *Store) run() {
 		}
 		clear(batch)
 	}
+}
+
+// dropJournal removes the journal's files whose batches are all in bbolt
+// now: those before the file of the last journaled batch committed (the
+// queue is in the journal's order). bbolt is flushed first, since the
+// journal may be the only copy on the disk.
+func (s *Store) dropJournal(batch []*storeReq) {
+	below := s.removedBelow
+	for _, req := range batch {
+		if req.journaled {
+			below = max(below, req.jnum)
+		}
+	}
+	if below == s.removedBelow {
+		return
+	}
+	err := s.db.Sync()
+	if err == nil {
+		err = removeJournals(s.jdir, below)
+	}
+	if err != nil {
+		s.log.Error("chat store: removing the journal's applied files failed", "err", err)
+		return
+	}
+	s.removedBelow = below
 }
 
 // commit applies batches in one transaction.
@@ -379,9 +528,18 @@ func (s *Store) commit(batch []*storeReq) error {
 
 func seqKey(seq uint64) []byte { return binary.BigEndian.AppendUint64(nil, seq) }
 
+// flush returns once what was queued before is committed.
+func (s *Store) flush() {
+	req := &storeReq{durable: make(chan error, 1)}
+	if s.enqueue(req) == nil {
+		<-req.durable
+	}
+}
+
 // load returns a room's epoch ("" when the store does not hold the room) and
 // its messages in order.
 func (s *Store) load(room string) (epoch string, msgs []Msg, err error) {
+	s.flush()
 	err = s.db.View(func(tx *bolt.Tx) error {
 		rb := tx.Bucket([]byte(room))
 		if rb == nil {
@@ -420,6 +578,9 @@ func (s *Store) load(room string) (epoch string, msgs []Msg, err error) {
 
 // applyStored applies one batch of a room's changes.
 func applyStored(tx *bolt.Tx, req *storeReq) error {
+	if req.room == "" {
+		return nil // Store.flush's
+	}
 	room := []byte(req.room)
 	if req.reset {
 		if tx.Bucket(room) != nil {

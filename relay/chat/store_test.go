@@ -3,6 +3,9 @@ package chat
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -103,8 +106,8 @@ func TestStoreWriteBehindWaits(t *testing.T) {
 		st.WriteBehind("x", "e", i == 0, testMsgs(i+1, 1), 0, nil)
 	}
 	time.Sleep(50 * time.Millisecond)
-	if _, got, _ := st.load("x"); len(got) != 0 {
-		t.Fatalf("%d messages stored while the store's delay (an hour) runs, want none yet", len(got))
+	if got := boltKeys(t, st, "x"); got != 0 {
+		t.Fatalf("%d messages stored while the store's delay (an hour) runs, want none yet", got)
 	}
 	if err := st.Write("z", "e", true, testMsgs(1, 1), 0); err != nil {
 		t.Fatal(err)
@@ -158,10 +161,12 @@ func TestStoreClosedRefuses(t *testing.T) {
 	}
 }
 
-// die leaves the file as a node killed mid-run does: what was committed is
-// in it, the store did not close.
+// die leaves the files as a node killed mid-run does: what was committed
+// or journaled is in them, what was queued only is lost, the store did not
+// close.
 func (s *Store) die(t *testing.T) {
 	t.Helper()
+	s.abandon.Store(true)
 	s.mu.Lock()
 	s.closed = true
 	close(s.queue)
@@ -169,6 +174,9 @@ func (s *Store) die(t *testing.T) {
 	<-s.done
 	close(s.stopSync)
 	<-s.syncDone
+	if s.j != nil {
+		s.j.close()
+	}
 	if err := s.db.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -254,4 +262,101 @@ func TestStoreUnflushedCrash(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestStoreJournal: with a SyncInterval, Write appends to the journal and
+// bbolt follows behind; the journal's files go once bbolt has their
+// batches; a node that died before bbolt had them finds them again at
+// open (replayed, even when the last record was cut short), and the
+// journal is empty after a clean close.
+func TestStoreJournal(t *testing.T) {
+	dir := t.TempDir()
+	open := func() *Store {
+		t.Helper()
+		st, err := OpenStore(dir, StoreOptions{SyncInterval: time.Hour, bootID: "b1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.behind = time.Hour // bbolt commits only when storeBatchMax messages wait
+		return st
+	}
+	files := func() []uint64 {
+		t.Helper()
+		nums, err := journalFiles(filepath.Join(dir, "journal"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return nums
+	}
+	// Messages of 200 bytes: 30,000 are ~7 MB of journal.
+	msgs := func(from, n int) []Msg {
+		m := testMsgs(from, n)
+		for i := range m {
+			m[i].Text += strings.Repeat("x", 200)
+		}
+		return m
+	}
+	st := open()
+	const batches, per = 300, 100
+	var bolted int
+	for i := range batches {
+		if err := st.Write("x", "e1", i == 0, msgs(i*per+1, per), 0); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			bolted = boltKeys(t, st, "x")
+		}
+	}
+	if bolted != 0 {
+		t.Fatalf("bbolt had %d messages right after the first Write, want 0 (it follows behind)", bolted)
+	}
+	if n := files(); len(n) < 2 || len(n) > 3 {
+		t.Fatalf("journal files %v: want 2 (one past %d bytes, and the one being written), or 3", n, journalFileMax)
+	}
+	st.die(t)
+
+	st = open()
+	checkLoaded(t, st, "x", "e1", msgs(1, batches*per))
+	if n := files(); len(n) != 1 {
+		t.Fatalf("journal files after the replay: %v, want only the new one", n)
+	}
+	if err := st.Write("x", "e1", false, msgs(batches*per+1, 10), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Write("x", "e1", false, msgs(batches*per+11, 10), 0); err != nil {
+		t.Fatal(err)
+	}
+	st.die(t)
+	// The second record cut short: the first is replayed.
+	path := journalPath(filepath.Join(dir, "journal"), files()[0])
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b[:len(b)-7], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st = open()
+	checkLoaded(t, st, "x", "e1", msgs(1, batches*per+10))
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := files(); len(n) != 0 {
+		t.Fatalf("journal files after Close: %v, want none", n)
+	}
+}
+
+// boltKeys counts room's messages in bbolt, without waiting for the queue.
+func boltKeys(t *testing.T, st *Store, room string) int {
+	t.Helper()
+	var n int
+	st.db.View(func(tx *bolt.Tx) error {
+		if rb := tx.Bucket([]byte(room)); rb != nil {
+			if mb := rb.Bucket(bucketMsgs); mb != nil {
+				n = mb.Stats().KeyN
+			}
+		}
+		return nil
+	})
+	return n
 }

@@ -179,6 +179,19 @@ func (d *decoder) byte() byte {
 	return c
 }
 
+// bytes returns a uvarint-prefixed run of bytes (not copied).
+func (d *decoder) bytes() []byte {
+	n := d.uint()
+	if d.bad || n > uint64(len(d.b)) {
+		d.bad = true
+		d.b = nil
+		return nil
+	}
+	v := d.b[:n]
+	d.b = d.b[n:]
+	return v
+}
+
 func (d *decoder) str() string {
 	n := d.uint()
 	if d.bad || n > uint64(len(d.b)) {
