@@ -41,17 +41,32 @@ func TestLabProbedBandwidth(t *testing.T) {
 		}
 		return true
 	})
-	// etcd has the figure once it moved past hysteresis; give the last
-	// estimate a sample interval to get there.
-	time.Sleep(1500 * time.Millisecond)
-	for k, kbps := range want {
-		ln, found := etcdLink(t, s, k[0], k[1])
-		var now float64
+	// etcd has the figure once it moved past hysteresis, at a sample
+	// interval (1 s) after the last estimate or later on a busy machine:
+	// wait for it, then report every link.
+	nodeKbps := func(k [2]string) float64 {
 		for _, m := range l.Node(k[0]).Measurements() {
 			if m.To == k[1] {
-				now = m.BandwidthKbps
+				return m.BandwidthKbps
 			}
 		}
+		return 0
+	}
+	settled := func() bool {
+		for k, kbps := range want {
+			ln, found := etcdLink(t, s, k[0], k[1])
+			if !found || math.Abs(ln.BandwidthKbps-kbps) > 0.25*kbps || math.Abs(nodeKbps(k)-kbps) > 0.25*kbps {
+				return false
+			}
+		}
+		return true
+	}
+	for deadline := time.Now().Add(testutil.Scale(5 * time.Second)); !settled() && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Millisecond)
+	}
+	for k, kbps := range want {
+		ln, found := etcdLink(t, s, k[0], k[1])
+		now := nodeKbps(k)
 		ls := stats(k)
 		t.Logf("after %v: %s→%s set %.0f kbit/s: etcd has %.0f (jitter %.1f ms, loss %.2f %%), the node %.0f; its relay's last of %d estimates %.0f; "+
 			"probes sent %d datagrams, %d bytes, %d lost",
