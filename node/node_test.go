@@ -183,8 +183,19 @@ func TestNodeWithRTSPOverUDPOff(t *testing.T) {
 	testutil.CheckLeaks(t)
 	dir := t.TempDir()
 	writeCerts(t, dir, "a")
+	// The UDP ports the node must not open have to be free before it
+	// starts: other tests running at once hold ephemeral UDP ports
+	// (WebRTC, QUIC), and one of those is no port the node took.
+	udpFree := func(p int) bool {
+		c, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	}
 	var odd int
-	for odd = testutil.FreePort(t); odd%2 == 0 || odd+1001 > 65535; odd = testutil.FreePort(t) {
+	for odd = testutil.FreePort(t); odd%2 == 0 || odd+1001 > 65535 || !udpFree(odd+1000) || !udpFree(odd+1001); odd = testutil.FreePort(t) {
 	}
 	cfg, err := ParseConfig([]byte(fmt.Sprintf(`datacenter: a
 http: {listen: "127.0.0.1:0"}
