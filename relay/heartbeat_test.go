@@ -513,16 +513,26 @@ func TestLinkJitterOverQUIC(t *testing.T) {
 		return -1
 	}
 	// The estimate follows the last ~16 heartbeats: let it settle, then
-	// average it over 40 more.
+	// average it over 40 more. On a busy machine the emulator's timers and
+	// the receiving goroutines run late, which is jitter too (a→b up to
+	// 27 ms seen with three CPU hogs beside the test): a window off the
+	// mark is measured again, up to three times. Quic-go's RTT mean
+	// deviation (23–104 ms on lab links) fails every window.
 	time.Sleep(1500 * time.Millisecond)
 	var ab, ba time.Duration
 	const n = 20
-	for range n {
-		time.Sleep(100 * time.Millisecond)
-		ab += jitterTo(hubs["a"], "b") / n
-		ba += jitterTo(hubs["b"], "a") / n
+	for try := 1; try <= 3; try++ {
+		ab, ba = 0, 0
+		for range n {
+			time.Sleep(100 * time.Millisecond)
+			ab += jitterTo(hubs["a"], "b") / n
+			ba += jitterTo(hubs["b"], "a") / n
+		}
+		t.Logf("try %d: jitter a→b %v (±10 ms set: RFC 3550 expects about 6.7 ms), b→a %v (none set)", try, ab, ba)
+		if ab >= 4*time.Millisecond && ab <= 10*time.Millisecond && ba >= 0 && ba <= testutil.Scale(3*time.Millisecond) {
+			break
+		}
 	}
-	t.Logf("jitter a→b %v (±10 ms set: RFC 3550 expects about 6.7 ms), b→a %v (none set)", ab, ba)
 	if ab < 4*time.Millisecond || ab > 10*time.Millisecond {
 		t.Errorf("jitter a→b %v, want about 6.7 ms", ab)
 	}
