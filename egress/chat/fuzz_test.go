@@ -1,7 +1,9 @@
 package chat
 
 import (
+	"encoding/json"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
@@ -46,6 +48,24 @@ func FuzzClientFrame(f *testing.F) {
 			}
 		} else if sendErrorCode(err) == "" {
 			t.Fatalf("no code for %v", err)
+		}
+	})
+}
+
+// FuzzEncodeMsg: EncodeMsg writes what json.Marshal writes for the same
+// frame, whatever the strings hold.
+func FuzzEncodeMsg(f *testing.F) {
+	for _, s := range []string{"hello", "é ü ✓", `<b>"q"</b> & \`, "\x00\x1f\x7f", "\u2028\u2029", "\xff\xfe bad utf-8", ""} {
+		f.Add(uint64(7), "id-1", "ann", s, int64(1700000000123456789))
+	}
+	f.Fuzz(func(t *testing.T, seq uint64, id, nick, text string, ns int64) {
+		m := rooms.Msg{Seq: seq, ID: id, Nick: nick, Text: text, TS: time.Unix(0, ns)}
+		want, err := json.Marshal(msgFrame{Type: "msg", Seq: m.Seq, ID: m.ID, Nick: m.Nick, Text: m.Text, TS: m.TS.UTC().Format(time.RFC3339Nano)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := EncodeMsg(m); string(got) != string(want) {
+			t.Fatalf("EncodeMsg %s, json.Marshal %s", got, want)
 		}
 	})
 }
