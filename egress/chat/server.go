@@ -235,7 +235,7 @@ func (c *client) run(reqCtx context.Context) {
 		defer cancel()
 		c.read(ctx, r, &nickMu)
 	}()
-	defer func() { cancel(); <-readDone }()
+	defer func() { cancel(); c.conn.CloseNow(); <-readDone }() // the reader ends with the connection
 
 	go func() { // keepalive: a client that stops answering pings is dropped
 		t := time.NewTicker(pingInterval)
@@ -461,7 +461,9 @@ func (c *client) read(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) {
 	bucket := tokenBucket{rate: c.srv.cfg.Rate, burst: float64(c.srv.cfg.Burst)}
 	var buf bytes.Buffer // one frame's bytes; what is parsed from them is copied
 	for {
-		typ, rd, err := c.conn.Reader(ctx)
+		// Not ctx: run closes the connection to end the read (a context
+		// that can end costs the library a timer per frame).
+		typ, rd, err := c.conn.Reader(context.Background())
 		if err != nil {
 			return
 		}
