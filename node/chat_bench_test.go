@@ -91,7 +91,9 @@ func benchChat(b *testing.B, rate int) {
 		b.Fatal(err)
 	}
 	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), loadgenEnv+"="+string(js))
+	// The clients collect at Go's default, whatever GOGC the nodes run
+	// with (GOGC=15 to see the node binary's).
+	cmd.Env = append(os.Environ(), loadgenEnv+"="+string(js), "GOGC=100")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, os.Stderr
 	b.ResetTimer()
