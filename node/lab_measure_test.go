@@ -40,7 +40,8 @@ func etcdLink(t *testing.T, s *store.Store, from, to string) (store.Link, bool) 
 
 // TestLabMeasuredLinks: a lab link a–c with 200 ms of delay and 5 % loss
 // each way, a stream from a loading it; what a publishes in etcd for a→c
-// matches: RTT 400 ms within 10 %, loss 5 % within 1 point, bandwidth the
+// matches: RTT 400 ms within 10 % (what a busy machine adds on top
+// allowed), loss 5 % within 1 point, bandwidth the
 // link's 4 Mbit/s rate cap; c publishes c→a with the same RTT. Then the link is set to 100 ms and no loss
 // through the API, and the published figures follow.
 func TestLabMeasuredLinks(t *testing.T) {
@@ -67,21 +68,26 @@ func TestLabMeasuredLinks(t *testing.T) {
 			}
 		}
 		wantRTT := float64(2*step.delay) / float64(time.Millisecond)
+		// A busy machine adds scheduling delay to every round trip (the
+		// lab delays packets in userspace), never takes any away: RTT
+		// within 10 %, plus that much more above. A loaded -race run saw
+		// a→c at 221.6 ms for the 200 ms step, all through its 120 s wait.
+		slack := float64(testutil.Scale(10*time.Millisecond)) / float64(time.Millisecond)
+		rttOK := func(ms float64) bool { return ms >= wantRTT*0.9 && ms <= wantRTT*1.1+slack }
 		var ac, ca store.Link
 		ok := func() bool {
 			var ok1, ok2 bool
 			ac, ok1 = etcdLink(t, s, "a", "c")
 			ca, ok2 = etcdLink(t, s, "c", "a")
-			return ok1 && ok2 && !ac.Down &&
-				math.Abs(ac.RTTMs-wantRTT) <= wantRTT/10 && math.Abs(ca.RTTMs-wantRTT) <= wantRTT/10 &&
+			return ok1 && ok2 && !ac.Down && rttOK(ac.RTTMs) && rttOK(ca.RTTMs) &&
 				math.Abs(ac.Loss-step.loss) <= 0.01
 		}
 		stepStart := time.Now()
 		deadline := time.Now().Add(testutil.Scale(40 * time.Second))
 		for !ok() {
 			if time.Now().After(deadline) {
-				t.Fatalf("delay %v, loss %.0f %% each way: etcd has a→c %+v and c→a %+v; want RTT %.0f ms within 10 %% and a→c loss within 1 point",
-					step.delay, step.loss*100, ac, ca, wantRTT)
+				t.Fatalf("delay %v, loss %.0f %% each way: etcd has a→c %+v and c→a %+v; want RTT %.0f ms within 10 %% (+%.0f ms above) and a→c loss within 1 point",
+					step.delay, step.loss*100, ac, ca, wantRTT, slack)
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
