@@ -95,11 +95,20 @@ func TestWHIPBFramesFlagged(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond) // 15 frames: x264's first B-frame is the second or third
 		for i, dc := range []string{"a", "c"} {
+			// a finds the B-frames as they arrive from the publisher; c
+			// learns of them from a, a message later: wait for the flag
+			// (at most 5 s, scaled), not for a fixed time.
 			var info relay.StreamInfo
-			for _, s := range c.Nodes[2*i].Hub().Streams() {
-				if s.Name == tc.name {
-					info = s
+			for deadline := time.Now().Add(testutil.Scale(5 * time.Second)); ; {
+				for _, s := range c.Nodes[2*i].Hub().Streams() {
+					if s.Name == tc.name {
+						info = s
+					}
 				}
+				if info.BFrames == tc.want && info.Local || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(20 * time.Millisecond)
 			}
 			if info.BFrames != tc.want || !info.Local {
 				t.Errorf("%s over WHIP: datacenter %s lists %+v, want b_frames %v", tc.name, dc, info, tc.want)
