@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -46,13 +48,32 @@ func startEtcdNode(t *testing.T, dc, url string, buf *syncBuffer) *Node {
 	return n
 }
 
+// portNobodyPicks returns a free TCP port of 127.0.0.1 below the kernel's
+// ephemeral range (32768–60999 here), for a server that starts seconds
+// after the port is chosen: testutil.FreePort's ports come from that range,
+// where any listen on port 0 or outgoing connection of the tests running
+// beside (or the node's own client, dialling the port meanwhile) may take
+// it before the server binds it.
+func portNobodyPicks(t *testing.T) int {
+	t.Helper()
+	for range 100 {
+		p := 20000 + rand.IntN(10000)
+		if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			ln.Close()
+			return p
+		}
+	}
+	t.Fatal("no free TCP port in 20000–29999")
+	return 0
+}
+
 // TestNodeEtcdDownAtStart: a node whose etcd does not run starts anyway,
 // says so naming the endpoint, and serves media; once etcd runs it
 // registers on its own, and says so.
 func TestNodeEtcdDownAtStart(t *testing.T) {
 	testutil.CheckLeaks(t)
 	testutil.Watchdog(t, 60*time.Second)
-	port := testutil.FreePort(t)
+	port := portNobodyPicks(t)
 	url := fmt.Sprintf("http://127.0.0.1:%d", port)
 	var buf syncBuffer
 	started := time.Now()
