@@ -274,8 +274,9 @@ func init() {
 // message saying what is wrong and what to check.
 func TestTopologyEtcdUnreachable(t *testing.T) {
 	testutil.CheckLeaks(t)
-	// Nothing listens on this port.
-	s, err := store.Open(store.Config{Endpoints: []string{fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t))}})
+	// Nothing listens on this port (below the ephemeral range: no other
+	// test's listen on port 0 takes it meanwhile).
+	s, err := store.Open(store.Config{Endpoints: []string{fmt.Sprintf("http://127.0.0.1:%d", portNobodyPicks(t))}})
 	if err != nil {
 		t.Fatal(err)
 	}
