@@ -34,6 +34,15 @@ func TestLabOverlayFailover(t *testing.T) {
 	publish(t, l.Node("a"), "x")
 	v := watch(t, l.Node("d"), "x")
 	v.flowing(t, "packets at d", 100)
+	waitTree(t, s, l, "x", "d", "[a b d]")
+	// The manager may place x before every node has measured its links
+	// into etcd (d's subscription can come first): that route has no
+	// backup for d, and the next, once the links through c are known,
+	// adds it. Wait for it, then for the tree again.
+	testutil.WaitForWithin(t, 30*time.Second, "x's route to name a backup parent for d", func() bool {
+		rt, ok := routeOf(s, "x")
+		return ok && rt.Backup["d"] != ""
+	})
 	rt := waitTree(t, s, l, "x", "d", "[a b d]")
 	t.Logf("route v%d: parents %v, backups %v", rt.Version, rt.Parent, rt.Backup)
 	if rt.Backup["d"] == "" || rt.Backup["d"] == "b" {
