@@ -167,7 +167,7 @@ func (j *journal) close() error {
 	return err
 }
 
-// remove deletes the journal's files numbered below num.
+// removeJournals deletes the journal files in dir whose number is less than below.
 func removeJournals(dir string, below uint64) error {
 	nums, err := journalFiles(dir)
 	if err != nil {
