@@ -319,17 +319,9 @@ func (s *Store) syncLoop() {
 // Close writes what is queued and closes the file. Writes after Close fail
 // with ErrStoreClosed.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.stop() {
 		return nil
 	}
-	s.closed = true
-	close(s.queue)
-	s.mu.Unlock()
-	<-s.done
-	close(s.stopSync)
-	<-s.syncDone
 	// Everything queued is in bbolt: the journal goes.
 	s.jmu.Lock()
 	var err error
@@ -352,6 +344,24 @@ func (s *Store) Close() error {
 		err = s.db.Sync()
 	}
 	return errors.Join(err, s.db.Close())
+}
+
+// stop refuses further writes and waits for the writer (which commits
+// what is queued, unless abandoned) and the flusher to end. It reports
+// false when the store was stopped already.
+func (s *Store) stop() bool {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return false
+	}
+	s.closed = true
+	close(s.queue)
+	s.mu.Unlock()
+	<-s.done
+	close(s.stopSync)
+	<-s.syncDone
+	return true
 }
 
 // enqueue queues req, unless the store is closed.

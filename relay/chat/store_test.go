@@ -167,13 +167,7 @@ func TestStoreClosedRefuses(t *testing.T) {
 func (s *Store) die(t *testing.T) {
 	t.Helper()
 	s.abandon.Store(true)
-	s.mu.Lock()
-	s.closed = true
-	close(s.queue)
-	s.mu.Unlock()
-	<-s.done
-	close(s.stopSync)
-	<-s.syncDone
+	s.stop()
 	if s.j != nil {
 		s.j.close()
 	}
