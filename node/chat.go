@@ -94,7 +94,7 @@ func (n *Node) startChat() error {
 		Tree:       n.hub,
 		Store:      n.chatStore,
 		Retention:  chat.Retention{Count: cc.HistoryCount, Age: *cc.HistoryAge},
-		Encode:     egresschat.EncodeMsg,
+		Encode:     egresschat.AppendMsg,
 		Claims:     chatClaims{n},
 		Logger:     n.log,
 	})

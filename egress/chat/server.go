@@ -322,11 +322,11 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 			joined = false
 		}
 		epoch = v.Epoch
-		for i := range v.Msgs {
-			m := &v.Msgs[i]
+		for i := range v.Len() {
+			m := v.Msg(i)
 			b := m.Frame
 			if b == nil {
-				b = EncodeMsg(*m)
+				b = EncodeMsg(m)
 			}
 			if err := c.put(b); err != nil {
 				return err
@@ -339,16 +339,16 @@ func (c *client) write(ctx context.Context, r *rooms.Room, nickMu *sync.Mutex) e
 		if err := c.cork.Uncork(); err != nil {
 			return err
 		}
-		if len(v.Msgs) > 0 {
+		if n := v.Len(); n > 0 {
 			now := time.Now()
-			for i := range v.Msgs {
-				if m := &v.Msgs[i]; m.Seq > liveFrom {
+			for i := range n {
+				if m := v.Msg(i); m.Seq > liveFrom {
 					c.srv.cfg.Rooms.ObserveLatency(now.Sub(m.TS))
 				}
 			}
-			c.counters.Out(len(v.Msgs))
+			c.counters.Out(n)
 		}
-		if len(v.Msgs) == readBatch {
+		if v.Len() == readBatch {
 			continue
 		}
 		select {
@@ -425,12 +425,15 @@ func appendJSONString(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
-// EncodeMsg encodes a message as the client protocol's msg frame
-// (relay/chat's Config.Encode).
-// It writes what json.Marshal of a msgFrame writes, without reflection
-// (every node encodes every message once).
+// EncodeMsg encodes a message as the client protocol's msg frame. It
+// writes what json.Marshal of a msgFrame writes, without reflection (every
+// node encodes every message once).
 func EncodeMsg(m rooms.Msg) []byte {
-	b := make([]byte, 0, 96+len(m.ID)+len(m.Nick)+len(m.Text))
+	return AppendMsg(make([]byte, 0, 96+len(m.ID)+len(m.Nick)+len(m.Text)), &m)
+}
+
+// AppendMsg appends EncodeMsg's frame to b (relay/chat's Config.Encode).
+func AppendMsg(b []byte, m *rooms.Msg) []byte {
 	b = append(b, `{"type":"msg","seq":`...)
 	b = strconv.AppendUint(b, m.Seq, 10)
 	b = append(b, `,"id":`...)

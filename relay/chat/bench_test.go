@@ -129,7 +129,8 @@ func BenchmarkRoomThroughput(b *testing.B) {
 				}
 				v := rc.Read(AnyEpoch, cursor, 0)
 				now := time.Now()
-				for _, m := range v.Msgs {
+				for i := range v.Len() {
+					m := v.Msg(i)
 					var k int
 					fmt.Sscanf(m.ID, "m%d", &k)
 					lat = append(lat, now.Sub(sent[k]))
@@ -144,7 +145,7 @@ func BenchmarkRoomThroughput(b *testing.B) {
 						break drain
 					}
 				}
-				if len(v.Msgs) == 0 {
+				if v.Len() == 0 {
 					var tick <-chan time.Time
 					if tc.paced > 0 && next < b.N {
 						tick = time.After(time.Millisecond)

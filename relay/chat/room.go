@@ -55,9 +55,8 @@ type Room struct {
 
 	mu      sync.Mutex // guards the following fields; written only by run
 	epoch   string
-	msgs    []Msg // the retained history: contiguous sequence numbers, ending at last; elements never change once written
-	last    uint64
-	changed chan struct{} // closed (and replaced) when msgs or epoch change
+	hist    history       // the retained history; run appends to it past what readers' snapshots hold
+	changed chan struct{} // closed (and replaced) when hist or epoch change
 	role    string        // "origin", "follower", "waiting"
 	parent  string
 
@@ -68,6 +67,7 @@ type Room struct {
 	claimed  bool              // this node led the room (since it started here)
 	led      bool              // the last role taken was origin (or none yet)
 	ids      map[string]uint64 // id → seq of the retained messages
+	scratch  []byte            // Config.Encode's buffer
 	pending  map[string]*pendingSend
 	order    []string       // pending ids in submission order (may hold resolved ones)
 	carry    []*pendingSend // to send now: history carried over to a new origin (apply)
@@ -112,15 +112,21 @@ func (r *Room) Synced() <-chan struct{} { return r.synced }
 type View struct {
 	Epoch       string
 	First, Last uint64 // the retained history (First = Last+1 when none is)
-	// Msgs are the messages after the point asked, oldest first; the slice
-	// is the reader's and its elements never change.
-	Msgs []Msg
 	// Reset: the point asked belongs to another epoch or lies before the
-	// retained history, so Msgs start at First.
+	// retained history, so the messages start at First.
 	Reset bool
 	// Changed is closed when the history changes after this snapshot.
 	Changed <-chan struct{}
+
+	msgs history // the messages after the point asked
 }
+
+// Len returns the number of messages in the view.
+func (v *View) Len() int { return v.msgs.len() }
+
+// Msg returns the view's i-th message, oldest first. Its strings and frame
+// are the room's memory: they never change, and they must not be changed.
+func (v *View) Msg(i int) Msg { return v.msgs.at(v.msgs.first() + uint64(i)) }
 
 // AnyEpoch asks Read for the current epoch, whichever it is.
 const AnyEpoch = ""
@@ -129,21 +135,17 @@ const AnyEpoch = ""
 func (r *Room) Read(epoch string, after uint64, max int) View {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	first := r.last - uint64(len(r.msgs)) + 1
-	v := View{Epoch: r.epoch, First: first, Last: r.last, Changed: r.changed}
-	if epoch != AnyEpoch && epoch != r.epoch || after+1 < first {
+	h := r.hist
+	v := View{Epoch: r.epoch, First: h.first(), Last: h.last, Changed: r.changed}
+	if epoch != AnyEpoch && epoch != r.epoch || after+1 < h.first() {
 		v.Reset = true
-		after = first - 1
+		after = h.first() - 1
 	}
-	if after >= r.last {
-		return v
+	to := h.last
+	if max > 0 && to > after+uint64(max) {
+		to = after + uint64(max)
 	}
-	i := int(after + 1 - first)
-	j := len(r.msgs)
-	if max > 0 && j-i > max {
-		j = i + max
-	}
-	v.Msgs = r.msgs[i:j:j]
+	v.msgs = h.slice(after+1, to)
 	return v
 }
 
@@ -308,17 +310,18 @@ func (r *Room) load() {
 	}
 	// Keep only a contiguous tail (a damaged store could have holes).
 	msgs = contiguousTail(msgs)
-	r.mu.Lock()
-	r.epoch = epoch
-	r.msgs = msgs
+	h := newHistory(0)
 	if len(msgs) > 0 {
-		r.last = msgs[len(msgs)-1].Seq
+		h = newHistory(msgs[0].Seq - 1)
 	}
+	for i := range msgs {
+		r.scratch = h.append(&msgs[i], r.svc.cfg.Encode, r.scratch)
+		r.ids[h.at(h.last).ID] = h.last
+	}
+	r.mu.Lock()
+	r.epoch, r.hist = epoch, h
 	r.mu.Unlock()
-	for _, m := range msgs {
-		r.ids[m.ID] = m.Seq
-	}
-	r.log.Debug("chat: history loaded", "epoch", epoch, "messages", len(msgs), "last_seq", r.last)
+	r.log.Debug("chat: history loaded", "epoch", epoch, "messages", len(msgs), "last_seq", h.last)
 }
 
 // contiguousTail returns the longest suffix of msgs whose sequence numbers
@@ -343,94 +346,67 @@ func newEpoch() string {
 // commit makes a batch part of the history, visible to readers. With a
 // store, the origin's batches are stored first; a follower's are queued to
 // be stored behind (Store.WriteBehind). With reset the history is replaced:
-// the epoch is set and the next message is last+1.
+// the epoch is set and the next message is last+1. msgs are copied.
 func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
-	if enc := r.svc.cfg.Encode; enc != nil {
-		for i := range msgs {
-			msgs[i].Frame = enc(msgs[i])
-		}
-	}
-	ret := r.svc.cfg.Retention
-	cur := r.msgs
-	curLast := r.last
+	h := r.hist
 	if reset {
-		cur, curLast = nil, last
+		h = newHistory(last)
+		clear(r.ids)
 	} else {
 		epoch = r.epoch
 	}
+	for i := range msgs {
+		r.scratch = h.append(&msgs[i], r.svc.cfg.Encode, r.scratch)
+		r.ids[h.at(h.last).ID] = h.last // the key is the history's copy
+	}
 	// Retention: at most Count messages, none older than Age.
-	all := len(cur) + len(msgs)
-	drop := 0
-	if ret.Count > 0 && all > ret.Count {
-		drop = all - ret.Count
+	ret := r.svc.cfg.Retention
+	keep := h.first()
+	if ret.Count > 0 && h.len() > ret.Count {
+		keep = h.last + 1 - uint64(ret.Count)
 	}
 	if ret.Age > 0 {
 		cutoff := time.Now().Add(-ret.Age)
-		for drop < all && at(cur, msgs, drop).TS.Before(cutoff) {
-			drop++
+		for keep <= h.last && h.ts(keep).Before(cutoff) {
+			keep++
 		}
 	}
-	if !reset && len(msgs) == 0 && drop == 0 {
+	if !reset && len(msgs) == 0 && keep == h.first() {
 		return // nothing changes: wake no reader
 	}
-	newLast := curLast + uint64(len(msgs))
 	trimBefore := uint64(0)
-	if drop > 0 {
-		trimBefore = newLast - uint64(all) + 1 + uint64(drop)
+	if keep > h.first() {
+		trimBefore = keep
+		for seq := h.first(); seq < keep; seq++ {
+			delete(r.ids, h.at(seq).ID)
+		}
+		h.trim(keep)
 	}
-	for i := 0; i < drop; i++ {
-		delete(r.ids, at(cur, msgs, i).ID)
-	}
-	if reset {
-		clear(r.ids)
-	}
-	for _, m := range msgs {
-		r.ids[m.ID] = m.Seq
-	}
-	var next []Msg
-	switch {
-	case drop >= len(cur):
-		next = append([]Msg(nil), msgs[drop-len(cur):]...)
-	case drop > 0 && drop > len(cur)/2:
-		// Copy into a new array now and then, so that trimmed messages
-		// are freed; readers keep the old one.
-		next = append(append(make([]Msg, 0, (len(cur)-drop+len(msgs))*2), cur[drop:]...), msgs...)
-	default:
-		next = append(cur[drop:], msgs...)
-	}
-	if st := r.svc.cfg.Store; st != nil && (reset || len(msgs) > 0 || drop > 0) {
-		// What is stored: the new messages retention keeps (elements of
-		// next never change).
-		kept := next[len(next)-min(len(msgs), len(next)):]
+	if st := r.svc.cfg.Store; st != nil {
+		// What is stored: the new messages retention keeps.
+		kept := h.slice(max(h.first(), h.last+1-uint64(len(msgs))), h.last)
+		stored := kept.msgs()
 		if r.leading {
 			// The origin's order: stored before anyone sees or acks it,
 			// so a restart never numbers another message the same.
-			if err := st.Write(r.name, epoch, reset, kept, trimBefore); err != nil {
+			if err := st.Write(r.name, epoch, reset, stored, trimBefore); err != nil {
 				r.svc.warn("chat: storing messages failed: they are kept in memory only", "room", r.name, "err", err)
 			}
 		} else {
 			// A follower's copy, which its parent holds: served at once,
 			// stored within the store's delay. After a restart it fetches
 			// from its parent what it had not stored.
-			st.WriteBehind(r.name, epoch, reset, kept, trimBefore, func(err error) {
+			st.WriteBehind(r.name, epoch, reset, stored, trimBefore, func(err error) {
 				r.svc.warn("chat: storing messages failed: they are kept in memory only", "room", r.name, "err", err)
 			})
 		}
 	}
 	r.mu.Lock()
-	r.epoch, r.msgs, r.last = epoch, next, newLast
+	r.epoch, r.hist = epoch, h
 	close(r.changed)
 	r.changed = make(chan struct{})
 	r.mu.Unlock()
 	r.counters.sequenced.Add(uint64(len(msgs)))
-}
-
-// at returns the i-th message of cur followed by msgs.
-func at(cur, msgs []Msg, i int) *Msg {
-	if i < len(cur) {
-		return &cur[i]
-	}
-	return &msgs[i-len(cur)]
 }
 
 // lead sequences the room's messages while this node is its origin.
@@ -501,7 +477,7 @@ func (r *Room) sequence(batch []submission) {
 			seq, ok = batchIDs[s.msg.ID]
 		}
 		if !ok {
-			seq = r.last + uint64(len(fresh)) + 1
+			seq = r.hist.last + uint64(len(fresh)) + 1
 			m := s.msg
 			m.Seq, m.TS = seq, now
 			fresh = append(fresh, m)
@@ -589,7 +565,7 @@ func (r *Room) follow(parent string) error {
 		_, err := bw.Write(buf)
 		return err
 	}
-	if err := write(&frame{Type: frameSub, Room: r.name, Epoch: r.epoch, Since: r.last}); err != nil {
+	if err := write(&frame{Type: frameSub, Room: r.name, Epoch: r.epoch, Since: r.hist.last}); err != nil {
 		return err
 	}
 	resend := func(all bool) error {
@@ -757,7 +733,7 @@ func (r *Room) apply(f frame, joined *bool, msgs *[]Msg, acks *[]Ack) error {
 					// instead of being lost; the origin takes each id
 					// once, so what a follower of this node carried there
 					// first is not repeated.
-					carry = r.msgs
+					carry = r.hist.msgs()
 				}
 			}
 			r.commit(nil, true, f.Epoch, f.First-1)
@@ -776,7 +752,7 @@ func (r *Room) apply(f frame, joined *bool, msgs *[]Msg, acks *[]Ack) error {
 		if !*joined {
 			return fmt.Errorf("parent sent a message before joining")
 		}
-		want := r.last + uint64(len(*msgs)) + 1
+		want := r.hist.last + uint64(len(*msgs)) + 1
 		if f.Msg.Seq < want {
 			return nil // had it (a parent that is behind us replays less than it could)
 		}

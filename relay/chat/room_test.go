@@ -102,7 +102,9 @@ func submit(t *testing.T, r *Room, id string) Ack {
 // ids lists a room's history as seq:id.
 func ids(r *Room) []string {
 	var out []string
-	for _, m := range r.Read(AnyEpoch, 0, 0).Msgs {
+	v := r.Read(AnyEpoch, 0, 0)
+	for i := range v.Len() {
+		m := v.Msg(i)
 		out = append(out, fmt.Sprintf("%d:%s", m.Seq, m.ID))
 	}
 	return out

@@ -53,9 +53,10 @@ type Config struct {
 	// Store, when set, keeps every room's history across restarts.
 	Store     *Store
 	Retention Retention
-	// Encode, when set, encodes each message for the clients once, when
-	// it joins the history here (Msg.Frame).
-	Encode func(Msg) []byte
+	// Encode, when set, appends a message's encoding for the clients to b;
+	// it runs once per message, when it joins the history here
+	// (Msg.Frame).
+	Encode func(b []byte, m *Msg) []byte
 	// Claims, when set, picks one node to sequence each room whose stream
 	// is not live (without it: the node where the room's first client
 	// joined, each node deciding alone).
@@ -355,11 +356,12 @@ func (s *Service) ServeChannel(ch relay.Channel) {
 				cursor = v.First - 1
 			}
 		}
-		for i := range v.Msgs {
-			if err := write(&frame{Type: frameMsg, Msg: v.Msgs[i]}); err != nil {
+		for i := range v.Len() {
+			m := v.Msg(i)
+			if err := write(&frame{Type: frameMsg, Msg: m}); err != nil {
 				return
 			}
-			cursor = v.Msgs[i].Seq
+			cursor = m.Seq
 		}
 	acks:
 		for {
@@ -373,7 +375,7 @@ func (s *Service) ServeChannel(ch relay.Channel) {
 				break acks
 			}
 		}
-		if len(v.Msgs) == batchMax {
+		if v.Len() == batchMax {
 			continue
 		}
 		if err := bw.Flush(); err != nil {
