@@ -21,7 +21,10 @@ import (
 // Store keeps rooms' histories in one bbolt file, so that a node restarts
 // with the history and epoch of every room it held. Layout: a top bucket per
 // room (named like it) holding the key "epoch" and a bucket "msgs" of
-// messages by 8-byte big-endian sequence number (values: appendStored).
+// blocks of consecutive messages by the 8-byte big-endian sequence number
+// of their first (values: appendBlock; one message each, appendStored or
+// JSON, in files written before blocks). A batch of a room's changes is a
+// block: bbolt's work, and its garbage, are per key.
 //
 // bbolt rather than etcd: every message of every room is written at every
 // node that holds the room, thousands a second; etcd is the control plane's
@@ -568,16 +571,15 @@ func (s *Store) load(room string) (epoch string, msgs []Msg, err error) {
 			if len(k) != 8 {
 				return fmt.Errorf("room %s: bad key %x", room, k)
 			}
-			if binary.BigEndian.Uint64(k) < first {
+			if storedLast(k, v) < first {
 				return nil // trimmed, not yet deleted
 			}
-			m, err := parseStored(v)
-			if err != nil {
-				return fmt.Errorf("room %s message %d: %w", room, binary.BigEndian.Uint64(k), err)
-			}
-			m.Seq = binary.BigEndian.Uint64(k)
-			msgs = append(msgs, m)
-			return nil
+			return parseValue(binary.BigEndian.Uint64(k), v, func(m Msg) error {
+				if m.Seq >= first && (len(msgs) == 0 || m.Seq > msgs[len(msgs)-1].Seq) {
+					msgs = append(msgs, m)
+				}
+				return nil
+			})
 		})
 	})
 	if err != nil {
@@ -612,10 +614,15 @@ func applyStored(tx *bolt.Tx, req *storeReq) error {
 	if err != nil {
 		return err
 	}
-	for _, m := range req.msgs {
-		if err := mb.Put(seqKey(m.Seq), appendStored(nil, &m)); err != nil {
+	for msgs := req.msgs; len(msgs) > 0; {
+		n := 1
+		for n < len(msgs) && n < blockMax && msgs[n].Seq == msgs[n-1].Seq+1 {
+			n++
+		}
+		if err := mb.Put(seqKey(msgs[0].Seq), appendBlock(nil, msgs[:n])); err != nil {
 			return err
 		}
+		msgs = msgs[n:]
 	}
 	if req.trimBefore > 0 {
 		// What is before "first" is gone for readers at once; it leaves
@@ -629,7 +636,7 @@ func applyStored(tx *bolt.Tx, req *storeReq) error {
 		if k, _ := c.First(); k == nil || binary.BigEndian.Uint64(k)+trimChunk > req.trimBefore {
 			return nil // the next trims take these along
 		}
-		for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) < req.trimBefore; k, _ = c.First() {
+		for k, v := c.First(); k != nil && storedLast(k, v) < req.trimBefore; k, v = c.First() {
 			if err := c.Delete(); err != nil {
 				return err
 			}
@@ -638,9 +645,80 @@ func applyStored(tx *bolt.Tx, req *storeReq) error {
 	return nil
 }
 
-// storedBinary marks a value in the binary layout: uvarint ts (unix nanos),
-// then id, nick and text, each uvarint-prefixed. Values written before it
-// are JSON (storedMsg) and start with '{'.
+// storedBlock marks a block value: uvarint count, then per message (from
+// the key's sequence number on) uvarint ts (unix nanos), then id, nick and
+// text, each uvarint-prefixed.
+const storedBlock = 2
+
+// blockMax bounds the messages of a block (what a trim leaves behind in
+// the file until the block's last message goes).
+const blockMax = 256
+
+// appendBlock appends msgs (consecutive) as a block value.
+func appendBlock(b []byte, msgs []Msg) []byte {
+	if b == nil {
+		n := 8
+		for i := range msgs {
+			n += 16 + len(msgs[i].ID) + len(msgs[i].Nick) + len(msgs[i].Text)
+		}
+		b = make([]byte, 0, n)
+	}
+	b = append(b, storedBlock)
+	b = binary.AppendUvarint(b, uint64(len(msgs)))
+	for i := range msgs {
+		m := &msgs[i]
+		b = binary.AppendUvarint(b, uint64(m.TS.UnixNano()))
+		b = appendString(b, m.ID)
+		b = appendString(b, m.Nick)
+		b = appendString(b, m.Text)
+	}
+	return b
+}
+
+// storedLast returns the sequence number of the last message a value at
+// key holds.
+func storedLast(key, v []byte) uint64 {
+	seq := binary.BigEndian.Uint64(key)
+	if len(v) > 0 && v[0] == storedBlock {
+		if n, k := binary.Uvarint(v[1:]); k > 0 && n > 0 {
+			return seq + n - 1
+		}
+	}
+	return seq
+}
+
+// parseValue calls fn with each message of a value at sequence number seq.
+func parseValue(seq uint64, v []byte, fn func(Msg) error) error {
+	if len(v) == 0 || v[0] != storedBlock {
+		m, err := parseStored(v)
+		if err != nil {
+			return fmt.Errorf("message %d: %w", seq, err)
+		}
+		m.Seq = seq
+		return fn(m)
+	}
+	d := decoder{b: v[1:]}
+	n := d.uint()
+	for i := range n {
+		ts := d.uint()
+		m := Msg{Seq: seq + i, ID: d.str(), Nick: d.str(), Text: d.str(), TS: time.Unix(0, int64(ts))}
+		if d.bad {
+			return fmt.Errorf("block %d: message %d: malformed", seq, seq+i)
+		}
+		if err := fn(m); err != nil {
+			return err
+		}
+	}
+	if d.bad || len(d.b) != 0 {
+		return fmt.Errorf("block %d: malformed", seq)
+	}
+	return nil
+}
+
+// storedBinary marks a one-message value (files from before blocks, and
+// the journal's records): uvarint ts (unix nanos), then id, nick and text,
+// each uvarint-prefixed. Values written before it are JSON (storedMsg) and
+// start with '{'.
 const storedBinary = 1
 
 func appendStored(b []byte, m *Msg) []byte {
