@@ -128,7 +128,7 @@ func TestHistoryTrimBoundsChunks(t *testing.T) {
 // Readers take snapshots under the room's lock while the writer appends:
 // run with -race.
 func TestHistoryConcurrentReaders(t *testing.T) {
-	r := &Room{svc: &Service{cfg: Config{Encode: testEncode}}, ids: map[string]uint64{}, changed: make(chan struct{}),
+	r := &Room{svc: &Service{cfg: Config{Encode: testEncode}}, ids: map[uint64]uint64{}, changed: make(chan struct{}),
 		counters: new(roomCounters)}
 	// r.hist is the zero history: empty, the first message is 1.
 	done := make(chan struct{})

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"sync"
 	"time"
@@ -66,8 +67,11 @@ type Room struct {
 	ledEpoch string            // the epoch this node sequenced last
 	claimed  bool              // this node led the room (since it started here)
 	led      bool              // the last role taken was origin (or none yet)
-	ids      map[string]uint64 // id → seq of the retained messages
+	ids      map[uint64]uint64 // idHash(id) → seq of the retained messages (see sequenced)
 	scratch  []byte            // Config.Encode's buffer
+	batchIDs map[string]uint64 // sequence's, cleared for each batch
+	fresh    []Msg             // sequence's
+	acks     []Ack             // sequence's
 	pending  map[string]*pendingSend
 	order    []string       // pending ids in submission order (may hold resolved ones)
 	carry    []*pendingSend // to send now: history carried over to a new origin (apply)
@@ -83,7 +87,8 @@ type submission struct {
 type pendingSend struct {
 	msg    Msg
 	waiter []chan<- Ack
-	sent   time.Time // zero: not sent on the current channel
+	sent   time.Time     // zero: not sent on the current channel
+	first  [1]chan<- Ack // waiter's array while there is one waiter (most messages)
 }
 
 func newRoom(svc *Service, name string) *Room {
@@ -94,7 +99,7 @@ func newRoom(svc *Service, name string) *Room {
 		submits: make(chan submission, 4096),
 		synced:  make(chan struct{}),
 		changed: make(chan struct{}),
-		ids:     make(map[string]uint64),
+		ids:     make(map[uint64]uint64),
 		pending: make(map[string]*pendingSend),
 		led:     true,
 		born:    time.Now(),
@@ -316,7 +321,7 @@ func (r *Room) load() {
 	}
 	for i := range msgs {
 		r.scratch = h.append(&msgs[i], r.svc.cfg.Encode, r.scratch)
-		r.ids[h.at(h.last).ID] = h.last
+		r.ids[idHash(msgs[i].ID)] = h.last
 	}
 	r.mu.Lock()
 	r.epoch, r.hist = epoch, h
@@ -357,7 +362,7 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	}
 	for i := range msgs {
 		r.scratch = h.append(&msgs[i], r.svc.cfg.Encode, r.scratch)
-		r.ids[h.at(h.last).ID] = h.last // the key is the history's copy
+		r.ids[idHash(msgs[i].ID)] = h.last
 	}
 	// Retention: at most Count messages, none older than Age.
 	ret := r.svc.cfg.Retention
@@ -378,7 +383,9 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	if keep > h.first() {
 		trimBefore = keep
 		for seq := h.first(); seq < keep; seq++ {
-			delete(r.ids, h.at(seq).ID)
+			if k := idHash(h.at(seq).ID); r.ids[k] == seq {
+				delete(r.ids, k)
+			}
 		}
 		h.trim(keep)
 	}
@@ -468,11 +475,12 @@ func (r *Room) sequence(batch []submission) {
 		return
 	}
 	now := time.Now()
-	var fresh []Msg
-	acks := make([]Ack, len(batch))
-	batchIDs := map[string]uint64{}
-	for i, s := range batch {
-		seq, ok := r.ids[s.msg.ID]
+	if r.batchIDs == nil {
+		r.batchIDs = make(map[string]uint64)
+	}
+	fresh, acks, batchIDs := r.fresh[:0], r.acks[:0], r.batchIDs
+	for _, s := range batch {
+		seq, ok := r.sequenced(s.msg.ID)
 		if !ok {
 			seq, ok = batchIDs[s.msg.ID]
 		}
@@ -485,12 +493,34 @@ func (r *Room) sequence(batch []submission) {
 		} else {
 			r.counters.dups.Add(1)
 		}
-		acks[i] = Ack{ID: s.msg.ID, Seq: seq}
+		acks = append(acks, Ack{ID: s.msg.ID, Seq: seq})
 	}
-	r.commit(fresh, false, "", 0)
+	r.commit(fresh, false, "", 0) // copies fresh
 	for i, s := range batch {
 		sendAck(s.acks, acks[i])
 	}
+	clear(fresh)
+	clear(batchIDs)
+	r.fresh, r.acks = fresh[:0], acks[:0]
+}
+
+// idSeed seeds idHash.
+var idSeed = maphash.MakeSeed()
+
+// idHash is a message id's key in Room.ids: the map holds no strings (the
+// GC scans none), and a key found is checked against the history. A
+// variable for the tests' collisions.
+var idHash = func(id string) uint64 { return maphash.String(idSeed, id) }
+
+// sequenced returns the sequence number of the retained message with the
+// given id, if any. Two ids of one hash (one in 2^64 for a pair) keep the
+// later in Room.ids: the earlier is then no longer recognised.
+func (r *Room) sequenced(id string) (uint64, bool) {
+	seq, ok := r.ids[idHash(id)]
+	if !ok || seq < r.hist.first() || seq > r.hist.last || r.hist.at(seq).ID != id {
+		return 0, false
+	}
+	return seq, true
 }
 
 func sendAck(c chan<- Ack, a Ack) {
@@ -506,7 +536,7 @@ func sendAck(c chan<- Ack, a Ack) {
 // addPending keeps a submission until its ack comes from upstream. It
 // reports whether it is new (and must be sent).
 func (r *Room) addPending(s submission) *pendingSend {
-	if seq, ok := r.ids[s.msg.ID]; ok {
+	if seq, ok := r.sequenced(s.msg.ID); ok {
 		// Sequenced already (a retry after the ack was lost).
 		sendAck(s.acks, Ack{ID: s.msg.ID, Seq: seq})
 		return nil
@@ -520,7 +550,8 @@ func (r *Room) addPending(s submission) *pendingSend {
 		p.waiter = append(p.waiter, s.acks)
 		return nil
 	}
-	p := &pendingSend{msg: s.msg, waiter: []chan<- Ack{s.acks}}
+	p := &pendingSend{msg: s.msg, first: [1]chan<- Ack{s.acks}}
+	p.waiter = p.first[:]
 	r.pending[s.msg.ID] = p
 	r.order = append(r.order, s.msg.ID)
 	return p

@@ -165,3 +165,27 @@ func TestRoomMoveKeepsLeadersLastMessage(t *testing.T) {
 		t.Fatalf("the history at a (seen at c): %v, want m1–m4 once each", got)
 	}
 }
+
+// TestRoomIDsCollide: Room.ids holds hashes of ids; a message whose id's
+// hash is another's is still a message of its own, and its retry is still
+// recognised.
+func TestRoomIDsCollide(t *testing.T) {
+	defer func(h func(string) uint64) { idHash = h }(idHash)
+	idHash = func(string) uint64 { return 7 }
+	svcs, trees := startMesh(t, "a")
+	trees["a"].set("", "a")
+	r, rel := svcs["a"].Acquire("x", true)
+	defer rel()
+	<-r.Synced()
+	for _, c := range []struct {
+		id   string
+		want uint64
+	}{{"m1", 1}, {"m2", 2}, {"m2", 2}, {"m3", 3}, {"m3", 3}} {
+		if a := submit(t, r, c.id); a.Seq != c.want {
+			t.Fatalf("%s acked with seq %d, want %d (history %v)", c.id, a.Seq, c.want, ids(r))
+		}
+	}
+	if got := fmt.Sprint(ids(r)); got != "[1:m1 2:m2 3:m3]" {
+		t.Fatalf("history %s, want m1–m3 once each", got)
+	}
+}

@@ -126,7 +126,7 @@ func parseFrame(b []byte) (frame, error) {
 	case frameSub:
 		f.Room, f.Epoch, f.Since = d.str(), d.str(), d.uint()
 	case frameSend:
-		f.Msg.ID, f.Msg.Nick, f.Msg.Text = d.str(), d.str(), d.str()
+		d.strs(&f.Msg.ID, &f.Msg.Nick, &f.Msg.Text)
 	case frameJoined:
 		f.Epoch, f.First, f.Last = d.str(), d.uint(), d.uint()
 		f.Reset = d.byte() == 1
@@ -136,7 +136,7 @@ func parseFrame(b []byte) (frame, error) {
 	case frameMsg:
 		f.Msg.Seq = d.uint()
 		f.Msg.TS = time.Unix(0, int64(d.uint()))
-		f.Msg.ID, f.Msg.Nick, f.Msg.Text = d.str(), d.str(), d.str()
+		d.strs(&f.Msg.ID, &f.Msg.Nick, &f.Msg.Text)
 		if !d.bad && f.Msg.Seq == 0 {
 			return frame{}, fmt.Errorf("%w: message with sequence number 0", errFrame)
 		}
@@ -190,6 +190,26 @@ func (d *decoder) bytes() []byte {
 	v := d.b[:n]
 	d.b = d.b[n:]
 	return v
+}
+
+// strs decodes uvarint-prefixed strings into out, copied in one
+// allocation (a message's id, nick and text live and go together).
+func (d *decoder) strs(out ...*string) {
+	rest := d.b
+	var all string // from the first string to the end of what is left: the prefixes between them are a few bytes
+	start := -1
+	for _, o := range out {
+		v := d.bytes()
+		if d.bad {
+			return
+		}
+		if start < 0 {
+			start = len(rest) - len(d.b) - len(v)
+			all = string(rest[start:])
+		}
+		off := len(rest) - len(d.b) - len(v) - start
+		*o = all[off : off+len(v)]
+	}
 }
 
 func (d *decoder) str() string {
