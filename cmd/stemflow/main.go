@@ -21,9 +21,9 @@ func main() {
 // with egress/whep BenchmarkFanout (which sets the same; 100 WHEP viewers,
 // RSS growth per viewer 25 s after they joined, and the GC's share of the
 // process CPU): GOGC=15 195-199 KB and 3.6-4.5 %, 25 201-214 KB and 2.2-2.6 %,
-// 100 ~240-380 KB. Busy chat rooms pay for it in latency, as their messages
-// are garbage soon (node BenchmarkChatThroughput at 10,000 msg/s: p99 12-21
-// ms at 15, 5-14 ms at 100; docs/chat.md).
+// 100 ~240-380 KB. Busy chat rooms pay a little for it in latency (node
+// BenchmarkChatThroughput at 10,000 msg/s: p99 5.6-11.3 ms at 15, 3.2-6.4
+// ms at 100; docs/chat.md).
 const gcPercent = 15
 
 // tuneGC sets gcPercent unless the GOGC environment variable is set.
