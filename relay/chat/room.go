@@ -319,10 +319,7 @@ func (r *Room) load() {
 	if len(msgs) > 0 {
 		h = newHistory(msgs[0].Seq - 1)
 	}
-	for i := range msgs {
-		r.scratch = h.append(&msgs[i], r.svc.cfg.Encode, r.scratch)
-		r.ids[idHash(msgs[i].ID)] = h.last
-	}
+	r.add(&h, msgs)
 	r.mu.Lock()
 	r.epoch, r.hist = epoch, h
 	r.mu.Unlock()
@@ -360,10 +357,7 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	} else {
 		epoch = r.epoch
 	}
-	for i := range msgs {
-		r.scratch = h.append(&msgs[i], r.svc.cfg.Encode, r.scratch)
-		r.ids[idHash(msgs[i].ID)] = h.last
-	}
+	r.add(&h, msgs)
 	// Retention: at most Count messages, none older than Age.
 	ret := r.svc.cfg.Retention
 	keep := h.first()
@@ -414,6 +408,15 @@ func (r *Room) commit(msgs []Msg, reset bool, epoch string, last uint64) {
 	r.changed = make(chan struct{})
 	r.mu.Unlock()
 	r.counters.sequenced.Add(uint64(len(msgs)))
+}
+
+// add appends msgs to h (the room's history or its next value), encoded,
+// and keeps their ids.
+func (r *Room) add(h *history, msgs []Msg) {
+	for i := range msgs {
+		r.scratch = h.append(&msgs[i], r.svc.cfg.Encode, r.scratch)
+		r.ids[idHash(msgs[i].ID)] = h.last
+	}
 }
 
 // lead sequences the room's messages while this node is its origin.
